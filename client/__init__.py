@@ -1,0 +1,1 @@
+"""FedFuse platform client: local DP-LoRA training and the Flower ClientApp."""

@@ -1,0 +1,1 @@
+"""FedFuse core shared by server and clients: data, task, model, metrics, configuration."""

@@ -1,0 +1,122 @@
+"""The ``fedfuse`` command: one entry point, one subcommand per job.
+
+Bad input (data or configuration) ends with a one-line ``fedfuse: error: ...`` on stderr and
+exit code 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from common.config import load_config
+from common.errors import FedFuseError
+
+
+def _data_prepare(args: argparse.Namespace) -> None:
+    from common.dataset_summary import describe
+    from common.movielens import build_ml100k
+    from common.platform_data import read_dataset, write_dataset
+    from common.synthetic import SyntheticConfig, generate
+
+    if args.dataset == "ml100k":
+        tables = build_ml100k()
+    else:
+        tables = generate(
+            SyntheticConfig(
+                platforms=args.platforms,
+                users=args.users,
+                items=args.items,
+                interactions_per_user=args.interactions_per_user,
+                overlap=args.overlap,
+                implicit=args.implicit,
+                seed=args.seed,
+            )
+        )
+    out = write_dataset(args.out, tables, force=args.force)
+    platforms = read_dataset(out)
+    print(f"wrote {len(platforms)} platforms to {out}\n")
+    print(describe(platforms, load_config(args.config, args.set).task))
+
+
+def _data_check(args: argparse.Namespace) -> None:
+    from common.dataset_summary import describe
+    from common.platform_data import read_dataset
+
+    platforms = read_dataset(args.path)
+    for platform in platforms:
+        for warning in platform.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+    print(f"ok: {len(platforms)} platform(s) valid under {args.path}\n")
+    print(describe(platforms, load_config(args.config, args.set).task))
+
+
+def _config_show(args: argparse.Namespace) -> None:
+    print(load_config(args.config, args.set).model_dump_json(indent=2))
+
+
+def _add_config_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="run configuration TOML (defaults apply without one)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one configuration value (repeatable)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedfuse", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    data = commands.add_parser("data", help="prepare and validate platform data").add_subparsers(
+        dest="action", required=True
+    )
+    prepare = data.add_parser("prepare", help="build platforms from an embedded dataset")
+    prepare.add_argument("--dataset", choices=["ml100k", "synthetic"], default="ml100k")
+    prepare.add_argument(
+        "--out", required=True, help="folder to create (one subfolder per platform)"
+    )
+    prepare.add_argument("--force", action="store_true", help="replace --out if it exists")
+    synthetic = prepare.add_argument_group("synthetic dataset")
+    synthetic.add_argument("--platforms", type=int, default=3)
+    synthetic.add_argument("--users", type=int, default=40, help="users per platform")
+    synthetic.add_argument("--items", type=int, default=60, help="items per platform")
+    synthetic.add_argument("--interactions-per-user", type=int, default=12)
+    synthetic.add_argument("--overlap", type=float, default=0.5)
+    synthetic.add_argument("--implicit", action="store_true", help="0/1 labels instead of ratings")
+    synthetic.add_argument("--seed", type=int, default=0)
+    _add_config_options(prepare)
+    prepare.set_defaults(run=_data_prepare)
+
+    check = data.add_parser("check", help="validate a platform folder or a folder of platforms")
+    check.add_argument("path")
+    _add_config_options(check)
+    check.set_defaults(run=_data_check)
+
+    config = commands.add_parser("config", help="inspect the run configuration").add_subparsers(
+        dest="action", required=True
+    )
+    show = config.add_parser("show", help="print the resolved configuration as JSON")
+    _add_config_options(show)
+    show.set_defaults(run=_config_show)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.run(args)
+    except FedFuseError as err:
+        print(f"fedfuse: error: {err}", file=sys.stderr)
+        return 2
+    except ValueError as err:  # pydantic validation of CLI numbers, e.g. --overlap 2
+        print(f"fedfuse: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

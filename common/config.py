@@ -1,0 +1,129 @@
+"""The one typed run configuration: a TOML file plus ``section.key=value`` overrides.
+
+Sections mirror the code that reads them (``[data]``, ``[task]``, ``[model]``, ``[lora]``,
+``[train]``); each is a frozen pydantic model that rejects unknown keys and bad values, so a
+typo fails at start-up with the key's full name instead of being silently ignored.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from common.errors import ConfigError
+from common.model import LoraSettings, ModelConfig
+from common.task import TaskConfig
+
+
+class DataConfig(BaseModel):
+    """Where the platforms come from."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str = Field(
+        "data/ml100k", description="folder of platform folders (see `fedfuse data prepare`)"
+    )
+    platforms: list[str] = Field(
+        default_factory=list, description="platform names to use; empty = all"
+    )
+
+
+class TrainConfig(BaseModel):
+    """Local training and evaluation of one platform's scorer."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    batch_size: int = Field(32, ge=1, description="examples per optimiser step")
+    learning_rate: float = Field(5e-4, gt=0)
+    weight_decay: float = Field(0.0, ge=0)
+    local_epochs: float = Field(
+        1.0, gt=0, description="passes over the platform's train split per round"
+    )
+    eval_batch_size: int = Field(128, ge=1)
+    eval_max_cases: int = Field(
+        0, ge=0, description="ranking cases per platform to evaluate; 0 = all"
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = Field(0, ge=0, description="seed of batch order and dropout")
+
+
+class RunConfig(BaseModel):
+    """Everything a FedFuse run needs; later sections (dp, federation) join this class."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    data: DataConfig = Field(default_factory=DataConfig)
+    task: TaskConfig = Field(default_factory=TaskConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "(top level)"
+    message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+    got = "" if first["type"] == "missing" else f" (got {first['input']!r})"
+    more = len(error.errors()) - 1
+    return f"{source}: {key}: {message}{got}" + (f" (and {more} more problems)" if more else "")
+
+
+def _parse_override(text: str) -> tuple[list[str], Any]:
+    """``section.key=value``; the value is read as TOML, falling back to a bare string."""
+    key, sep, raw = text.partition("=")
+    parts = key.strip().split(".")
+    if not sep or not all(parts):
+        raise ConfigError(f"override {text!r}: expected section.key=value")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return parts, value
+
+
+def load_config(
+    path: Path | str | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> RunConfig:
+    """Read ``path`` (or start from defaults), apply overrides, validate everything at once."""
+    raw: dict[str, Any] = {}
+    source = "defaults"
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: configuration file not found") from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(f"{path}: invalid TOML: {err}") from None
+    for text in overrides:
+        parts, value = _parse_override(text)
+        node = raw
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part} is not a section")
+        node[parts[-1]] = value
+    if overrides:
+        source += " + overrides"
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, source)) from None
+
+
+def config_reference() -> str:
+    """Markdown table of every key, its type, default and meaning (README's reference)."""
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    for section, field in RunConfig.model_fields.items():
+        model: type[BaseModel] = field.annotation  # type: ignore[assignment]
+        for name, info in model.model_fields.items():
+            default = info.get_default(call_default_factory=True)
+            kind = getattr(info.annotation, "__name__", str(info.annotation)).replace("typing.", "")
+            lines.append(
+                f"| `{section}.{name}` | {kind} | `{default!r}` | {info.description or ''} |"
+            )
+    return "\n".join(lines)

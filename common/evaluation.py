@@ -1,0 +1,49 @@
+"""The evaluation protocol applied to any scorer: ranking (HR@10, NDCG@10, MRR) + AUC/LogLoss."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from common.metrics import pointwise_metrics, rank_of_positive, ranking_metrics
+from common.model import Scorer, TextFeaturizer, example_logits
+from common.task import PlatformTask, RankingCase
+
+
+def sample_cases(cases: list[RankingCase], max_cases: int, seed: int = 0) -> list[RankingCase]:
+    """A fixed random subset (same for every method and run), or all cases when max_cases is 0."""
+    if not max_cases or max_cases >= len(cases):
+        return cases
+    keep = np.sort(np.random.default_rng(seed).permutation(len(cases))[:max_cases])
+    return [cases[k] for k in keep]
+
+
+def evaluate(
+    scorer: Scorer,
+    featurizer: TextFeaturizer,
+    task: PlatformTask,
+    split: str = "test",
+    batch_size: int = 128,
+    max_cases: int = 0,
+    k: int = 10,
+) -> dict[str, float]:
+    """Protocol metrics of ``scorer`` on a platform's ``valid`` or ``test`` split."""
+    was_training = scorer.training
+    scorer.eval()
+    try:
+        cases = sample_cases(task.ranking(split), max_cases)
+        scores = scorer.score_cases(featurizer, cases, batch_size) if cases else []
+        ranks = [rank_of_positive(s[0], s[1:]) for s in scores]
+        examples = task.split(split)
+        logits = example_logits(scorer, featurizer, examples, batch_size)
+        labels = np.asarray([e.label for e in examples], dtype=np.int64)
+    finally:
+        scorer.train(was_training)
+    ranking = ranking_metrics(ranks, k)
+    pointwise = pointwise_metrics(labels, logits)
+    return {
+        **{key: value for key, value in ranking.items() if key != "n"},
+        "auc": pointwise["auc"],
+        "logloss": pointwise["logloss"],
+        "ranking_cases": float(ranking["n"]),
+        "examples": float(pointwise["n"]),
+    }

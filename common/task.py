@@ -1,0 +1,156 @@
+"""The recommendation task and its evaluation protocol, identical for every method.
+
+Example: the user's most recent positively rated items on the platform before the target
+interaction (up to ``history_len`` item ids, newest first) and a candidate item -> label 1 if
+the target is positive, else 0. Training adds sampled never-interacted items as negatives.
+
+Split, per user and platform, by time: the last positive and everything after it -> test, the
+second-to-last positive up to the last -> validation, the rest -> train. A user with fewer than
+three positives on the platform is train-only. Ranking cases put each held-out positive among
+``eval_negatives`` items the user never interacted with on that platform, drawn from a seeded
+generator that depends only on the data and the seed, so every method sees the same lists.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from common.platform_data import PlatformData
+
+
+class TaskConfig(BaseModel):
+    """Task and protocol parameters (the ``[task]`` section of a run configuration)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    history_len: int = Field(5, ge=1, le=50, description="H: most recent positives kept as history")
+    negatives_per_positive: int = Field(
+        4, ge=0, le=100, description="sampled negatives per train positive"
+    )
+    positive_threshold: float = Field(
+        4.0, description="rating >= this is positive (rating platforms)"
+    )
+    eval_negatives: int = Field(99, ge=1, le=10_000, description="negatives per ranking case")
+    min_positives: int = Field(3, ge=3, description="positives a user needs to be held out")
+    seed: int = Field(0, ge=0, description="seed of negative sampling and evaluation lists")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One labelled example: the privacy unit of DP training (record level)."""
+
+    user: str
+    history: tuple[str, ...]  # item ids, newest first
+    candidate: str
+    label: int
+
+
+@dataclass(frozen=True)
+class RankingCase:
+    """A held-out positive to rank among negatives the user never interacted with."""
+
+    user: str
+    history: tuple[str, ...]
+    positive: str
+    negatives: tuple[str, ...]
+
+    @property
+    def candidates(self) -> tuple[str, ...]:
+        """Positive first, then the negatives: the scorer sees them in this fixed order."""
+        return (self.positive, *self.negatives)
+
+
+@dataclass
+class PlatformTask:
+    """A platform's examples for every split, plus its ranking cases."""
+
+    platform: str
+    train: list[Example] = field(default_factory=list)
+    valid: list[Example] = field(default_factory=list)
+    test: list[Example] = field(default_factory=list)
+    valid_ranking: list[RankingCase] = field(default_factory=list)
+    test_ranking: list[RankingCase] = field(default_factory=list)
+
+    def split(self, name: str) -> list[Example]:
+        return {"train": self.train, "valid": self.valid, "test": self.test}[name]
+
+    def ranking(self, name: str) -> list[RankingCase]:
+        return {"valid": self.valid_ranking, "test": self.test_ranking}[name]
+
+
+def _rng(seed: int, platform: str, stream: str) -> np.random.Generator:
+    """Independent, reproducible generators per (seed, platform, purpose)."""
+    return np.random.default_rng([seed, zlib.crc32(platform.encode()), zlib.crc32(stream.encode())])
+
+
+def _sample_unseen(
+    rng: np.random.Generator, catalogue: np.ndarray, seen: set[str], count: int
+) -> tuple[str, ...]:
+    """``count`` distinct catalogue items not in ``seen`` (all of them if fewer exist)."""
+    available = len(catalogue) - len(seen)
+    if count >= available:
+        picked = [item for item in catalogue if item not in seen]
+        return tuple(rng.permutation(np.asarray(picked, dtype=object)).tolist())
+    chosen: dict[str, None] = {}
+    while len(chosen) < count:
+        for index in rng.integers(0, len(catalogue), size=2 * (count - len(chosen))):
+            item = catalogue[index]
+            if item not in seen and item not in chosen:
+                chosen[item] = None
+                if len(chosen) == count:
+                    break
+    return tuple(chosen)
+
+
+def build_task(data: PlatformData, config: TaskConfig | None = None) -> PlatformTask:
+    """Turn a validated platform into examples and ranking cases under the fixed protocol."""
+    config = config or TaskConfig()
+    positive = data.positives(config.positive_threshold)
+    catalogue = np.asarray(sorted(data.item_text), dtype=object)
+    # Stable order: by time, ties broken by file order, so the split never depends on sorting luck.
+    order = np.lexsort((np.arange(data.num_interactions), data.timestamps, data.users))
+    task = PlatformTask(platform=data.name)
+    train_rng = _rng(config.seed, data.name, "train-negatives")
+    eval_rng = _rng(config.seed, data.name, "eval-negatives")
+
+    users = data.users[order]
+    boundaries = np.flatnonzero(users[1:] != users[:-1]) + 1
+    for rows in np.split(order, boundaries):
+        user = str(data.users[rows[0]])
+        seen = {str(item) for item in data.items[rows]}
+        positive_positions = [k for k, row in enumerate(rows) if positive[row]]
+        held_out = len(positive_positions) >= config.min_positives
+        valid_start = positive_positions[-2] if held_out else len(rows)
+        test_start = positive_positions[-1] if held_out else len(rows)
+
+        history: list[str] = []  # newest last while scanning
+        for k, row in enumerate(rows):
+            item = str(data.items[row])
+            label = int(positive[row])
+            recent = tuple(reversed(history[-config.history_len :]))
+            example = Example(user=user, history=recent, candidate=item, label=label)
+            if k < valid_start:
+                task.train.append(example)
+                if label:
+                    for negative in _sample_unseen(
+                        train_rng, catalogue, seen, config.negatives_per_positive
+                    ):
+                        task.train.append(Example(user, recent, negative, 0))
+            else:
+                split_examples, ranking = (
+                    (task.valid, task.valid_ranking)
+                    if k < test_start
+                    else (task.test, task.test_ranking)
+                )
+                split_examples.append(example)
+                if k in (valid_start, test_start):
+                    negatives = _sample_unseen(eval_rng, catalogue, seen, config.eval_negatives)
+                    if negatives:
+                        ranking.append(RankingCase(user, recent, item, negatives))
+            if label:
+                history.append(item)
+    return task

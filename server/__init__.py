@@ -1,0 +1,1 @@
+"""FedFuse server: aggregation and the Flower ServerApp."""
