@@ -76,7 +76,7 @@ def main() -> None:
     args = parser.parse_args()
     length = RunConfig().model.max_length
     ceiling = matmul_gflops()
-    rows = [["fp32 matmul 2048x2048", "", f"{ceiling:.1f} GFLOP/s", "", "1.000"]]
+    rows = [["fp32 matmul 2048x2048", "", "", f"{ceiling:.1f} GFLOP/s", "", "1.000"]]
     for kind in ("two_tower", "cross"):
         backbone, tokenizer = load_backbone(args.backbone)
         scorer = build_scorer(backbone, ModelConfig(scorer=kind), RunConfig().lora)
@@ -93,19 +93,20 @@ def main() -> None:
             rows.append(
                 [
                     f"{kind} {name}",
+                    f"{count_parameters(scorer, trainable_only=True):,}",
                     f"{args.batch_size / seconds:.1f} samples/s",
                     f"{achieved:.1f} GFLOP/s",
                     f"{flops / args.batch_size / 1e9:.2f}",
                     f"{achieved / ceiling:.3f}",
                 ]
             )
-    trainable = count_parameters(scorer, trainable_only=True)
     print(
         f"backbone {args.backbone}: {count_parameters(scorer) / 1e6:.1f} M parameters, "
-        f"{trainable} trainable; batch {args.batch_size} x {length} tokens; "
+        f"batch {args.batch_size} x {length} tokens (two_tower: two sequences per sample); "
         f"{torch.get_num_threads()} threads\n"
     )
-    print(markdown_table(["what", "rate", "achieved", "GFLOP/sample", "ratio to matmul"], rows))
+    header = ["what", "trainable params", "rate", "achieved", "GFLOP/sample", "ratio to matmul"]
+    print(markdown_table(header, rows))
 
 
 if __name__ == "__main__":
