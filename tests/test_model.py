@@ -18,7 +18,7 @@ from common.model import (
     resolve_backbone,
 )
 from common.platform_data import read_dataset
-from common.task import build_task
+from common.task import Example, build_task
 from common.tiny_model import write_tiny_model
 
 
@@ -28,6 +28,11 @@ def _scorer(backbone: Path, kind: str, **lora: object):
         model, ModelConfig(backbone=str(backbone), scorer=kind), LoraSettings(**lora)
     )
     return scorer, tokenizer
+
+
+def _eval_scorer(backbone: Path, kind: str, item_text: dict[str, str]):
+    scorer, tokenizer = _scorer(backbone, kind)
+    return scorer.eval(), TextFeaturizer(tokenizer, item_text, max_length=64)
 
 
 @pytest.fixture(scope="module")
@@ -97,9 +102,7 @@ def test_each_example_is_scored_independently(
 ) -> None:
     """A row's training logit must not depend on the other rows (the DP-SGD unit)."""
     data, task = platform_task
-    scorer, tokenizer = _scorer(tiny_bert_dir, kind)
-    scorer.eval()
-    featurizer = TextFeaturizer(tokenizer, data.item_text, max_length=64)
+    scorer, featurizer = _eval_scorer(tiny_bert_dir, kind, data.item_text)
     examples = task.train[:6]
     together = scorer(**scorer.batch(featurizer, examples))
     alone = torch.cat([scorer(**scorer.batch(featurizer, [e])) for e in examples])
@@ -115,12 +118,8 @@ def test_ranking_scores_match_pointwise_logits(
     tiny_bert_dir: Path, platform_task, kind: str
 ) -> None:
     """The fast ranking path (item vectors reused for two_tower) equals scoring pairs one by one."""
-    from common.task import Example
-
     data, task = platform_task
-    scorer, tokenizer = _scorer(tiny_bert_dir, kind)
-    scorer.eval()
-    featurizer = TextFeaturizer(tokenizer, data.item_text, max_length=64)
+    scorer, featurizer = _eval_scorer(tiny_bert_dir, kind, data.item_text)
     cases = task.test_ranking[:2]
     scores = scorer.score_cases(featurizer, cases, batch_size=16)
     for case, got in zip(cases, scores, strict=True):
