@@ -60,7 +60,7 @@ class LoraSettings(BaseModel):
     rank: int = Field(8, ge=1, le=256, description="LoRA rank r")
     alpha: float = Field(16.0, gt=0, description="LoRA scaling numerator (update scale alpha / r)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on the LoRA input")
-    target_modules: str | list[str] = Field(
+    target_modules: str | tuple[str, ...] = Field(
         "auto", description="'auto', 'all-linear', or a list of module names"
     )
     seed: int = Field(
@@ -95,10 +95,59 @@ class TrainConfig(BaseModel):
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if available")
     seed: int = Field(0, ge=0, description="seed of batch order and dropout")
+    optimizer: Literal["adamw", "sgd"] = Field("adamw", description="local optimiser")
+    local_steps: int = Field(
+        0, ge=0, description="optimiser steps per round; 0 = local_epochs passes over the data"
+    )
+    local_epochs: float = Field(
+        1.0, gt=0, description="expected passes over the train split per round (if no local_steps)"
+    )
+
+
+class DPConfig(BaseModel):
+    """Differential privacy of local training (the ``[dp]`` section); the platform decides it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(True, description="false: same training loop without DP (baselines)")
+    target_epsilon: float = Field(
+        8.0, gt=0, description="ε the noise is calibrated to reach after all planned rounds"
+    )
+    epsilon_budget: float | None = Field(
+        None, gt=0, description="ε a platform never exceeds (default: target_epsilon)"
+    )
+    delta: float = Field(1e-5, gt=0, lt=1, description="δ; must be < 1/(train examples)")
+    noise_multiplier: float | None = Field(
+        None, ge=0, description="fixed σ instead of calibrating it to target_epsilon"
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="per-example clip norm C")
+    expected_batch_size: int = Field(
+        256, ge=1, description="expected logical batch; Poisson sample rate = this / N"
+    )
+    clipping: Literal["auto", "hooks", "ghost"] = Field(
+        "auto", description="Opacus per-sample gradients: auto picks the measured faster one"
+    )
+    state_dir: str = Field(
+        "state", description="root of each platform's state folder (ledger) on its own side"
+    )
+
+    @property
+    def budget(self) -> float:
+        return self.epsilon_budget if self.epsilon_budget is not None else self.target_epsilon
+
+
+class FederationConfig(BaseModel):
+    """Rounds of the federation (the ``[federation]`` section)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rounds: int = Field(
+        5, ge=1, description="server rounds planned (DP noise is calibrated for all)"
+    )
 
 
 class RunConfig(BaseModel):
-    """Everything a FedFuse run needs; later sections (dp, federation) join this class."""
+    """Everything a FedFuse run needs."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -107,6 +156,8 @@ class RunConfig(BaseModel):
     model: ModelConfig = Field(default_factory=ModelConfig)
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    dp: DPConfig = Field(default_factory=DPConfig)
+    federation: FederationConfig = Field(default_factory=FederationConfig)
 
 
 def _describe(error: ValidationError, source: str) -> str:

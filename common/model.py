@@ -87,10 +87,10 @@ def is_encoder(model: PreTrainedModel) -> bool:
     return model.config.model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES
 
 
-def lora_targets(model: nn.Module, requested: str | list[str]) -> str | list[str]:
+def lora_targets(model: nn.Module, requested: str | Sequence[str]) -> str | list[str]:
     """Module names LoRA should wrap: peft's own per-architecture choice when it has one."""
     if requested != "auto":
-        return requested
+        return requested if isinstance(requested, str) else list(requested)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     leaf_names = {
         name.rsplit(".", 1)[-1]

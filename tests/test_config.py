@@ -31,7 +31,7 @@ def test_file_and_overrides_combine(tmp_path: Path) -> None:
     path.write_text('[model]\nscorer = "cross"\n[lora]\nrank = 4\n', encoding="utf-8")
     config = load_config(path, ["lora.rank=16", "lora.target_modules=['query']", "data.path=x/y"])
     assert config.model.scorer == "cross"
-    assert config.lora.rank == 16 and config.lora.target_modules == ["query"]
+    assert config.lora.rank == 16 and config.lora.target_modules == ("query",)
     assert config.data.path == "x/y"
 
 

@@ -1,0 +1,101 @@
+"""FedFuse's Flower ClientApp: one platform's private training and evaluation.
+
+The same app serves simulation (``partition-id`` in the node config picks the platform) and
+deployment (one SuperNode per platform, whose node config names ``platform``, ``data-dir`` and
+``state-dir``). DP settings come from the platform's own run configuration (``config-file``
+and ``section.key`` overrides in the run config, then ``section.key`` entries of the node
+config, which win): the server never decides a platform's noise or budget.
+
+Train replies carry only the trainable adapter/head tensors and scalar metrics. A platform
+that cannot take part answers with an error reply the server logs, never a crash:
+``BUDGET_EXHAUSTED`` when the round would exceed its ε budget, ``INVALID_INPUT`` for bad data
+or configuration.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client.ledger import BudgetExhausted
+from client.platform_client import PlatformClient, identify
+from common.config import RunConfig, load_config
+from common.errors import FedFuseError
+
+BUDGET_EXHAUSTED = 4001
+INVALID_INPUT = 4002
+
+app = ClientApp()
+_clients: dict[tuple[str, str], PlatformClient] = {}
+
+
+def _overrides(settings: dict[str, Any]) -> list[str]:
+    """``section.key`` entries of a Flower config as ``section.key=value`` TOML overrides."""
+    out = []
+    for key, value in settings.items():
+        if "." in key:
+            literal = repr(value).lower() if isinstance(value, bool) else repr(value)
+            out.append(f"{key}={literal}")
+    return out
+
+
+def run_configuration(context: Context) -> RunConfig:
+    """The platform's resolved configuration from its run and node configs."""
+    overrides = _overrides(dict(context.run_config)) + _overrides(dict(context.node_config))
+    return load_config(context.run_config.get("config-file"), overrides)
+
+
+def platform_client(context: Context) -> PlatformClient:
+    """The node's PlatformClient, built on first use and kept for later rounds."""
+    config = run_configuration(context)
+    identity = identify(dict(context.node_config), config)
+    key = (repr(identity), config.model_dump_json())
+    if key not in _clients:
+        _clients[key] = PlatformClient(identity, config)
+    return _clients[key]
+
+
+def _arrays(msg: Message) -> dict[str, Any]:
+    return {name: array.numpy() for name, array in msg.content["arrays"].items()}
+
+
+def _error(msg: Message, err: Exception) -> Message:
+    code = BUDGET_EXHAUSTED if isinstance(err, BudgetExhausted) else INVALID_INPUT
+    return Message(Error(code=code, reason=str(err)), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Train locally from the server's adapters; reply with new adapters and ε spent."""
+    try:
+        client = platform_client(context)
+        settings = msg.content["config"]
+        learning_rate = float(settings.get("learning-rate", client.config.train.learning_rate))
+        arrays, metrics = client.train_round(
+            int(settings["server-round"]), _arrays(msg), learning_rate
+        )
+    except FedFuseError as err:
+        return _error(msg, err)
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({name: Array(value) for name, value in arrays.items()}),
+            "metrics": MetricRecord(metrics),
+        }
+    )
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Protocol metrics of the server's adapters on this platform's valid (or test) split."""
+    try:
+        client = platform_client(context)
+        settings = msg.content["config"]
+        split = str(settings.get("split", "valid"))
+        max_cases = int(settings.get("max-cases", client.config.train.eval_max_cases))
+        metrics = client.evaluate(_arrays(msg), split, max_cases)
+    except FedFuseError as err:
+        return _error(msg, err)
+    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

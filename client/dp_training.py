@@ -1,0 +1,254 @@
+"""One round of local training on a platform: DP-SGD with Opacus, or the same loop without DP.
+
+This is FedFuse's DP training step. Per round:
+
+1. Poisson sampling: every train example joins each logical batch independently with
+   probability q = expected_batch_size / N (Opacus' ``DPDataLoader``), so the batch size varies
+   and can be 0 — that is what the privacy analysis assumes.
+2. Per-example gradients of the trainable tensors only (LoRA + head; the backbone is frozen),
+   each clipped to L2 norm ``max_grad_norm`` (Opacus hooks, or ghost clipping).
+3. Gaussian noise N(0, σ²C²) added to the summed clipped gradients, then the optimiser step.
+   A logical batch larger than memory is split into physical chunks (Opacus'
+   ``BatchMemoryManager``); noise is added once per logical batch.
+
+The mechanism actually executed (σ, q, steps, C) is read back from Opacus' own accountant and
+returned, so the caller records in the ledger exactly what ran. A fresh ``PrivacyEngine`` per
+round is safe here because ε is never taken from it: the ledger composes every round.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from opacus import PrivacyEngine
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from client.ledger import Mechanism, epsilon
+from common.config import DPConfig, TrainConfig
+from common.errors import ConfigError
+from common.model import Scorer, TextFeaturizer
+from common.task import Example
+from common.training import loss_on
+
+# Faster per-sample gradient method per device, from scripts/bench_dp.py (see README).
+FASTER_CLIPPING = {"cpu": "hooks", "cuda": "ghost"}
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """What one local round did: mean training loss, optimiser steps, mechanism (None if no DP)."""
+
+    loss: float
+    steps: int
+    mechanism: Mechanism | None
+
+
+def sample_rate(num_examples: int, dp: DPConfig) -> float:
+    """Poisson sampling probability q of one example per logical batch.
+
+    Opacus sets q = 1 / len(data_loader) = 1 / ceil(N / B); using the same formula here keeps
+    the planned mechanism (noise calibration, budget check) identical to the executed one.
+    """
+    return 1.0 / math.ceil(num_examples / min(dp.expected_batch_size, num_examples))
+
+
+def steps_per_round(num_examples: int, train: TrainConfig, dp: DPConfig) -> int:
+    """Optimiser steps one round runs: ``local_steps``, or ``local_epochs`` expected passes."""
+    if train.local_steps:
+        return train.local_steps
+    return max(1, math.ceil(train.local_epochs / sample_rate(num_examples, dp)))
+
+
+def calibrate_noise(dp: DPConfig, sample_rate: float, total_steps: int) -> float:
+    """Smallest σ (within 0.1 %) whose ε after ``total_steps`` stays within the target.
+
+    Bisection on the ledger's own accountant rather than Opacus' ``get_noise_multiplier``: the
+    two estimate PRV ε with different settings, and the last planned round must fit the budget
+    by the very measure the ledger enforces.
+    """
+    if dp.noise_multiplier is not None:
+        return dp.noise_multiplier
+    target = min(dp.target_epsilon, dp.budget)
+
+    def eps(sigma: float) -> float:
+        return epsilon([Mechanism(sigma, sample_rate, total_steps, dp.max_grad_norm)], dp.delta)
+
+    low, high = 0.3, 1.0
+    while eps(high) > target:
+        low, high = high, high * 2
+        if high > 1e4:
+            raise ConfigError(f"dp.target_epsilon = {target:g} is unreachable for this run")
+    while eps(low) <= target and low > 0.05:
+        high, low = low, low / 2
+    while (high - low) / high > 1e-3:
+        middle = (low + high) / 2
+        low, high = (low, middle) if eps(middle) <= target else (middle, high)
+    return high
+
+
+def _optimizer(model: nn.Module, train: TrainConfig, learning_rate: float) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    if train.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=learning_rate, weight_decay=train.weight_decay)
+    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=train.weight_decay)
+
+
+class LocalTrainer:
+    """Trains a platform's scorer round after round on its train split."""
+
+    def __init__(
+        self,
+        scorer: Scorer,
+        featurizer: TextFeaturizer,
+        examples: Sequence[Example],
+        train: TrainConfig,
+        dp: DPConfig,
+    ) -> None:
+        if not examples:
+            raise ConfigError("the platform has no training examples")
+        self.scorer = scorer
+        self.featurizer = featurizer
+        self.examples = list(examples)
+        self.train = train
+        self.dp = dp
+        self.generator = torch.Generator().manual_seed(train.seed)
+
+    @property
+    def sample_rate(self) -> float:
+        return sample_rate(len(self.examples), self.dp)
+
+    def clipping_mode(self) -> str:
+        """Per-sample gradient method: ghost clipping cannot handle a module called twice per
+        forward (Opacus raises "parameter tying"), which is what the two_tower scorer does."""
+        mode = self.dp.clipping
+        if mode == "auto":
+            mode = FASTER_CLIPPING[self.scorer.device().type]
+        if mode == "ghost" and self.scorer.kind == "two_tower":
+            if self.dp.clipping == "ghost":
+                raise ConfigError(
+                    "dp.clipping = 'ghost' does not support model.scorer = 'two_tower'"
+                )
+            mode = "hooks"
+        return mode
+
+    def _loader(self) -> DataLoader:
+        """Logical batches of example indices (Poisson-sampled once Opacus wraps it)."""
+        return DataLoader(
+            TensorDataset(torch.arange(len(self.examples))),
+            batch_size=min(self.dp.expected_batch_size, len(self.examples)),
+            shuffle=True,
+            generator=self.generator,
+        )
+
+    def _labels(self, batch: list[Example]) -> torch.Tensor:
+        return torch.tensor(
+            [e.label for e in batch], dtype=torch.float32, device=self.scorer.device()
+        )
+
+    def run(self, steps: int, learning_rate: float, noise_multiplier: float | None) -> RoundResult:
+        """Run ``steps`` optimiser steps; DP when ``noise_multiplier`` is not None."""
+        self.scorer.train()
+        if noise_multiplier is None:
+            return self._run_plain(steps, learning_rate)
+        return self._run_private(steps, learning_rate, noise_multiplier)
+
+    def _run_plain(self, steps: int, learning_rate: float) -> RoundResult:
+        """Non-private baseline: shuffled fixed-size batches, same chunks, no clipping or noise."""
+        optimizer = _optimizer(self.scorer, self.train, learning_rate)
+        losses: list[float] = []
+        while len(losses) < steps:
+            for (indices,) in self._loader():
+                batch = [self.examples[int(k)] for k in indices]
+                optimizer.zero_grad(set_to_none=True)
+                total = 0.0
+                for chunk in _chunks(batch, self.train.batch_size):
+                    loss = loss_on(self.scorer, self.featurizer, chunk) * (len(chunk) / len(batch))
+                    loss.backward()
+                    total += float(loss.detach())
+                optimizer.step()
+                losses.append(total)
+                if len(losses) == steps:
+                    break
+        return RoundResult(float(np.mean(losses)), steps, None)
+
+    def _run_private(
+        self, steps: int, learning_rate: float, noise_multiplier: float
+    ) -> RoundResult:
+        mode = self.clipping_mode()
+        engine = PrivacyEngine(accountant="prv")
+        made = engine.make_private(
+            module=self.scorer,
+            optimizer=_optimizer(self.scorer, self.train, learning_rate),
+            criterion=nn.BCEWithLogitsLoss(),
+            data_loader=self._loader(),
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=self.dp.max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=mode,
+        )
+        if mode == "ghost":
+            model, optimizer, criterion, loader = made
+        else:
+            (model, optimizer, loader), criterion = made, nn.BCEWithLogitsLoss()
+        losses: list[float] = []
+        try:
+            while _steps_taken(engine) < steps:
+                with BatchMemoryManager(
+                    data_loader=loader,
+                    max_physical_batch_size=self.train.batch_size,
+                    optimizer=optimizer,
+                ) as physical:
+                    for (indices,) in physical:
+                        batch = [self.examples[int(k)] for k in indices]
+                        if batch:
+                            inputs = self.scorer.batch(self.featurizer, batch)
+                            device = self.scorer.device()
+                            logits = model(**{k: v.to(device) for k, v in inputs.items()})
+                            loss = criterion(logits, self._labels(batch))
+                            loss.backward()
+                            losses.append(float(loss.detach()))
+                        else:  # an empty Poisson batch still costs one noisy step
+                            _zero_grads(model, mode)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                        if _steps_taken(engine) == steps:
+                            break
+        finally:
+            model.to_standard_module()
+        sigma, q, taken = _executed(engine)
+        mechanism = Mechanism(sigma, q, taken, self.dp.max_grad_norm)
+        return RoundResult(float(np.mean(losses)) if losses else math.nan, taken, mechanism)
+
+
+def _chunks(batch: list[Example], size: int) -> Iterator[list[Example]]:
+    for start in range(0, len(batch), size):
+        yield batch[start : start + size]
+
+
+def _zero_grads(model: nn.Module, mode: str) -> None:
+    for param in model.parameters():
+        if param.requires_grad:
+            if mode == "ghost":
+                param.grad = torch.zeros_like(param)
+            else:
+                param.grad_sample = torch.zeros(
+                    (0, *param.shape), dtype=param.dtype, device=param.device
+                )
+
+
+def _steps_taken(engine: PrivacyEngine) -> int:
+    return sum(steps for _, _, steps in engine.accountant.history)
+
+
+def _executed(engine: PrivacyEngine) -> tuple[float, float, int]:
+    """(σ, q, steps) from Opacus' accountant: the mechanism as it really ran this round."""
+    history = engine.accountant.history
+    if len({(sigma, q) for sigma, q, _ in history}) != 1:
+        raise RuntimeError(f"one round must use one (σ, q); Opacus recorded {history}")
+    return history[0][0], history[0][1], _steps_taken(engine)

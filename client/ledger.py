@@ -1,0 +1,233 @@
+"""The ε ledger: every DP round a platform ran, composed over the whole federation.
+
+Each platform keeps one ledger in its own state folder; only the ε figures it implies are ever
+reported to the server. An entry records the mechanism exactly as Opacus ran it (noise
+multiplier σ, Poisson sample rate q, number of steps, clip norm, δ), so any accountant can
+recompute ε from the file alone. Cumulative ε composes all entries since the first round,
+across process restarts, with Opacus' PRV accountant (the reported figure and the budget check)
+and its RDP accountant (a looser cross-check).
+
+Integrity: the file is replaced atomically (temporary file, then rename) and every entry carries
+the SHA-256 of its content chained to the previous entry's hash (the first to the header's), so
+an edited, dropped or reordered entry is detected on load.
+
+Privacy unit: one labelled example (record-level DP), not a user.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from common.errors import FedFuseError
+
+LEDGER_FILE = "privacy_ledger.json"
+FORMAT = "fedfuse-privacy-ledger/1"
+PRIVACY_UNIT = "one labelled example (record-level)"
+PRV_EPS_ERROR = 0.01
+PRV_RELATIVE_ERROR = 0.005
+
+
+class LedgerError(FedFuseError):
+    """The ledger is missing, unreadable, tampered with, or inconsistent with this platform."""
+
+
+class BudgetExhausted(FedFuseError):
+    """Running the next round would push ε past the platform's budget; nothing was trained."""
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """One round of DP-SGD as executed: ``steps`` Poisson-sampled Gaussian steps."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+    max_grad_norm: float
+
+    def history(self) -> tuple[float, float, int]:
+        """Opacus accountant history entry (σ, q, steps)."""
+        return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+def _merged_history(mechanisms: list[Mechanism]) -> list[tuple[float, float, int]]:
+    """Consecutive rounds of one (σ, q) compose as one longer run: the PRV accountant's cost
+    grows with the number of distinct entries, not with steps."""
+    history: list[tuple[float, float, int]] = []
+    for sigma, q, steps in (m.history() for m in mechanisms if m.steps > 0):
+        if history and history[-1][:2] == (sigma, q):
+            history[-1] = (sigma, q, history[-1][2] + steps)
+        else:
+            history.append((sigma, q, steps))
+    return history
+
+
+def epsilon(mechanisms: list[Mechanism], delta: float, accountant: str = "prv") -> float:
+    """ε of the sequential composition of ``mechanisms`` at ``delta`` (0 for no mechanism).
+
+    PRV returns an upper bound within an absolute error we keep below 0.5 % of ε (a first
+    coarse pass sizes the error), so the ledger agrees with an independent PLD accountant to
+    better than 1 % at any ε.
+    """
+    history = _merged_history(mechanisms)
+    if not history:
+        return 0.0
+    if accountant == "prv":
+        prv = PRVAccountant()
+        prv.history = history
+        coarse = float(prv.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
+        if coarse * PRV_RELATIVE_ERROR >= PRV_EPS_ERROR:
+            return coarse
+        return float(prv.get_epsilon(delta=delta, eps_error=max(coarse * PRV_RELATIVE_ERROR, 1e-4)))
+    if accountant == "rdp":
+        rdp = RDPAccountant()
+        rdp.history = history
+        return float(rdp.get_epsilon(delta=delta))
+    raise ValueError(f"unknown accountant {accountant!r}")
+
+
+def _digest(payload: dict[str, Any]) -> str:
+    text = json.dumps(payload, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+class PrivacyLedger:
+    """A platform's persistent, hash-chained record of spent privacy budget."""
+
+    def __init__(self, path: Path, header: dict[str, Any], entries: list[dict[str, Any]]) -> None:
+        self.path = path
+        self.header = header
+        self.entries = entries
+
+    @classmethod
+    def open(
+        cls,
+        state_dir: Path | str,
+        platform: str,
+        delta: float,
+        epsilon_budget: float,
+        dataset_size: int,
+    ) -> PrivacyLedger:
+        """Load and verify the platform's ledger, or start an empty one (written on first round).
+
+        The header (platform, δ, budget, dataset size, privacy unit) is fixed when the ledger is
+        created: a later run with other values is refused rather than silently re-based.
+        """
+        if not 0 < delta < 1 / dataset_size:
+            raise LedgerError(
+                f"dp.delta = {delta:g} must be in (0, 1/N) = (0, {1 / dataset_size:.3g}) "
+                f"for the {dataset_size} training examples of platform {platform!r}"
+            )
+        path = Path(state_dir) / LEDGER_FILE
+        header = {
+            "format": FORMAT,
+            "platform": platform,
+            "privacy_unit": PRIVACY_UNIT,
+            "delta": delta,
+            "epsilon_budget": epsilon_budget,
+            "dataset_size": dataset_size,
+        }
+        if not path.exists():
+            return cls(path, header, [])
+        ledger = cls.load(path)
+        for key, value in header.items():
+            if ledger.header.get(key) != value:
+                raise LedgerError(
+                    f"{path}: ledger was created with {key} = {ledger.header.get(key)!r}, "
+                    f"this run has {value!r}; use a new state folder to start a new budget"
+                )
+        return ledger
+
+    @classmethod
+    def load(cls, path: Path | str) -> PrivacyLedger:
+        """Read a ledger file and verify its hash chain."""
+        path = Path(path)
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise LedgerError(f"{path}: no privacy ledger") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise LedgerError(f"{path}: not valid JSON ({err})") from None
+        if not isinstance(document, dict) or document.get("header", {}).get("format") != FORMAT:
+            raise LedgerError(f"{path}: not a FedFuse privacy ledger ({FORMAT})")
+        ledger = cls(path, document["header"], list(document.get("entries", [])))
+        ledger.verify()
+        return ledger
+
+    def verify(self) -> None:
+        """Raise :class:`LedgerError` naming the first entry whose hash or link is wrong."""
+        previous = _digest(self.header)
+        for index, entry in enumerate(self.entries):
+            body = {k: v for k, v in entry.items() if k != "hash"}
+            if entry.get("prev_hash") != previous or entry.get("hash") != _digest(body):
+                raise LedgerError(f"{self.path}: entry {index} fails its hash check (tampered?)")
+            previous = entry["hash"]
+
+    @property
+    def delta(self) -> float:
+        return float(self.header["delta"])
+
+    @property
+    def budget(self) -> float:
+        return float(self.header["epsilon_budget"])
+
+    def mechanisms(self) -> list[Mechanism]:
+        return [
+            Mechanism(e["noise_multiplier"], e["sample_rate"], e["steps"], e["max_grad_norm"])
+            for e in self.entries
+        ]
+
+    def spent(self) -> float:
+        """Cumulative ε (PRV) of every recorded round."""
+        return self.entries[-1]["epsilon_prv"] if self.entries else 0.0
+
+    def check(self, mechanism: Mechanism) -> float:
+        """ε after ``mechanism``; raises :class:`BudgetExhausted` if it would pass the budget."""
+        projected = epsilon([*self.mechanisms(), mechanism], self.delta)
+        if projected > self.budget:
+            raise BudgetExhausted(
+                f"privacy budget exhausted for platform {self.header['platform']!r}: "
+                f"spent ε = {self.spent():.3f}, next round would reach ε = {projected:.3f} "
+                f"> budget {self.budget:g} (δ = {self.delta:g})"
+            )
+        return projected
+
+    def record(self, server_round: int, mechanism: Mechanism) -> dict[str, Any]:
+        """Append one executed round and persist the ledger atomically."""
+        mechanisms = [*self.mechanisms(), mechanism]
+        body = {
+            "index": len(self.entries),
+            "server_round": server_round,
+            **asdict(mechanism),
+            "delta": self.delta,
+            "epsilon_prv": epsilon(mechanisms, self.delta, "prv"),
+            "epsilon_rdp": epsilon(mechanisms, self.delta, "rdp"),
+            "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "prev_hash": self.entries[-1]["hash"] if self.entries else _digest(self.header),
+        }
+        entry = {**body, "hash": _digest(body)}
+        self._write([*self.entries, entry])
+        self.entries.append(entry)
+        return entry
+
+    def _write(self, entries: list[dict[str, Any]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        text = json.dumps({"header": self.header, "entries": entries}, indent=2, allow_nan=False)
+        handle, temporary = tempfile.mkstemp(prefix=f".{LEDGER_FILE}.", dir=self.path.parent)
+        try:
+            with os.fdopen(handle, "w", encoding="utf-8") as stream:
+                stream.write(text + "\n")
+                stream.flush()
+                os.fsync(stream.fileno())
+            os.replace(temporary, self.path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise

@@ -1,0 +1,158 @@
+"""A platform's side of the federation: its data, scorer, DP trainer and ε ledger.
+
+Built once per (platform, configuration) in a process and reused across rounds; the backbone
+is loaded once per process and shared by every platform that process serves, because each
+round overwrites all trainable tensors from the server's message anyway.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.dp_training import LocalTrainer, calibrate_noise, steps_per_round
+from client.ledger import Mechanism, PrivacyLedger
+from common.adapters import load_trainable_arrays, trainable_arrays
+from common.config import LoraSettings, ModelConfig, RunConfig
+from common.errors import DataError
+from common.evaluation import evaluate
+from common.model import Scorer, TextFeaturizer, build_scorer, load_backbone
+from common.platform_data import platform_dirs, read_platform
+from common.task import build_task
+
+
+@dataclass(frozen=True)
+class PlatformIdentity:
+    """Who this node is and where its private files live (from the node configuration)."""
+
+    name: str
+    data_dir: Path
+    state_dir: Path
+
+
+def identify(node_config: dict[str, Any], config: RunConfig) -> PlatformIdentity:
+    """Deployment nodes name their platform and folders; simulation nodes get a partition id.
+
+    Deployment: ``platform``, ``data-dir`` and optionally ``state-dir``. Simulation:
+    ``partition-id`` indexes the platform folders under ``data.path`` (sorted by name, or in
+    the order of ``data.platforms``).
+    """
+    if "data-dir" in node_config:
+        data_dir = Path(str(node_config["data-dir"]))
+        name = str(node_config.get("platform", data_dir.name))
+    elif "partition-id" in node_config:
+        folders = {p.name: p for p in platform_dirs(config.data.path)}
+        names = config.data.platforms or sorted(folders)
+        unknown = [n for n in names if n not in folders]
+        if unknown:
+            raise DataError(config.data.path, f"data.platforms names unknown platforms {unknown}")
+        index = int(node_config["partition-id"])
+        if not 0 <= index < len(names):
+            raise DataError(
+                config.data.path, f"no platform for partition-id {index} ({len(names)} platforms)"
+            )
+        name, data_dir = names[index], folders[names[index]]
+    else:
+        raise DataError(
+            "node config", "needs 'data-dir' (deployment) or 'partition-id' (simulation)"
+        )
+    state_dir = Path(str(node_config.get("state-dir", Path(config.dp.state_dir) / name)))
+    return PlatformIdentity(name=name, data_dir=data_dir, state_dir=state_dir)
+
+
+@cache
+def shared_scorer(model: ModelConfig, lora: LoraSettings) -> tuple[Scorer, Any]:
+    """The process's scorer and tokenizer for these settings: the backbone is loaded once."""
+    backbone, tokenizer = load_backbone(model.backbone)
+    return build_scorer(backbone, model, lora), tokenizer
+
+
+class PlatformClient:
+    """Everything one platform does in a round: train privately, account, evaluate."""
+
+    def __init__(self, identity: PlatformIdentity, config: RunConfig) -> None:
+        self.identity = identity
+        self.config = config
+        data = read_platform(identity.data_dir, identity.name)
+        self.task = build_task(data, config.task)
+        self.scorer, tokenizer = shared_scorer(config.model, config.lora)
+        self.featurizer = TextFeaturizer(tokenizer, data.item_text, config.model.max_length)
+        self.trainer = LocalTrainer(
+            self.scorer, self.featurizer, self.task.train, config.train, config.dp
+        )
+        examples = len(self.task.train)
+        self.steps = steps_per_round(examples, config.train, config.dp)
+        self.ledger: PrivacyLedger | None = None
+        self.noise_multiplier: float | None = None
+        if config.dp.enabled:
+            self.ledger = PrivacyLedger.open(
+                identity.state_dir, identity.name, config.dp.delta, config.dp.budget, examples
+            )
+            self.noise_multiplier = calibrate_noise(
+                config.dp, self.trainer.sample_rate, config.federation.rounds * self.steps
+            )
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.task.train)
+
+    def planned_mechanism(self) -> Mechanism | None:
+        if self.noise_multiplier is None:
+            return None
+        return Mechanism(
+            self.noise_multiplier,
+            self.trainer.sample_rate,
+            self.steps,
+            self.config.dp.max_grad_norm,
+        )
+
+    def train_round(
+        self, server_round: int, arrays: dict[str, np.ndarray], learning_rate: float
+    ) -> tuple[dict[str, np.ndarray], dict[str, float | int]]:
+        """One local round from the server's adapters; raises BudgetExhausted before training."""
+        planned = self.planned_mechanism()
+        if self.ledger is not None and planned is not None:
+            self.ledger.check(planned)
+        load_trainable_arrays(self.scorer, arrays)
+        result = self.trainer.run(self.steps, learning_rate, self.noise_multiplier)
+        metrics: dict[str, float | int] = {
+            "num-examples": self.num_examples,
+            "train-loss": result.loss,
+            "local-steps": result.steps,
+        }
+        if self.ledger is not None and result.mechanism is not None:
+            entry = self.ledger.record(server_round, result.mechanism)
+            metrics |= {
+                "epsilon": entry["epsilon_prv"],
+                "epsilon-rdp": entry["epsilon_rdp"],
+                "epsilon-budget-left": self.ledger.budget - entry["epsilon_prv"],
+                "delta": self.ledger.delta,
+                "noise-multiplier": result.mechanism.noise_multiplier,
+                "sample-rate": result.mechanism.sample_rate,
+                "max-grad-norm": result.mechanism.max_grad_norm,
+            }
+        else:
+            metrics["epsilon"] = math.inf
+        return trainable_arrays(self.scorer), metrics
+
+    def evaluate(
+        self, arrays: dict[str, np.ndarray], split: str, max_cases: int
+    ) -> dict[str, float | int]:
+        """Protocol metrics of the given adapters on this platform's valid or test split."""
+        load_trainable_arrays(self.scorer, arrays)
+        metrics = evaluate(
+            self.scorer,
+            self.featurizer,
+            self.task,
+            split,
+            self.config.train.eval_batch_size,
+            max_cases,
+        )
+        return {"num-examples": int(metrics.pop("ranking_cases"))} | {
+            key: float(value) for key, value in metrics.items() if key != "examples"
+        }

@@ -1,0 +1,144 @@
+"""The ε ledger: composition across rounds and restarts, independent recomputation, integrity."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import dp_accounting
+import pytest
+from dp_accounting.pld import PLDAccountant
+from dp_accounting.rdp import RdpAccountant
+
+from client.ledger import (
+    LEDGER_FILE,
+    PRIVACY_UNIT,
+    BudgetExhausted,
+    LedgerError,
+    Mechanism,
+    PrivacyLedger,
+    epsilon,
+)
+
+ROUNDS = [
+    Mechanism(1.1, 0.01, 300, 1.0),
+    Mechanism(0.9, 0.02, 150, 1.0),
+    Mechanism(1.3, 0.01, 400, 0.5),
+]
+
+
+def independent_epsilon(mechanisms: list[Mechanism], delta: float, kind: str) -> float:
+    """Google dp-accounting, composing each round's Poisson-subsampled Gaussian steps."""
+    accountant = PLDAccountant() if kind == "pld" else RdpAccountant()
+    for m in mechanisms:
+        event = dp_accounting.PoissonSampledDpEvent(
+            m.sample_rate, dp_accounting.GaussianDpEvent(m.noise_multiplier)
+        )
+        accountant.compose(event, m.steps)
+    return accountant.get_epsilon(delta)
+
+
+def _open(state: Path, budget: float = 50.0, delta: float = 1e-5) -> PrivacyLedger:
+    return PrivacyLedger.open(state, "kids_family", delta, budget, dataset_size=20_000)
+
+
+def test_every_recorded_epsilon_is_reproduced_by_dp_accounting(tmp_path: Path) -> None:
+    ledger = _open(tmp_path)
+    for k, mechanism in enumerate(ROUNDS, start=1):
+        ledger.record(k, mechanism)
+    stored = json.loads((tmp_path / LEDGER_FILE).read_text())
+    assert stored["header"]["privacy_unit"] == PRIVACY_UNIT
+    for k, entry in enumerate(stored["entries"]):
+        recorded = [
+            Mechanism(e["noise_multiplier"], e["sample_rate"], e["steps"], e["max_grad_norm"])
+            for e in stored["entries"][: k + 1]
+        ]
+        pld = independent_epsilon(recorded, entry["delta"], "pld")
+        rdp = independent_epsilon(recorded, entry["delta"], "rdp")
+        assert entry["epsilon_prv"] == pytest.approx(pld, rel=0.01)
+        assert entry["epsilon_rdp"] == pytest.approx(rdp, rel=0.01)
+    cumulative = [e["epsilon_prv"] for e in stored["entries"]]
+    assert cumulative == sorted(cumulative) and cumulative[0] < cumulative[-1]
+    # composition, not the last round alone (the Flower/Opacus example's trap)
+    assert cumulative[-1] > 1.2 * epsilon([ROUNDS[-1]], 1e-5)
+
+
+def test_ledger_survives_a_restart_and_keeps_composing(tmp_path: Path) -> None:
+    first = _open(tmp_path)
+    first.record(1, ROUNDS[0])
+    again = _open(tmp_path)  # a new process
+    assert again.spent() == first.spent() > 0
+    again.record(2, ROUNDS[1])
+    assert _open(tmp_path).spent() == pytest.approx(epsilon(ROUNDS[:2], 1e-5))
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda doc: doc["entries"][0].update(noise_multiplier=5.0),
+        lambda doc: doc["entries"][1].update(epsilon_prv=0.01),
+        lambda doc: doc["entries"].pop(0),
+        lambda doc: doc["entries"].reverse(),
+        lambda doc: doc["header"].update(epsilon_budget=1000.0),
+    ],
+    ids=["noise-edited", "epsilon-edited", "entry-dropped", "reordered", "budget-raised"],
+)
+def test_tampering_is_detected(tmp_path: Path, tamper) -> None:
+    ledger = _open(tmp_path)
+    ledger.record(1, ROUNDS[0])
+    ledger.record(2, ROUNDS[1])
+    path = tmp_path / LEDGER_FILE
+    document = json.loads(path.read_text())
+    tamper(document)
+    path.write_text(json.dumps(document))
+    with pytest.raises(LedgerError, match="fails its hash check"):
+        PrivacyLedger.load(path)
+
+
+def test_corrupt_or_foreign_files_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / LEDGER_FILE
+    path.write_text('{"header": {"format"')
+    with pytest.raises(LedgerError, match="not valid JSON"):
+        PrivacyLedger.load(path)
+    path.write_text('{"some": "thing"}')
+    with pytest.raises(LedgerError, match="not a FedFuse privacy ledger"):
+        PrivacyLedger.load(path)
+
+
+def test_budget_is_never_exceeded(tmp_path: Path) -> None:
+    one_round = epsilon([ROUNDS[0]], 1e-5)
+    two_rounds = epsilon([ROUNDS[0], ROUNDS[0]], 1e-5)
+    ledger = _open(tmp_path, budget=(one_round + two_rounds) / 2)
+    assert ledger.check(ROUNDS[0]) == pytest.approx(one_round)
+    ledger.record(1, ROUNDS[0])
+    with pytest.raises(BudgetExhausted, match="privacy budget exhausted"):
+        ledger.check(ROUNDS[0])
+    assert len(ledger.entries) == 1
+
+
+def test_delta_must_be_below_one_over_n(tmp_path: Path) -> None:
+    with pytest.raises(LedgerError, match=r"must be in \(0, 1/N\)"):
+        PrivacyLedger.open(tmp_path, "p", 1e-3, 8.0, dataset_size=1000)
+
+
+def test_a_new_budget_needs_a_new_state_folder(tmp_path: Path) -> None:
+    _open(tmp_path, budget=8.0).record(1, ROUNDS[0])
+    with pytest.raises(LedgerError, match="epsilon_budget"):
+        _open(tmp_path, budget=16.0)
+
+
+def test_a_failed_write_leaves_the_previous_ledger_intact(tmp_path: Path, monkeypatch) -> None:
+    ledger = _open(tmp_path)
+    ledger.record(1, ROUNDS[0])
+    before = (tmp_path / LEDGER_FILE).read_text()
+
+    def crash(*_args: object) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        ledger.record(2, ROUNDS[1])
+    assert (tmp_path / LEDGER_FILE).read_text() == before
+    assert [p.name for p in tmp_path.iterdir()] == [LEDGER_FILE]
+    assert len(ledger.entries) == 1
