@@ -76,3 +76,7 @@ def test_reference_lists_every_key() -> None:
     for section, field in RunConfig.model_fields.items():
         for name in field.annotation.model_fields:
             assert f"`{section}.{name}`" in table
+
+
+def test_readme_reference_is_current() -> None:
+    assert config_reference() in (REPO / "README.md").read_text(encoding="utf-8")

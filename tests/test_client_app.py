@@ -1,0 +1,167 @@
+"""The Flower ClientApp, called with hand-built messages (no server): what goes out, errors."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+
+import client.platform_client as platform_client_module
+from client import client_app
+from client.client_app import BUDGET_EXHAUSTED, INVALID_INPUT, app
+from client.ledger import LEDGER_FILE
+from common.adapters import trainable_arrays
+from common.config import load_config
+from common.model import build_scorer, load_backbone
+
+
+@pytest.fixture
+def run_config(tmp_path: Path, tiny_bert_dir: Path, synthetic_dir: Path) -> dict[str, object]:
+    config = tmp_path / "run.toml"
+    config.write_text(
+        f"""
+[data]
+path = "{synthetic_dir}"
+[model]
+backbone = "{tiny_bert_dir}"
+max_length = 40
+[lora]
+rank = 4
+[train]
+batch_size = 16
+local_steps = 2
+[dp]
+target_epsilon = 3.0
+delta = 1e-3
+expected_batch_size = 32
+state_dir = "{tmp_path / "state"}"
+[federation]
+rounds = 3
+""",
+        encoding="utf-8",
+    )
+    client_app._clients.clear()
+    return {"config-file": str(config)}
+
+
+def _context(run_config: dict[str, object], node_config: dict[str, object]) -> Context:
+    return Context(
+        run_id=1, node_id=7, node_config=node_config, state=RecordDict(), run_config=run_config
+    )
+
+
+def _message(kind: str, arrays: dict[str, np.ndarray], config: dict[str, object]) -> Message:
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"m-{kind}",
+        src_node_id=0,
+        dst_node_id=7,
+        reply_to_message_id="",
+        group_id="1",
+        created_at=time.time(),
+        ttl=3600.0,
+        message_type=kind,
+    )
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            "config": ConfigRecord(config),
+        }
+    )
+    return Message(content=content, metadata=metadata)
+
+
+def _initial_arrays(run_config: dict[str, object]) -> dict[str, np.ndarray]:
+    config = load_config(run_config["config-file"])
+    backbone, _ = load_backbone(config.model.backbone)
+    return trainable_arrays(build_scorer(backbone, config.model, config.lora))
+
+
+def test_train_reply_holds_only_adapters_and_scalar_metrics(run_config) -> None:
+    context = _context(run_config, {"partition-id": 0, "num-partitions": 2})
+    initial = _initial_arrays(run_config)
+    reply = app(_message("train", initial, {"server-round": 1}), context)
+    assert not reply.has_error()
+    assert set(reply.content.keys()) == {"arrays", "metrics"}
+    arrays = {k: a.numpy() for k, a in reply.content["arrays"].items()}
+    assert list(arrays) == list(initial)
+    assert all("lora_" in name or name.startswith("head.") for name in arrays)
+    assert any(not np.array_equal(arrays[n], initial[n]) for n in arrays)
+    metrics = dict(reply.content["metrics"])
+    assert all(isinstance(v, int | float) for v in metrics.values())
+    assert metrics["num-examples"] > 0 and metrics["local-steps"] == 2
+    assert 0 < metrics["epsilon"] < 3.0 and metrics["epsilon-rdp"] >= metrics["epsilon"]
+    assert metrics["epsilon-budget-left"] == pytest.approx(3.0 - metrics["epsilon"])
+
+    second = app(_message("train", arrays, {"server-round": 2}), context)
+    assert dict(second.content["metrics"])["epsilon"] > metrics["epsilon"]
+    ledger = json.loads(
+        (Path(load_config(run_config["config-file"]).dp.state_dir) / "p0" / LEDGER_FILE).read_text()
+    )
+    assert [e["server_round"] for e in ledger["entries"]] == [1, 2]
+
+
+def test_backbone_is_loaded_once_per_process(run_config, monkeypatch) -> None:
+    calls = []
+    real = platform_client_module.load_backbone
+    monkeypatch.setattr(
+        platform_client_module, "load_backbone", lambda b: calls.append(b) or real(b)
+    )
+    platform_client_module.shared_scorer.cache_clear()
+    initial = _initial_arrays(run_config)
+    for node, server_round in [(0, 1), (1, 1), (0, 2)]:
+        context = _context(run_config, {"partition-id": node, "num-partitions": 2})
+        assert not app(
+            _message("train", initial, {"server-round": server_round}), context
+        ).has_error()
+    assert len(calls) == 1
+
+
+def test_exhausted_budget_gives_an_error_reply_and_no_training(run_config) -> None:
+    context = _context(run_config, {"partition-id": 0, "num-partitions": 2})
+    arrays = _initial_arrays(run_config)
+    for server_round in (1, 2, 3):  # the planned run fits the budget exactly
+        reply = app(_message("train", arrays, {"server-round": server_round}), context)
+        assert not reply.has_error()
+    reply = app(_message("train", arrays, {"server-round": 4}), context)
+    assert reply.has_error() and reply.error.code == BUDGET_EXHAUSTED
+    assert "budget exhausted" in reply.error.reason
+    ledger_dir = Path(load_config(run_config["config-file"]).dp.state_dir) / "p0"
+    assert len(json.loads((ledger_dir / LEDGER_FILE).read_text())["entries"]) == 3
+
+
+def test_bad_data_folder_gives_an_error_reply_not_a_crash(run_config, tmp_path: Path) -> None:
+    context = _context(run_config, {"platform": "shop", "data-dir": str(tmp_path / "missing")})
+    reply = app(_message("train", _initial_arrays(run_config), {"server-round": 1}), context)
+    assert reply.has_error() and reply.error.code == INVALID_INPUT
+    assert "missing" in reply.error.reason and "does not exist" in reply.error.reason
+
+
+def test_node_config_sets_the_platform_and_its_dp_policy(
+    run_config, synthetic_dir: Path, tmp_path: Path
+) -> None:
+    node = {
+        "platform": "shop",
+        "data-dir": str(synthetic_dir / "p1"),
+        "state-dir": str(tmp_path / "shop-state"),
+        "dp.target_epsilon": 1.5,
+    }
+    reply = app(
+        _message("train", _initial_arrays(run_config), {"server-round": 1}),
+        _context(run_config, node),
+    )
+    assert not reply.has_error()
+    ledger = json.loads((tmp_path / "shop-state" / LEDGER_FILE).read_text())
+    assert ledger["header"]["platform"] == "shop" and ledger["header"]["epsilon_budget"] == 1.5
+
+
+def test_evaluate_reply_has_the_protocol_metrics(run_config) -> None:
+    context = _context(run_config, {"partition-id": 1, "num-partitions": 2})
+    reply = app(_message("evaluate", _initial_arrays(run_config), {"split": "test"}), context)
+    metrics = dict(reply.content["metrics"])
+    assert set(metrics) == {"num-examples", "hr@10", "ndcg@10", "mrr", "auc", "logloss"}
+    assert metrics["num-examples"] > 0 and 0 <= metrics["ndcg@10"] <= metrics["hr@10"] <= 1
