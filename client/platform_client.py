@@ -8,12 +8,15 @@ round overwrites all trainable tensors from the server's message anyway.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors.numpy import load_file as load_numpy
+from safetensors.numpy import save_file as save_numpy
 
 from client.dp_training import LocalTrainer, calibrate_noise, steps_per_round
 from client.ledger import Mechanism, PrivacyLedger
@@ -23,6 +26,7 @@ from common.errors import DataError
 from common.evaluation import evaluate
 from common.model import Scorer, TextFeaturizer, build_scorer, load_backbone
 from common.platform_data import platform_dirs, read_platform
+from common.sharing import private_names, shared_names, trains
 from common.task import build_task
 
 
@@ -66,10 +70,17 @@ def identify(node_config: dict[str, Any], config: RunConfig) -> PlatformIdentity
 
 
 @cache
-def shared_scorer(model: ModelConfig, lora: LoraSettings) -> tuple[Scorer, Any]:
-    """The process's scorer and tokenizer for these settings: the backbone is loaded once."""
+def shared_scorer(model: ModelConfig, lora: LoraSettings, strategy: str) -> tuple[Scorer, Any]:
+    """The process's scorer and tokenizer for these settings: the backbone is loaded once.
+
+    Tensors the strategy does not train (FFA-LoRA's A) are frozen at their seeded init.
+    """
     backbone, tokenizer = load_backbone(model.backbone)
-    return build_scorer(backbone, model, lora), tokenizer
+    scorer = build_scorer(backbone, model, lora)
+    for name, param in scorer.named_parameters():
+        if param.requires_grad and not trains(name, strategy):
+            param.requires_grad_(False)
+    return scorer, tokenizer
 
 
 class PlatformClient:
@@ -80,7 +91,13 @@ class PlatformClient:
         self.config = config
         data = read_platform(identity.data_dir, identity.name)
         self.task = build_task(data, config.task)
-        self.scorer, tokenizer = shared_scorer(config.model, config.lora)
+        strategy = config.federation.strategy
+        self.scorer, tokenizer = shared_scorer(config.model, config.lora, strategy)
+        names = list(trainable_arrays(self.scorer))
+        self.shared = shared_names(names, strategy)
+        self.private = PrivateTensors(
+            identity.state_dir, trainable_arrays(self.scorer, private_names(names, strategy))
+        )
         self.featurizer = TextFeaturizer(tokenizer, data.item_text, config.model.max_length)
         self.trainer = LocalTrainer(
             self.scorer, self.featurizer, self.task.train, config.train, config.dp
@@ -111,15 +128,26 @@ class PlatformClient:
             self.config.dp.max_grad_norm,
         )
 
+    def _load(self, arrays: dict[str, np.ndarray]) -> None:
+        """The server's shared tensors plus this platform's own private part (if any)."""
+        load_trainable_arrays(self.scorer, arrays, self.shared)
+        if self.private.names:
+            load_trainable_arrays(self.scorer, self.private.load(), self.private.names)
+
     def train_round(
         self, server_round: int, arrays: dict[str, np.ndarray], learning_rate: float
     ) -> tuple[dict[str, np.ndarray], dict[str, float | int]]:
-        """One local round from the server's adapters; raises BudgetExhausted before training."""
+        """One local round from the server's adapters; raises BudgetExhausted before training.
+
+        Returns only the tensors the strategy shares; a private part stays in the state folder.
+        """
         planned = self.planned_mechanism()
         if self.ledger is not None and planned is not None:
             self.ledger.check(planned)
-        load_trainable_arrays(self.scorer, arrays)
+        self._load(arrays)
         result = self.trainer.run(self.steps, learning_rate, self.noise_multiplier)
+        if self.private.names:
+            self.private.save(trainable_arrays(self.scorer, self.private.names))
         metrics: dict[str, float | int] = {
             "num-examples": self.num_examples,
             "train-loss": result.loss,
@@ -138,13 +166,13 @@ class PlatformClient:
             }
         else:
             metrics["epsilon"] = math.inf
-        return trainable_arrays(self.scorer), metrics
+        return trainable_arrays(self.scorer, self.shared), metrics
 
     def evaluate(
         self, arrays: dict[str, np.ndarray], split: str, max_cases: int
     ) -> dict[str, float | int]:
         """Protocol metrics of the given adapters on this platform's valid or test split."""
-        load_trainable_arrays(self.scorer, arrays)
+        self._load(arrays)
         metrics = evaluate(
             self.scorer,
             self.featurizer,
@@ -156,3 +184,27 @@ class PlatformClient:
         return {"num-examples": int(metrics.pop("ranking_cases"))} | {
             key: float(value) for key, value in metrics.items() if key != "examples"
         }
+
+
+class PrivateTensors:
+    """A platform's never-shared adapter part (fedsa's B and head), kept in its state folder.
+
+    Until the first round saves it, the seeded initial values are used, so a platform never
+    starts from another platform's private tensors when one process serves several.
+    """
+
+    FILE = "private_adapter.safetensors"
+
+    def __init__(self, state_dir: Path, initial: dict[str, np.ndarray]) -> None:
+        self.path = state_dir / self.FILE
+        self.initial = initial
+        self.names = list(initial)
+
+    def load(self) -> dict[str, np.ndarray]:
+        return load_numpy(self.path) if self.path.exists() else self.initial
+
+    def save(self, arrays: dict[str, np.ndarray]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(f".{self.FILE}.tmp")
+        save_numpy(arrays, temporary)
+        os.replace(temporary, self.path)

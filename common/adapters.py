@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Collection
 from pathlib import Path
 
 import numpy as np
@@ -38,19 +39,30 @@ def unwrap(model: nn.Module) -> Scorer:
     return model
 
 
-def trainable_arrays(model: nn.Module) -> dict[str, np.ndarray]:
-    """Every trainable tensor (LoRA + head) by parameter name, as float32 numpy copies."""
+def trainable_arrays(
+    model: nn.Module, names: Collection[str] | None = None
+) -> dict[str, np.ndarray]:
+    """Trainable tensors (LoRA + head) by parameter name, as float32 numpy copies.
+
+    ``names`` restricts the result to a subset (e.g. what a strategy shares), in model order.
+    """
     scorer = unwrap(model)
     return {
         name: param.detach().to(torch.float32).cpu().numpy().copy()
         for name, param in scorer.named_parameters()
-        if param.requires_grad
+        if param.requires_grad and (names is None or name in names)
     }
 
 
-def load_trainable_arrays(model: nn.Module, arrays: dict[str, np.ndarray]) -> None:
-    """Overwrite the trainable tensors; names and shapes must match exactly (no silent skip)."""
-    params = {n: p for n, p in unwrap(model).named_parameters() if p.requires_grad}
+def load_trainable_arrays(
+    model: nn.Module, arrays: dict[str, np.ndarray], names: Collection[str] | None = None
+) -> None:
+    """Overwrite trainable tensors (all, or exactly ``names``); names and shapes must match."""
+    params = {
+        n: p
+        for n, p in unwrap(model).named_parameters()
+        if p.requires_grad and (names is None or n in names)
+    }
     missing = sorted(set(params) - set(arrays))
     unexpected = sorted(set(arrays) - set(params))
     if missing or unexpected:

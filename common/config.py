@@ -137,12 +137,15 @@ class DPConfig(BaseModel):
 
 
 class FederationConfig(BaseModel):
-    """Rounds of the federation (the ``[federation]`` section)."""
+    """Rounds and aggregation of the federation (the ``[federation]`` section)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     rounds: int = Field(
         5, ge=1, description="server rounds planned (DP noise is calibrated for all)"
+    )
+    strategy: Literal["fedavg", "ffa", "fedsa"] = Field(
+        "fedavg", description="aggregation rule (see common/sharing.py)"
     )
 
 

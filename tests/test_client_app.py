@@ -165,3 +165,29 @@ def test_evaluate_reply_has_the_protocol_metrics(run_config) -> None:
     metrics = dict(reply.content["metrics"])
     assert set(metrics) == {"num-examples", "hr@10", "ndcg@10", "mrr", "auc", "logloss"}
     assert metrics["num-examples"] > 0 and 0 <= metrics["ndcg@10"] <= metrics["hr@10"] <= 1
+
+
+@pytest.mark.parametrize("strategy", ["ffa", "fedsa"])
+def test_strategies_send_only_their_shared_tensors(run_config, strategy: str) -> None:
+    from common.sharing import private_names, shared_names
+
+    run_config = run_config | {"federation.strategy": strategy}
+    everything = _initial_arrays(run_config)
+    sent = {n: everything[n] for n in shared_names(everything, strategy)}
+    context = _context(run_config, {"partition-id": 0, "num-partitions": 2})
+    reply = app(_message("train", sent, {"server-round": 1}), context)
+    back = {k: a.numpy() for k, a in reply.content["arrays"].items()}
+    assert list(back) == list(sent)
+    lora_a = [n for n in everything if ".lora_A." in n]
+    if strategy == "ffa":  # B and head only; A frozen at the shared seeded init
+        assert not any(n in back for n in lora_a) and any(n.startswith("head.") for n in back)
+        client = client_app._clients[next(iter(client_app._clients))]
+        for name, param in client.scorer.named_parameters():
+            if name in lora_a:
+                np.testing.assert_array_equal(param.detach().numpy(), everything[name])
+    else:  # A only; B and head stay in the platform's state folder
+        assert set(back) == set(lora_a)
+        state = Path(load_config(run_config["config-file"]).dp.state_dir) / "p0"
+        assert (state / "private_adapter.safetensors").is_file()
+        private = private_names(everything, strategy)
+        assert private and not any(".lora_A." in n for n in private)

@@ -1,0 +1,41 @@
+"""Which adapter tensors each aggregation rule trains, sends and keeps at home.
+
+- ``fedavg`` (FedIT): LoRA A, LoRA B and the head are trained and all averaged; A and B are
+  averaged separately, so the aggregate of the products B·A is only approximated.
+- ``ffa`` (FFA-LoRA): A stays frozen at the shared random initialisation (``lora.seed``); only
+  B and the head are trained and averaged. The average of B·A is then exact (A is common), no
+  product of two noisy factors arises under DP, and half the LoRA tensors are uploaded.
+- ``fedsa``: A is shared and averaged; B and the head stay on each platform (a personalised
+  model: one shared adapter, a private part per platform).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+STRATEGIES = ("fedavg", "ffa", "fedsa")
+
+
+def _is_lora_a(name: str) -> bool:
+    return ".lora_A." in name
+
+
+def trains(name: str, strategy: str) -> bool:
+    """Whether ``strategy`` trains the adapter tensor ``name`` locally."""
+    return not (strategy == "ffa" and _is_lora_a(name))
+
+
+def shares(name: str, strategy: str) -> bool:
+    """Whether the trained tensor ``name`` is sent to the server and aggregated."""
+    if strategy == "fedsa":
+        return _is_lora_a(name)
+    return trains(name, strategy)
+
+
+def shared_names(names: Iterable[str], strategy: str) -> list[str]:
+    return [name for name in names if shares(name, strategy)]
+
+
+def private_names(names: Iterable[str], strategy: str) -> list[str]:
+    """Trained here but never sent: the platform's personal part (fedsa's B and head)."""
+    return [name for name in names if trains(name, strategy) and not shares(name, strategy)]
