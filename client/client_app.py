@@ -16,12 +16,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from flwr.app import Array, ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Error,
+    Message,
+    MetricRecord,
+    RecordDict,
+)
 from flwr.clientapp import ClientApp
 
 from client.ledger import BudgetExhausted
 from client.platform_client import PlatformClient, identify
-from common.config import RunConfig, load_config
+from common.config import run_configuration
 from common.errors import FedFuseError
 
 BUDGET_EXHAUSTED = 4001
@@ -31,25 +40,9 @@ app = ClientApp()
 _clients: dict[tuple[str, str], PlatformClient] = {}
 
 
-def _overrides(settings: dict[str, Any]) -> list[str]:
-    """``section.key`` entries of a Flower config as ``section.key=value`` TOML overrides."""
-    out = []
-    for key, value in settings.items():
-        if "." in key:
-            literal = repr(value).lower() if isinstance(value, bool) else repr(value)
-            out.append(f"{key}={literal}")
-    return out
-
-
-def run_configuration(context: Context) -> RunConfig:
-    """The platform's resolved configuration from its run and node configs."""
-    overrides = _overrides(dict(context.run_config)) + _overrides(dict(context.node_config))
-    return load_config(context.run_config.get("config-file"), overrides)
-
-
 def platform_client(context: Context) -> PlatformClient:
     """The node's PlatformClient, built on first use and kept for later rounds."""
-    config = run_configuration(context)
+    config = run_configuration(dict(context.run_config), dict(context.node_config))
     identity = identify(dict(context.node_config), config)
     key = (repr(identity), config.model_dump_json())
     if key not in _clients:
@@ -82,6 +75,7 @@ def train(msg: Message, context: Context) -> Message:
         {
             "arrays": ArrayRecord({name: Array(value) for name, value in arrays.items()}),
             "metrics": MetricRecord(metrics),
+            "platform": ConfigRecord({"name": client.identity.name}),
         }
     )
     return Message(content=content, reply_to=msg)
@@ -98,4 +92,10 @@ def evaluate(msg: Message, context: Context) -> Message:
         metrics = client.evaluate(_arrays(msg), split, max_cases)
     except FedFuseError as err:
         return _error(msg, err)
-    return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)
+    content = RecordDict(
+        {
+            "metrics": MetricRecord(metrics),
+            "platform": ConfigRecord({"name": client.identity.name}),
+        }
+    )
+    return Message(content=content, reply_to=msg)

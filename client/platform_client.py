@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +20,12 @@ from safetensors.numpy import save_file as save_numpy
 from client.dp_training import LocalTrainer, calibrate_noise, steps_per_round
 from client.ledger import Mechanism, PrivacyLedger
 from common.adapters import load_trainable_arrays, trainable_arrays
-from common.config import LoraSettings, ModelConfig, RunConfig
+from common.config import RunConfig
 from common.errors import DataError
 from common.evaluation import evaluate
-from common.model import Scorer, TextFeaturizer, build_scorer, load_backbone
+from common.model import TextFeaturizer
 from common.platform_data import platform_dirs, read_platform
-from common.sharing import private_names, shared_names, trains
+from common.sharing import private_names, shared_names, shared_scorer
 from common.task import build_task
 
 
@@ -67,20 +66,6 @@ def identify(node_config: dict[str, Any], config: RunConfig) -> PlatformIdentity
         )
     state_dir = Path(str(node_config.get("state-dir", Path(config.dp.state_dir) / name)))
     return PlatformIdentity(name=name, data_dir=data_dir, state_dir=state_dir)
-
-
-@cache
-def shared_scorer(model: ModelConfig, lora: LoraSettings, strategy: str) -> tuple[Scorer, Any]:
-    """The process's scorer and tokenizer for these settings: the backbone is loaded once.
-
-    Tensors the strategy does not train (FFA-LoRA's A) are frozen at their seeded init.
-    """
-    backbone, tokenizer = load_backbone(model.backbone)
-    scorer = build_scorer(backbone, model, lora)
-    for name, param in scorer.named_parameters():
-        if param.requires_grad and not trains(name, strategy):
-            param.requires_grad_(False)
-    return scorer, tokenizer
 
 
 class PlatformClient:

@@ -233,3 +233,22 @@ def config_reference() -> str:
             cells.append(info.description or "")
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     return "\n".join(lines)
+
+
+def _flower_overrides(settings: dict[str, Any]) -> list[str]:
+    """``section.key`` entries of a Flower run or node config as TOML overrides."""
+    out = []
+    for key, value in settings.items():
+        if "." in key:
+            literal = str(value).lower() if isinstance(value, bool) else repr(value)
+            out.append(f"{key}={literal}")
+    return out
+
+
+def run_configuration(
+    run_config: dict[str, Any], node_config: dict[str, Any] | None = None
+) -> RunConfig:
+    """The configuration a Flower app runs with: ``config-file`` from the run config, then its
+    ``section.key`` overrides, then the node's (a platform's own settings win)."""
+    overrides = _flower_overrides(run_config) + _flower_overrides(node_config or {})
+    return load_config(run_config.get("config-file"), overrides)

@@ -12,6 +12,11 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import cache
+from typing import Any
+
+from common.config import LoraSettings, ModelConfig
+from common.model import Scorer, build_scorer, load_backbone
 
 STRATEGIES = ("fedavg", "ffa", "fedsa")
 
@@ -39,3 +44,17 @@ def shared_names(names: Iterable[str], strategy: str) -> list[str]:
 def private_names(names: Iterable[str], strategy: str) -> list[str]:
     """Trained here but never sent: the platform's personal part (fedsa's B and head)."""
     return [name for name in names if trains(name, strategy) and not shares(name, strategy)]
+
+
+@cache
+def shared_scorer(model: ModelConfig, lora: LoraSettings, strategy: str) -> tuple[Scorer, Any]:
+    """The process's scorer and tokenizer for these settings: the backbone is loaded once.
+
+    Tensors the strategy does not train (FFA-LoRA's A) are frozen at their seeded init.
+    """
+    backbone, tokenizer = load_backbone(model.backbone)
+    scorer = build_scorer(backbone, model, lora)
+    for name, param in scorer.named_parameters():
+        if param.requires_grad and not trains(name, strategy):
+            param.requires_grad_(False)
+    return scorer, tokenizer

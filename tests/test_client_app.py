@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
-import client.platform_client as platform_client_module
+import common.sharing as sharing
 from client import client_app
 from client.client_app import BUDGET_EXHAUSTED, INVALID_INPUT, app
 from client.ledger import LEDGER_FILE
@@ -86,7 +86,8 @@ def test_train_reply_holds_only_adapters_and_scalar_metrics(run_config) -> None:
     initial = _initial_arrays(run_config)
     reply = app(_message("train", initial, {"server-round": 1}), context)
     assert not reply.has_error()
-    assert set(reply.content.keys()) == {"arrays", "metrics"}
+    assert set(reply.content.keys()) == {"arrays", "metrics", "platform"}
+    assert dict(reply.content["platform"]) == {"name": "p0"}  # an identifier, no data
     arrays = {k: a.numpy() for k, a in reply.content["arrays"].items()}
     assert list(arrays) == list(initial)
     assert all("lora_" in name or name.startswith("head.") for name in arrays)
@@ -107,11 +108,9 @@ def test_train_reply_holds_only_adapters_and_scalar_metrics(run_config) -> None:
 
 def test_backbone_is_loaded_once_per_process(run_config, monkeypatch) -> None:
     calls = []
-    real = platform_client_module.load_backbone
-    monkeypatch.setattr(
-        platform_client_module, "load_backbone", lambda b: calls.append(b) or real(b)
-    )
-    platform_client_module.shared_scorer.cache_clear()
+    real = sharing.load_backbone
+    monkeypatch.setattr(sharing, "load_backbone", lambda b: calls.append(b) or real(b))
+    sharing.shared_scorer.cache_clear()
     initial = _initial_arrays(run_config)
     for node, server_round in [(0, 1), (1, 1), (0, 2)]:
         context = _context(run_config, {"partition-id": node, "num-partitions": 2})
