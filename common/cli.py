@@ -52,6 +52,20 @@ def _data_check(args: argparse.Namespace) -> None:
     print(describe(platforms, load_config(args.config, args.set).task))
 
 
+def _simulate(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from server.run_record import RunRecord
+    from server.simulation import prepare_run, simulate
+
+    if args.resume:
+        record = RunRecord(args.resume)
+        record.read_config()  # a clear error for a folder that is not a run
+    else:
+        record = prepare_run(load_config(args.config, args.set), Path(args.runs), args.name)
+    print(f"finished: {simulate(record, args.cpus_per_client)}")
+
+
 def _config_show(args: argparse.Namespace) -> None:
     print(load_config(args.config, args.set).model_dump_json(indent=2))
 
@@ -95,6 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("path")
     _add_config_options(check)
     check.set_defaults(run=_data_check)
+
+    simulate = commands.add_parser(
+        "simulate", help="run the federation with Flower's Simulation Engine (Ray actors)"
+    )
+    _add_config_options(simulate)
+    simulate.add_argument("--runs", default="runs", help="folder that holds run folders")
+    simulate.add_argument("--name", help="run folder name (default: strategy and time)")
+    simulate.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
+    simulate.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per actor")
+    simulate.set_defaults(run=_simulate)
 
     config = commands.add_parser("config", help="inspect the run configuration").add_subparsers(
         dest="action", required=True

@@ -7,6 +7,8 @@ typo fails at start-up with the key's full name instead of being silently ignore
 
 from __future__ import annotations
 
+import json
+import os
 import tomllib
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -147,6 +149,14 @@ class FederationConfig(BaseModel):
     strategy: Literal["fedavg", "ffa", "fedsa"] = Field(
         "fedavg", description="aggregation rule (see common/sharing.py)"
     )
+    fraction_train: float = Field(1.0, gt=0, le=1, description="share of platforms per round")
+    fraction_evaluate: float = Field(
+        1.0, ge=0, le=1, description="share of platforms evaluated each round (0 = none)"
+    )
+    min_nodes: int = Field(
+        2, ge=1, description="platforms needed to start a round (fewer replies are accepted)"
+    )
+    eval_split: Literal["valid", "test"] = Field("valid", description="split evaluated per round")
 
 
 class RunConfig(BaseModel):
@@ -195,11 +205,15 @@ def load_config(
         path = Path(path)
         source = str(path)
         try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+            text = path.read_text(encoding="utf-8")
+            # A run folder's resolved config.json is accepted too (resume, Flower apps).
+            raw = json.loads(text) if path.suffix == ".json" else tomllib.loads(text)
         except FileNotFoundError:
             raise ConfigError(f"{path}: configuration file not found") from None
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path}: invalid TOML: {err}") from None
+        except (tomllib.TOMLDecodeError, json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ConfigError(
+                f"{path}: invalid {path.suffix[1:].upper() or 'TOML'}: {err}"
+            ) from None
     for text in overrides:
         parts, value = _parse_override(text)
         node = raw
@@ -250,5 +264,20 @@ def run_configuration(
 ) -> RunConfig:
     """The configuration a Flower app runs with: ``config-file`` from the run config, then its
     ``section.key`` overrides, then the node's (a platform's own settings win)."""
+    run_config = flower_run_config(run_config)
     overrides = _flower_overrides(run_config) + _flower_overrides(node_config or {})
     return load_config(run_config.get("config-file"), overrides)
+
+
+RUN_CONFIG_ENV = "FEDFUSE_RUN_CONFIG"
+
+
+def flower_run_config(run_config: dict[str, Any]) -> dict[str, Any]:
+    """The Flower run config, or (when it is empty) the JSON in ``$FEDFUSE_RUN_CONFIG``.
+
+    Flower's Python simulation API gives apps an empty run config; ``fedfuse simulate`` sets
+    the variable before starting it, and the Ray actors inherit the environment.
+    """
+    if run_config or RUN_CONFIG_ENV not in os.environ:
+        return dict(run_config)
+    return json.loads(os.environ[RUN_CONFIG_ENV])

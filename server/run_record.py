@@ -1,0 +1,90 @@
+"""A run's folder on the server side: resolved config, metrics.jsonl, adapters per round.
+
+Layout of ``RUN_DIR``::
+
+    config.json              the resolved run configuration
+    metrics.jsonl            one JSON object per event (train/evaluate per platform and round)
+    adapters/round_NNN/      global adapter after round NNN, in peft format (+ FedFuse head)
+
+Every file is replaced atomically (temporary file, then rename), so a crash never leaves a
+truncated metrics file or a half-written checkpoint, and a run resumes from its last complete
+round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from common.errors import FedFuseError
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+ADAPTERS_DIR = "adapters"
+ROUND_PATTERN = re.compile(r"^round_(\d{3,})$")
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` in one rename: readers see the old or the new file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+class RunRecord:
+    """Reads and appends the files of one run folder."""
+
+    def __init__(self, root: Path | str) -> None:
+        self.root = Path(root)
+
+    def adapter_dir(self, server_round: int) -> Path:
+        return self.root / ADAPTERS_DIR / f"round_{server_round:03d}"
+
+    def write_config(self, config: dict[str, Any]) -> None:
+        atomic_write(self.root / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+
+    def read_config(self) -> dict[str, Any]:
+        path = self.root / CONFIG_FILE
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FedFuseError(f"{path}: not a FedFuse run folder (no {CONFIG_FILE})") from None
+        except json.JSONDecodeError as err:
+            raise FedFuseError(f"{path}: invalid JSON ({err})") from None
+
+    def events(self) -> list[dict[str, Any]]:
+        path = self.root / METRICS_FILE
+        if not path.exists():
+            return []
+        events = []
+        for row, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+            try:
+                events.append(json.loads(line))
+            except json.JSONDecodeError as err:
+                raise FedFuseError(f"{path}, row {row}: invalid JSON ({err.msg})") from None
+        return events
+
+    def append(self, events: list[dict[str, Any]]) -> None:
+        """Add events to metrics.jsonl (rewritten atomically: it stays small)."""
+        lines = [json.dumps(e, allow_nan=True) for e in [*self.events(), *events]]
+        atomic_write(self.root / METRICS_FILE, "\n".join(lines) + "\n")
+
+    def last_round(self) -> int:
+        """Highest round with a complete checkpoint (0 if none)."""
+        folder = self.root / ADAPTERS_DIR
+        rounds = [
+            int(match.group(1))
+            for child in (folder.iterdir() if folder.is_dir() else [])
+            if (match := ROUND_PATTERN.match(child.name))
+        ]
+        return max(rounds, default=0)

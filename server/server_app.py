@@ -1,0 +1,93 @@
+"""FedFuse's Flower ServerApp: rounds of adapter aggregation, checkpoints, resumable runs.
+
+The run configuration comes from the run config (``config-file`` plus ``section.key``
+overrides); ``run-dir`` names the run folder (see ``server/run_record.py``). A run folder that
+already holds checkpoints is resumed from its last complete round.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from common.adapters import load_adapter, load_trainable_arrays, save_adapter, trainable_arrays
+from common.config import RunConfig, flower_run_config, run_configuration
+from common.sharing import shared_names, shared_scorer
+from server.run_record import RunRecord
+from server.strategy import FedFuseStrategy
+
+app = ServerApp()
+
+
+def learning_rate_schedule(config: RunConfig):
+    """Cosine decay from ``train.learning_rate`` to 10 % of it over the planned rounds."""
+    base, rounds = config.train.learning_rate, config.federation.rounds
+
+    def rate(server_round: int) -> float:
+        progress = min(max(server_round - 1, 0) / max(rounds - 1, 1), 1.0)
+        return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+    return rate
+
+
+def run_federation(grid: Grid, config: RunConfig, record: RunRecord) -> int:
+    """Run (or resume) the planned rounds; returns the last completed round."""
+    strategy_name = config.federation.strategy
+    scorer, _ = shared_scorer(config.model, config.lora, strategy_name)
+    names = shared_names(trainable_arrays(scorer), strategy_name)
+    done = record.last_round()
+    if done:
+        load_adapter(scorer, record.adapter_dir(done))
+    else:
+        record.write_config(config.model_dump(mode="json"))
+    remaining = config.federation.rounds - done
+    if remaining <= 0:
+        return done
+    initial = ArrayRecord({n: Array(v) for n, v in trainable_arrays(scorer, names).items()})
+    federation = config.federation
+    strategy = FedFuseStrategy(
+        record,
+        learning_rate_schedule(config),
+        round_offset=done,
+        fraction_train=federation.fraction_train,
+        fraction_evaluate=federation.fraction_evaluate,
+        min_train_nodes=federation.min_nodes,
+        min_evaluate_nodes=federation.min_nodes,
+        min_available_nodes=federation.min_nodes,
+    )
+    started = time.perf_counter()
+
+    def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if server_round == 0:
+            return None
+        absolute = done + server_round
+        global_arrays = {name: array.numpy() for name, array in arrays.items()}
+        load_trainable_arrays(scorer, global_arrays, names)
+        save_adapter(scorer, record.adapter_dir(absolute))
+        elapsed = time.perf_counter() - started
+        print(f"[fedfuse] round {absolute}/{federation.rounds} done ({elapsed:.0f} s)", flush=True)
+        return None
+
+    strategy.start(
+        grid=grid,
+        initial_arrays=initial,
+        num_rounds=remaining,
+        evaluate_config=ConfigRecord(
+            {"split": federation.eval_split, "max-cases": config.train.eval_max_cases}
+        ),
+        evaluate_fn=checkpoint,
+    )
+    return record.last_round()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Entry point for ``flwr run`` and the simulation engine."""
+    settings = flower_run_config(dict(context.run_config))
+    config = run_configuration(settings)
+    run_dir = Path(str(settings.get("run-dir", "runs/flwr-run")))
+    run_federation(grid, config, RunRecord(run_dir))

@@ -1,0 +1,97 @@
+"""``fedfuse simulate``: the federation on one machine with Flower's Simulation Engine.
+
+Each platform is a SuperNode whose ClientApp runs in a Ray actor (a separate process); the
+ServerApp runs in this process. The run lives in ``RUNS/<name>.incomplete/`` until every
+planned round is done, then the folder is renamed to ``RUNS/<name>/``: a folder without the
+suffix is always a finished run, and an interrupted one resumes with ``--resume``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+
+from common.config import RUN_CONFIG_ENV, RunConfig, load_config
+from common.errors import FedFuseError
+from common.platform_data import platform_dirs
+from server.report import write_report
+from server.run_record import CONFIG_FILE, RunRecord
+
+INCOMPLETE = ".incomplete"
+
+
+def _platform_count(config: RunConfig) -> int:
+    return len(config.data.platforms) or len(platform_dirs(config.data.path))
+
+
+def prepare_run(config: RunConfig, runs: Path, name: str | None) -> RunRecord:
+    """A new run folder holding the resolved configuration (platform state included)."""
+    name = name or f"{config.federation.strategy}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
+    root = runs / f"{name}{INCOMPLETE}"
+    if root.exists() or (runs / name).exists():
+        raise FedFuseError(f"{runs / name}: a run of that name exists (use --resume or --name)")
+    state = (root / "platform_state").resolve()
+    config = config.model_copy(
+        update={"dp": config.dp.model_copy(update={"state_dir": str(state)})}
+    )
+    record = RunRecord(root)
+    record.write_config(config.model_dump(mode="json"))
+    return record
+
+
+def simulate(record: RunRecord, cpus_per_client: float = 1.0) -> Path:
+    """Run (or resume) the federation recorded in ``record``; returns the finished folder."""
+    from flwr.simulation import run_simulation
+
+    from client.client_app import app as client_app
+    from server.server_app import app as server_app
+
+    config = load_config(record.root / CONFIG_FILE)
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    os.environ[RUN_CONFIG_ENV] = json.dumps(
+        {
+            "config-file": str((record.root / CONFIG_FILE).resolve()),
+            "run-dir": str(record.root.resolve()),
+        }
+    )
+    platforms = _platform_count(config)
+    print(
+        f"[fedfuse] {platforms} platforms, {config.federation.rounds} rounds, "
+        f"strategy {config.federation.strategy}, run folder {record.root}",
+        flush=True,
+    )
+    try:
+        run_simulation(
+            server_app=server_app,
+            client_app=client_app,
+            num_supernodes=platforms,
+            backend_config={
+                "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+                "init_args": {"num_cpus": os.cpu_count() or 1},
+            },
+        )
+    except Exception:
+        print(
+            f"[fedfuse] interrupted after round {record.last_round()}; continue with "
+            f"`fedfuse simulate --resume {record.root}`",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise
+    done = record.last_round()
+    if done < config.federation.rounds:
+        raise FedFuseError(
+            f"{record.root}: stopped after round {done} of {config.federation.rounds}; "
+            "see the log above, then `fedfuse simulate --resume` continues"
+        )
+    print(write_report(record), flush=True)
+    final = record.root.with_name(record.root.name.removesuffix(INCOMPLETE))
+    if final != record.root:
+        record.root.rename(final)
+        state = str((final / "platform_state").resolve())
+        moved = config.model_copy(update={"dp": config.dp.model_copy(update={"state_dir": state})})
+        RunRecord(final).write_config(moved.model_dump(mode="json"))
+    return final

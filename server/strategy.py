@@ -1,0 +1,107 @@
+"""FedFuse's aggregation: Flower's FedAvg over the adapter tensors the platforms share.
+
+The aggregation rule is the same for every strategy — a weighted average, per tensor name, with
+weights ∝ each platform's number of training examples (Flower's ``aggregate_arrayrecords``):
+
+    global[name] = Σ_k n_k · tensor_k[name] / Σ_k n_k
+
+What differs between ``fedavg``, ``ffa`` and ``fedsa`` is which tensors are trained and sent at
+all; that rule lives in ``common/sharing.py`` and is applied on the platforms. On top of FedAvg
+this strategy adds what a FedFuse run needs: the learning rate for each round, a round offset so
+a resumed run keeps counting, and a record of every reply (including a platform's failure or
+exhausted budget) in the run's metrics.jsonl.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from logging import WARNING
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common.logger import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from server.run_record import RunRecord
+
+
+def reply_event(kind: str, server_round: int, reply: Message) -> dict[str, object]:
+    """One metrics.jsonl line for a platform's reply: its metrics, or its error."""
+    event: dict[str, object] = {
+        "event": kind,
+        "round": server_round,
+        "node": reply.metadata.src_node_id,
+    }
+    if reply.has_error():
+        return event | {"status": "error", "code": reply.error.code, "reason": reply.error.reason}
+    platform = reply.content.config_records.get("platform")
+    metrics = next(iter(reply.content.metric_records.values()), MetricRecord())
+    return event | {
+        "status": "ok",
+        "platform": str(platform["name"]) if platform else None,
+        **{key: value for key, value in metrics.items()},
+    }
+
+
+class FedFuseStrategy(FedAvg):
+    """FedAvg with a learning-rate schedule, resumable round numbers and per-reply records."""
+
+    def __init__(
+        self,
+        record: RunRecord,
+        learning_rate: Callable[[int], float],
+        round_offset: int = 0,
+        **fedavg: object,
+    ) -> None:
+        super().__init__(**fedavg)  # type: ignore[arg-type]
+        self.record = record
+        self.learning_rate = learning_rate
+        self.round_offset = round_offset
+
+    def _round(self, server_round: int) -> int:
+        return self.round_offset + server_round
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        absolute = self._round(server_round)
+        config = ConfigRecord({**config, "learning-rate": float(self.learning_rate(absolute))})
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        config["server-round"] = absolute  # shared by the messages, after FedAvg's own value
+        return messages
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        config = ConfigRecord(dict(config))
+        messages = list(super().configure_evaluate(server_round, arrays, config, grid))
+        config["server-round"] = self._round(server_round)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self._log_replies("train", server_round, replies)
+        return super().aggregate_train(server_round, replies)
+
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
+        replies = list(replies)
+        self._log_replies("evaluate", server_round, replies)
+        return super().aggregate_evaluate(server_round, replies)
+
+    def _log_replies(self, kind: str, server_round: int, replies: list[Message]) -> None:
+        events = [reply_event(kind, self._round(server_round), reply) for reply in replies]
+        for event in events:
+            if event["status"] == "error":
+                log(
+                    WARNING,
+                    "round %s %s: node %s: %s",
+                    event["round"],
+                    kind,
+                    event["node"],
+                    event["reason"],
+                )
+        self.record.append(events)

@@ -1,0 +1,105 @@
+"""Server aggregation: the exact weighted rule, learning-rate schedule, round offset, records."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import (
+    Array,
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
+
+from common.config import FederationConfig, RunConfig, TrainConfig
+from server.run_record import RunRecord
+from server.server_app import learning_rate_schedule
+from server.strategy import FedFuseStrategy
+
+
+def _reply(node: int, platform: str, arrays: dict[str, np.ndarray], examples: int) -> Message:
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"r{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="m",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
+    content = RecordDict(
+        {
+            "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+            "metrics": MetricRecord({"num-examples": examples, "epsilon": 1.5}),
+            "platform": ConfigRecord({"name": platform}),
+        }
+    )
+    return Message(content=content, metadata=metadata)
+
+
+def _error_reply(node: int) -> Message:
+    metadata = Metadata(
+        run_id=1,
+        message_id=f"e{node}",
+        src_node_id=node,
+        dst_node_id=0,
+        reply_to_message_id="m",
+        group_id="1",
+        created_at=time.time(),
+        ttl=60.0,
+        message_type="train",
+    )
+    return Message(
+        Error(code=4001, reason="privacy budget exhausted for platform 'x'"), metadata=metadata
+    )
+
+
+def test_aggregation_is_the_example_weighted_mean_per_tensor(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    names = [
+        "encoder.layer.0.lora_A.default.weight",
+        "encoder.layer.0.lora_B.default.weight",
+        "head.weight",
+    ]
+    uploads = {
+        p: {n: rng.normal(size=(3, 2)).astype(np.float32) for n in names} for p in ("a", "b", "c")
+    }
+    examples = {"a": 100, "b": 300, "c": 600}
+    record = RunRecord(tmp_path)
+    strategy = FedFuseStrategy(record, lambda r: 0.1, round_offset=4)
+    replies = [_reply(k + 1, p, uploads[p], examples[p]) for k, p in enumerate(uploads)] + [
+        _error_reply(9)
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    total = sum(examples.values())
+    for name in names:  # computed independently of Flower
+        expected = sum(examples[p] * uploads[p][name].astype(np.float64) for p in uploads) / total
+        np.testing.assert_allclose(arrays[name].numpy(), expected, rtol=1e-6)
+    events = record.events()
+    assert [(e["platform"], e["round"], e["status"]) for e in events[:3]] == [
+        ("a", 5, "ok"),
+        ("b", 5, "ok"),
+        ("c", 5, "ok"),
+    ]
+    assert (
+        events[3]["status"] == "error"
+        and events[3]["code"] == 4001
+        and "budget" in events[3]["reason"]
+    )
+
+
+def test_learning_rate_decays_over_the_planned_rounds() -> None:
+    config = RunConfig(train=TrainConfig(learning_rate=1e-3), federation=FederationConfig(rounds=5))
+    rate = learning_rate_schedule(config)
+    assert rate(1) == pytest.approx(1e-3)
+    assert rate(5) == pytest.approx(1e-4)
+    assert rate(1) > rate(2) > rate(3) > rate(4) > rate(5)
