@@ -16,10 +16,13 @@ Privacy unit: one labelled example (record-level DP), not a user.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -189,9 +192,31 @@ class PrivacyLedger:
         """Cumulative ε (PRV) of every recorded round."""
         return self.entries[-1]["epsilon_prv"] if self.entries else 0.0
 
+    @contextmanager
+    def _synchronised(self) -> Iterator[None]:
+        """Hold the platform's ledger lock and reload the file: it, not memory, is the truth.
+
+        Several processes can serve one platform over a run (Ray actors in simulation, a
+        restarted SuperNode): each must compose what the others recorded, or an entry written
+        elsewhere would be overwritten and ε under-reported.
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(f".{LEDGER_FILE}.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if self.path.exists():
+                    stored = PrivacyLedger.load(self.path)
+                    if stored.header != self.header:
+                        raise LedgerError(f"{self.path}: ledger header changed on disk")
+                    self.entries = stored.entries
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
     def check(self, mechanism: Mechanism) -> float:
         """ε after ``mechanism``; raises :class:`BudgetExhausted` if it would pass the budget."""
-        projected = epsilon([*self.mechanisms(), mechanism], self.delta)
+        with self._synchronised():
+            projected = epsilon([*self.mechanisms(), mechanism], self.delta)
         if projected > self.budget:
             raise BudgetExhausted(
                 f"privacy budget exhausted for platform {self.header['platform']!r}: "
@@ -202,20 +227,21 @@ class PrivacyLedger:
 
     def record(self, server_round: int, mechanism: Mechanism) -> dict[str, Any]:
         """Append one executed round and persist the ledger atomically."""
-        mechanisms = [*self.mechanisms(), mechanism]
-        body = {
-            "index": len(self.entries),
-            "server_round": server_round,
-            **asdict(mechanism),
-            "delta": self.delta,
-            "epsilon_prv": epsilon(mechanisms, self.delta, "prv"),
-            "epsilon_rdp": epsilon(mechanisms, self.delta, "rdp"),
-            "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "prev_hash": self.entries[-1]["hash"] if self.entries else _digest(self.header),
-        }
-        entry = {**body, "hash": _digest(body)}
-        self._write([*self.entries, entry])
-        self.entries.append(entry)
+        with self._synchronised():
+            mechanisms = [*self.mechanisms(), mechanism]
+            body = {
+                "index": len(self.entries),
+                "server_round": server_round,
+                **asdict(mechanism),
+                "delta": self.delta,
+                "epsilon_prv": epsilon(mechanisms, self.delta, "prv"),
+                "epsilon_rdp": epsilon(mechanisms, self.delta, "rdp"),
+                "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "prev_hash": self.entries[-1]["hash"] if self.entries else _digest(self.header),
+            }
+            entry = {**body, "hash": _digest(body)}
+            self._write([*self.entries, entry])
+            self.entries.append(entry)
         return entry
 
     def _write(self, entries: list[dict[str, Any]]) -> None:

@@ -140,5 +140,17 @@ def test_a_failed_write_leaves_the_previous_ledger_intact(tmp_path: Path, monkey
     with pytest.raises(OSError):
         ledger.record(2, ROUNDS[1])
     assert (tmp_path / LEDGER_FILE).read_text() == before
-    assert [p.name for p in tmp_path.iterdir()] == [LEDGER_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{LEDGER_FILE}.lock", LEDGER_FILE]
     assert len(ledger.entries) == 1
+
+
+def test_two_processes_serving_one_platform_compose_each_others_rounds(tmp_path: Path) -> None:
+    """Ray may hand a platform's rounds to different actor processes: none may lose an entry."""
+    first, second = _open(tmp_path), _open(tmp_path)  # opened before any round, like two actors
+    first.record(1, ROUNDS[0])
+    second.record(2, ROUNDS[1])
+    first.record(3, ROUNDS[2])
+    stored = PrivacyLedger.load(tmp_path / LEDGER_FILE)
+    assert [e["server_round"] for e in stored.entries] == [1, 2, 3]
+    assert stored.spent() == pytest.approx(epsilon(ROUNDS, 1e-5))
+    assert second.check(ROUNDS[0]) == pytest.approx(epsilon([*ROUNDS, ROUNDS[0]], 1e-5))
