@@ -11,6 +11,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from common.dataset_summary import markdown_table  # noqa: E402
 from server.run_record import RunRecord, atomic_write  # noqa: E402
@@ -82,6 +83,7 @@ def _plot(series: dict[str, dict[int, float]], ylabel: str, path: Path) -> None:
         rounds = sorted(values)
         axes.plot(rounds, [values[r] for r in rounds], marker="o", label=platform)
     axes.set_xlabel("round")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     axes.set_ylabel(ylabel)
     axes.grid(alpha=0.3)
     if series:
