@@ -24,8 +24,9 @@ from server.server_app import learning_rate_schedule
 from server.strategy import FedFuseStrategy
 
 
-def _reply(node: int, platform: str, arrays: dict[str, np.ndarray], examples: int) -> Message:
-    metadata = Metadata(
+def _metadata(node: int) -> Metadata:
+    """Metadata of a train reply from ``node`` (what the runtime would attach)."""
+    return Metadata(
         run_id=1,
         message_id=f"r{node}",
         src_node_id=node,
@@ -36,6 +37,9 @@ def _reply(node: int, platform: str, arrays: dict[str, np.ndarray], examples: in
         ttl=60.0,
         message_type="train",
     )
+
+
+def _reply(node: int, platform: str, arrays: dict[str, np.ndarray], examples: int) -> Message:
     content = RecordDict(
         {
             "arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
@@ -43,24 +47,12 @@ def _reply(node: int, platform: str, arrays: dict[str, np.ndarray], examples: in
             "platform": ConfigRecord({"name": platform}),
         }
     )
-    return Message(content=content, metadata=metadata)
+    return Message(content=content, metadata=_metadata(node))
 
 
 def _error_reply(node: int) -> Message:
-    metadata = Metadata(
-        run_id=1,
-        message_id=f"e{node}",
-        src_node_id=node,
-        dst_node_id=0,
-        reply_to_message_id="m",
-        group_id="1",
-        created_at=time.time(),
-        ttl=60.0,
-        message_type="train",
-    )
-    return Message(
-        Error(code=4001, reason="privacy budget exhausted for platform 'x'"), metadata=metadata
-    )
+    reason = "privacy budget exhausted for platform 'x'"
+    return Message(Error(code=4001, reason=reason), metadata=_metadata(node))
 
 
 def test_aggregation_is_the_example_weighted_mean_per_tensor(tmp_path: Path) -> None:
