@@ -34,7 +34,7 @@ from common.config import DPConfig, TrainConfig
 from common.errors import ConfigError
 from common.model import Scorer, TextFeaturizer
 from common.task import Example
-from common.training import loss_on
+from common.training import loss_on, make_optimizer
 
 # Faster per-sample gradient method per device, from scripts/bench_dp.py (see README).
 FASTER_CLIPPING = {"cpu": "hooks", "cuda": "ghost"}
@@ -90,13 +90,6 @@ def calibrate_noise(dp: DPConfig, sample_rate: float, total_steps: int) -> float
         middle = (low + high) / 2
         low, high = (low, middle) if eps(middle) <= target else (middle, high)
     return high
-
-
-def _optimizer(model: nn.Module, train: TrainConfig, learning_rate: float) -> torch.optim.Optimizer:
-    params = [p for p in model.parameters() if p.requires_grad]
-    if train.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=learning_rate, weight_decay=train.weight_decay)
-    return torch.optim.AdamW(params, lr=learning_rate, weight_decay=train.weight_decay)
 
 
 class LocalTrainer:
@@ -160,7 +153,7 @@ class LocalTrainer:
 
     def _run_plain(self, steps: int, learning_rate: float) -> RoundResult:
         """Non-private baseline: shuffled fixed-size batches, same chunks, no clipping or noise."""
-        optimizer = _optimizer(self.scorer, self.train, learning_rate)
+        optimizer = make_optimizer(self.scorer, self.train, learning_rate)
         losses: list[float] = []
         while len(losses) < steps:
             for (indices,) in self._loader():
@@ -184,7 +177,7 @@ class LocalTrainer:
         engine = PrivacyEngine(accountant="prv")
         made = engine.make_private(
             module=self.scorer,
-            optimizer=_optimizer(self.scorer, self.train, learning_rate),
+            optimizer=make_optimizer(self.scorer, self.train, learning_rate),
             criterion=nn.BCEWithLogitsLoss(),
             data_loader=self._loader(),
             noise_multiplier=noise_multiplier,

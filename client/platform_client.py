@@ -27,6 +27,7 @@ from common.model import TextFeaturizer
 from common.platform_data import platform_dirs, read_platform
 from common.sharing import private_names, shared_names, shared_scorer
 from common.task import build_task
+from common.training import resolve_device
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,7 @@ class PlatformClient:
         self.task = build_task(data, config.task)
         strategy = config.federation.strategy
         self.scorer, tokenizer = shared_scorer(config.model, config.lora, strategy)
+        self.scorer.to(resolve_device(config.train.device))
         names = list(trainable_arrays(self.scorer))
         self.shared = shared_names(names, strategy)
         self.private = PrivateTensors(

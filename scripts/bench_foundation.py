@@ -81,7 +81,7 @@ def main() -> None:
         backbone, tokenizer = load_backbone(args.backbone)
         scorer = build_scorer(backbone, ModelConfig(scorer=kind), RunConfig().lora)
         batch = full_length_batch(kind, args.batch_size, length, len(tokenizer))
-        optimizer = make_optimizer(scorer, 5e-4)
+        optimizer = make_optimizer(scorer, RunConfig().train, 5e-4)
 
         steps = (
             ("inference", partial(infer_step, scorer, batch)),

@@ -13,17 +13,16 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from common.config import ModelConfig, RunConfig
+from client.dp_training import LocalTrainer
+from common.config import DPConfig, ModelConfig, RunConfig
 from common.dataset_summary import markdown_table
 from common.evaluation import evaluate
 from common.model import TextFeaturizer, build_scorer, load_backbone
 from common.movielens import build_ml100k
 from common.platform_data import read_platform, write_dataset
 from common.task import build_task
-from common.training import make_optimizer, train_steps
 
 
 def main() -> None:
@@ -49,17 +48,15 @@ def main() -> None:
         before = evaluate(
             scorer, featurizer, task, "test", config.train.eval_batch_size, args.cases
         )
-        optimizer = make_optimizer(scorer, config.train.learning_rate)
-        start = time.perf_counter()
-        losses = train_steps(
+        trainer = LocalTrainer(
             scorer,
             featurizer,
             task.train,
-            optimizer,
-            config.train.batch_size,
-            args.steps,
-            np.random.default_rng(config.train.seed),
+            config.train,
+            DPConfig(enabled=False, expected_batch_size=config.train.batch_size),
         )
+        start = time.perf_counter()
+        loss = trainer.run(args.steps, config.train.learning_rate, noise_multiplier=None).loss
         train_rate = args.steps * config.train.batch_size / (time.perf_counter() - start)
         start = time.perf_counter()
         after = evaluate(scorer, featurizer, task, "test", config.train.eval_batch_size, args.cases)
@@ -74,7 +71,7 @@ def main() -> None:
                 f"{after['ndcg@10']:.4f}",
                 f"{after['mrr']:.4f}",
                 f"{after['auc']:.4f}",
-                f"{np.mean(losses[-20:]):.4f}",
+                f"{loss:.4f}",
             ]
         )
         print(f"{kind}: done ({args.steps} steps)", flush=True)
@@ -93,7 +90,7 @@ def main() -> None:
                 "NDCG@10",
                 "MRR",
                 "AUC",
-                "final loss",
+                "mean train loss",
             ],
             rows,
         )

@@ -1,4 +1,4 @@
-"""Plain local training really moves the adapters (and only them) and lowers the loss."""
+"""Local training without DP really moves the adapters (and only them) and lowers the loss."""
 
 from __future__ import annotations
 
@@ -7,13 +7,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from client.dp_training import LocalTrainer
 from common.adapters import trainable_arrays
-from common.config import LoraSettings, ModelConfig
+from common.config import DPConfig, LoraSettings, ModelConfig, TrainConfig
 from common.evaluation import evaluate
 from common.model import TextFeaturizer, build_scorer, load_backbone
 from common.platform_data import read_dataset
 from common.task import build_task
-from common.training import loss_on, make_optimizer, train_steps
+from common.training import loss_on
 
 
 def test_training_changes_adapters_only_and_lowers_loss(
@@ -31,10 +32,11 @@ def test_training_changes_adapters_only_and_lowers_loss(
     with torch.no_grad():
         loss_before = float(loss_on(scorer.eval(), featurizer, probe))
 
-    optimizer = make_optimizer(scorer, learning_rate=5e-3)
-    losses = train_steps(scorer, featurizer, probe, optimizer, 16, 40, np.random.default_rng(0))
+    plain = DPConfig(enabled=False, expected_batch_size=16)
+    trainer = LocalTrainer(scorer, featurizer, probe, TrainConfig(batch_size=8), plain)
+    result = trainer.run(steps=40, learning_rate=5e-3, noise_multiplier=None)
 
-    assert len(losses) == 40
+    assert result.steps == 40 and result.mechanism is None
     with torch.no_grad():
         loss_after = float(loss_on(scorer.eval(), featurizer, probe))
     assert loss_after < 0.8 * loss_before

@@ -1,0 +1,459 @@
+"""What DP costs in local training on this machine, measured in one run against its own baselines.
+
+Usage: python scripts/bench_dp.py [--data DIR] [--platform kids_family] [--steps 8]
+       [--noise-multiplier 1.0] [--backbone default] [--max-contention 0.1] [--retries 2]
+
+Real ML-100K data (prepared into a temporary folder unless ``--data`` is given), the default
+backbone and the default configuration, trained through ``client.dp_training.LocalTrainer``:
+
+1. DP vs non-DP (two_tower): median time per optimiser step and peak memory, as ratios next to
+   the targets (<= 1.10x time, <= 1.2x memory). Same steps, the same expected batch (fixed
+   batches for non-DP, Poisson with the same expectation for DP), the same physical batch and a
+   fixed σ, so noise calibration is not timed.
+2. Opacus hooks vs ghost clipping on the cross scorer (ghost cannot run two_tower), with
+   two_tower hooks beside them, and whether ``FASTER_CLIPPING`` picks the faster one here.
+3. Samples/s of each configuration as a share of the fp32 matmul rate measured in this run,
+   with FLOPs counted by torch's FlopCounterMode on one step (per-sample gradient work included).
+4. Bytes a client uploads per round (LoRA + head) against the float32 bytes of the whole scorer.
+
+Each configuration runs in its own subprocess (this script with ``--worker``), so its peak
+memory (ru_maxrss on CPU, max_memory_allocated on CUDA) belongs to that configuration alone.
+The CPU time other processes used meanwhile is measured too: on a shared machine a
+configuration they competed with is rerun (``--retries``), the least contended run is kept,
+and every figure is printed with the contention it was measured under.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# scripts/ is sys.path[0] when this file runs as a script, as are its --worker subprocesses.
+from bench_foundation import matmul_gflops
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.flop_counter import FlopCounterMode
+
+from client.dp_training import FASTER_CLIPPING, LocalTrainer
+from common.adapters import trainable_arrays
+from common.config import DEFAULT_BACKBONE, DPConfig, ModelConfig, RunConfig
+from common.dataset_summary import markdown_table
+from common.model import Scorer, TextFeaturizer, build_scorer, count_parameters, load_backbone
+from common.movielens import build_ml100k
+from common.platform_data import read_platform, write_dataset
+from common.task import build_task
+from common.training import resolve_device
+
+OFF = "off"  # the worker's clipping value for the non-DP baseline
+NON_DP = ("two_tower", OFF)
+DP_DEFAULT = ("two_tower", "auto")
+CROSS_HOOKS = ("cross", "hooks")
+CROSS_GHOST = ("cross", "ghost")
+CONFIGS = (NON_DP, DP_DEFAULT, CROSS_HOOKS, CROSS_GHOST)
+TIME_TARGET = 1.10
+MEMORY_TARGET = 1.2
+UPLOAD_TARGET_PERCENT = 0.35
+
+
+class StepMeter:
+    """Wall-clock end and example count of every optimiser step inside ``LocalTrainer.run``.
+
+    A global optimiser post-hook fires once per logical batch in both modes: Opacus'
+    DPOptimizer does not patch its own ``step``, only the AdamW it wraps runs the hook, and
+    that AdamW steps only after the last physical chunk of a logical batch.
+    """
+
+    def __init__(self, scorer: Scorer, device: torch.device) -> None:
+        self.scorer = scorer
+        self.device = device
+        self.examples = 0
+        self.marks: list[tuple[float, int]] = []
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> StepMeter:
+        self.marks = [(time.perf_counter(), self.examples)]
+        self._handles = [
+            self.scorer.register_forward_pre_hook(self._count, with_kwargs=True),
+            register_optimizer_step_post_hook(self._mark),
+        ]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+    def _count(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        self.examples += next(iter(kwargs.values())).shape[0]
+
+    def _mark(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.marks.append((time.perf_counter(), self.examples))
+
+    def steps(self) -> list[tuple[float, int]]:
+        """(seconds, examples) of each step; the first includes Opacus' set-up."""
+        return [(t1 - t0, n1 - n0) for (t0, n0), (t1, n1) in pairwise(self.marks)]
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    """Peak so far: CUDA memory allocated by torch, or the process' peak RSS (KiB on Linux)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    """Train one configuration: ``--steps`` + 1 timed steps, then one FLOP-counted step."""
+    kind, clipping = args.worker.split(":")
+    torch.manual_seed(0)  # Opacus draws Poisson batches and noise from the global generator
+    config = RunConfig()
+    device = resolve_device(config.train.device)
+    dp = DPConfig(clipping="auto" if clipping == OFF else clipping)
+    sigma = None if clipping == OFF else args.noise_multiplier
+    data = read_platform(Path(args.data) / args.platform)
+    task = build_task(data, config.task)
+    backbone, tokenizer = load_backbone(args.backbone)
+    scorer = build_scorer(backbone, ModelConfig(scorer=kind), config.lora).to(device)
+    featurizer = TextFeaturizer(tokenizer, data.item_text, config.model.max_length)
+    trainer = LocalTrainer(scorer, featurizer, task.train, config.train, dp)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    loaded = peak_memory_mib(device)
+
+    with StepMeter(scorer, device) as meter:
+        trainer.run(args.steps + 1, config.train.learning_rate, sigma)
+    peak = peak_memory_mib(device)
+    timed = meter.steps()
+    if len(timed) != args.steps + 1:
+        raise RuntimeError(f"expected {args.steps + 1} optimiser steps, hooked {len(timed)}")
+
+    with StepMeter(scorer, device) as meter, FlopCounterMode(display=False) as counter:
+        trainer.run(1, config.train.learning_rate, sigma)
+    return {
+        "scorer": kind,
+        "clipping": OFF if sigma is None else trainer.clipping_mode(),
+        "device": device.type,
+        "train_examples": len(task.train),
+        "parameters": count_parameters(scorer),
+        "upload_bytes": sum(a.nbytes for a in trainable_arrays(scorer).values()),
+        "model_bytes": sum(p.numel() * 4 for p in scorer.parameters()),
+        "step_seconds": [seconds for seconds, _ in timed[1:]],
+        "step_examples": [examples for _, examples in timed[1:]],
+        "flops": counter.get_total_flops(),
+        "flop_examples": meter.examples,
+        "loaded_mib": loaded,
+        "peak_mib": peak,
+    }
+
+
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine has been busy since boot (Linux ``/proc/stat``).
+
+    Against the worker's own CPU time this shows how much other processes competed with a
+    configuration: torch runs one thread per core, so a busy neighbour stalls every parallel op.
+    """
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(
+        int, Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]
+    )
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def children_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_worker(args: argparse.Namespace, data: Path, config: tuple[str, str]) -> dict[str, Any]:
+    """This script in a fresh process for one configuration; its stderr is shown on failure."""
+    command = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        *("--worker", ":".join(config), "--data", str(data), "--platform", args.platform),
+        *("--steps", str(args.steps), "--noise-multiplier", str(args.noise_multiplier)),
+        *("--backbone", args.backbone),
+    ]
+    busy, children, start = busy_cpu_seconds(), children_cpu_seconds(), time.perf_counter()
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.stderr.write(done.stderr)
+        raise SystemExit(f"worker {':'.join(config)} failed (exit {done.returncode})")
+    others = (busy_cpu_seconds() - busy) - (children_cpu_seconds() - children)
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result["other_cores"] = max(0.0, others) / (time.perf_counter() - start)
+    return result
+
+
+def ceiling_gflops(device: torch.device) -> float:
+    """fp32 matmul rate of the training device: bench_foundation's on CPU, timed here on CUDA."""
+    if device.type != "cuda":
+        return matmul_gflops()
+    size, repeats = 8192, 20
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    torch.mm(a, b)
+    torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(repeats):
+        torch.mm(a, b)
+    torch.cuda.synchronize(device)
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def label(result: dict[str, Any]) -> str:
+    mode = "non-DP" if result["clipping"] == OFF else f"DP {result['clipping']}"
+    return f"{result['scorer']} {mode}"
+
+
+def median_step(result: dict[str, Any]) -> float:
+    return statistics.median(result["step_seconds"])
+
+
+def step_cell(result: dict[str, Any]) -> str:
+    seconds = result["step_seconds"]
+    return f"{median_step(result):.2f} ({min(seconds):.2f}–{max(seconds):.2f})"
+
+
+def increment(result: dict[str, Any]) -> float:
+    return result["peak_mib"] - result["loaded_mib"]
+
+
+def verdict(ratio: float, target: float) -> str:
+    return "PASS" if ratio <= target else "MISS"
+
+
+def ratio_row(
+    name: str, plain: float, dp: float, cells: tuple[str, str], target: float | None
+) -> list[str]:
+    """One metric of section 1: its two measured cells, DP / non-DP and the target if any."""
+    ratio = dp / plain if plain > 0 else float("inf")
+    checked = [f"<= {target:.2f}x", verdict(ratio, target)] if target else ["", ""]
+    return [name, *cells, f"{ratio:.3f}x", *checked]
+
+
+def dp_table(plain: dict[str, Any], dp: dict[str, Any], memory: str) -> str:
+    """Section 1: DP over non-DP for step time, absolute peak memory and its training part.
+
+    The mean examples per timed step shows that both sides processed the same expected batch.
+    """
+    peak = plain["peak_mib"], dp["peak_mib"]
+    extra = increment(plain), increment(dp)
+    examples = statistics.mean(plain["step_examples"]), statistics.mean(dp["step_examples"])
+    rows = [
+        ratio_row(
+            "s/step median (min–max)",
+            median_step(plain),
+            median_step(dp),
+            (step_cell(plain), step_cell(dp)),
+            TIME_TARGET,
+        ),
+        ratio_row(f"peak {memory} MiB", *peak, (f"{peak[0]:.0f}", f"{peak[1]:.0f}"), MEMORY_TARGET),
+        ratio_row(
+            f"{memory} MiB added in training",
+            *extra,
+            (f"{extra[0]:.0f}", f"{extra[1]:.0f}"),
+            MEMORY_TARGET,
+        ),
+        ratio_row(
+            "examples per timed step (mean)",
+            *examples,
+            (f"{examples[0]:.1f}", f"{examples[1]:.1f}"),
+            None,
+        ),
+    ]
+    header = ["metric", label(plain), label(dp), "DP / non-DP", "target", "result"]
+    return markdown_table(header, rows)
+
+
+def clipping_table(results: list[dict[str, Any]], memory: str) -> str:
+    """Section 2: per-sample gradient methods side by side (step time relative to cross hooks)."""
+    reference = median_step(results[0])
+    rows = [
+        [
+            label(r),
+            step_cell(r),
+            f"{median_step(r) / reference:.2f}x",
+            f"{r['peak_mib']:.0f}",
+            f"{increment(r):.0f}",
+        ]
+        for r in results
+    ]
+    header = [
+        "configuration",
+        "s/step median (min–max)",
+        f"vs {label(results[0])}",
+        f"peak {memory} MiB",
+        "training increment MiB",
+    ]
+    return markdown_table(header, rows)
+
+
+def clipping_verdict(hooks: dict[str, Any], ghost: dict[str, Any]) -> str:
+    """Which method was faster here, checked against the choice client/dp_training.py makes."""
+    device = hooks["device"]
+    faster = "hooks" if median_step(hooks) <= median_step(ghost) else "ghost"
+    line = (
+        f"faster on {device} (cross scorer): {faster}, ghost / hooks = "
+        f"{median_step(ghost) / median_step(hooks):.2f}x; "
+        f"FASTER_CLIPPING[{device!r}] = {FASTER_CLIPPING[device]!r}"
+    )
+    if FASTER_CLIPPING[device] == faster:
+        return line + " agrees"
+    return (
+        line + f"\nMISMATCH: FASTER_CLIPPING[{device!r}] picks {FASTER_CLIPPING[device]!r} but "
+        f"{faster!r} measured faster here; update client/dp_training.py"
+    )
+
+
+def flops_table(results: list[dict[str, Any]], expected_batch: int, ceiling: float) -> str:
+    """Section 3: samples/s = expected batch / median step; FLOPs per example from one step."""
+    rows = [["fp32 matmul (ceiling)", "", "", f"{ceiling:.1f}", "1.000"]]
+    for r in results:
+        per_example = r["flops"] / r["flop_examples"]
+        rate = expected_batch / median_step(r)
+        achieved = per_example * rate / 1e9
+        rows.append(
+            [
+                label(r),
+                f"{rate:.1f}",
+                f"{per_example / 1e9:.3f}",
+                f"{achieved:.1f}",
+                f"{achieved / ceiling:.3f}",
+            ]
+        )
+    header = ["configuration", "samples/s", "GFLOP/sample", "achieved GFLOP/s", "ratio to matmul"]
+    return markdown_table(header, rows)
+
+
+def upload_table(results: list[dict[str, Any]]) -> str:
+    """Section 4: what a client sends per round (LoRA + head) against the whole scorer."""
+    rows = []
+    for r in results:
+        percent = 100 * r["upload_bytes"] / r["model_bytes"]
+        rows.append(
+            [
+                r["scorer"],
+                f"{r['upload_bytes']:,}",
+                f"{r['model_bytes']:,}",
+                f"{percent:.3f} %",
+                f"<= {UPLOAD_TARGET_PERCENT} %",
+                verdict(percent, UPLOAD_TARGET_PERCENT),
+            ]
+        )
+    header = ["scorer", "upload B/round", "full model B (fp32)", "share", "target", "result"]
+    return markdown_table(header, rows)
+
+
+def measure(
+    args: argparse.Namespace, data: Path, spec: tuple[str, str], tag: str
+) -> dict[str, Any]:
+    """One configuration, run again (up to ``--retries`` times) while other processes competed.
+
+    The attempt with the least foreign CPU load is kept; its load is reported with the results.
+    """
+    attempts: list[dict[str, Any]] = []
+    while len(attempts) <= args.retries:
+        start = time.perf_counter()
+        result = run_worker(args, data, spec)
+        attempts.append(result)
+        retry = f" attempt {len(attempts)}" if len(attempts) > 1 else ""
+        print(
+            f"[{tag}{retry}] {label(result)}: {step_cell(result)} s/step, "
+            f"peak {result['peak_mib']:.0f} MiB (+{increment(result):.0f} MiB in training), "
+            f"other processes {result['other_cores']:.2f} cores, "
+            f"{time.perf_counter() - start:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+        if result["other_cores"] <= args.max_contention:
+            break
+    return min(attempts, key=lambda r: r["other_cores"]) | {"attempts": len(attempts)}
+
+
+def report(args: argparse.Namespace, data: Path) -> None:
+    """Run every configuration in its own process, then print the header and four tables."""
+    config = RunConfig()
+    device = resolve_device(config.train.device)
+    ceiling = ceiling_gflops(device)
+    print(f"fp32 matmul: {ceiling:.1f} GFLOP/s", file=sys.stderr, flush=True)
+    results = {
+        spec: measure(args, data, spec, f"{n}/{len(CONFIGS)}") for n, spec in enumerate(CONFIGS, 1)
+    }
+    # A ceiling is a maximum: the better of two measurements discounts a moment of contention.
+    ceiling = max(ceiling, ceiling_gflops(device))
+    memory = "CUDA allocated" if device.type == "cuda" else "RSS"
+    plain = results[NON_DP]
+    name = "default (all-MiniLM-L6-v2)" if args.backbone == DEFAULT_BACKBONE else args.backbone
+    print(
+        f"backbone {name} ({plain['parameters'] / 1e6:.1f} M parameters) on "
+        f"{device.type}, {torch.get_num_threads()} threads; platform {args.platform} "
+        f"({plain['train_examples']:,} train examples); expected batch "
+        f"{config.dp.expected_batch_size} (DP: Poisson, non-DP: fixed), physical batch "
+        f"{config.train.batch_size}; σ = {args.noise_multiplier:g}; median of {args.steps} "
+        f"steps after 1 warm-up"
+    )
+    contention = ", ".join(
+        f"{label(r)} {r['other_cores']:.2f}"
+        + (f" (least of {r['attempts']} runs)" if r["attempts"] > 1 else "")
+        for r in results.values()
+    )
+    print(f"CPU cores busy with other processes meanwhile: {contention}\n")
+    print("### 1. DP vs non-DP local training (default scorer)\n")
+    print(dp_table(plain, results[DP_DEFAULT], memory) + "\n")
+    print("### 2. Per-sample gradients: Opacus hooks vs ghost clipping\n")
+    clipping = [results[CROSS_HOOKS], results[CROSS_GHOST], results[DP_DEFAULT]]
+    print(clipping_table(clipping, memory) + "\n")
+    print(clipping_verdict(results[CROSS_HOOKS], results[CROSS_GHOST]) + "\n")
+    print("### 3. Training throughput against the matmul ceiling\n")
+    ordered = [results[spec] for spec in (DP_DEFAULT, CROSS_HOOKS, CROSS_GHOST, NON_DP)]
+    print(flops_table(ordered, config.dp.expected_batch_size, ceiling) + "\n")
+    print("### 4. Upload per round vs full model\n")
+    print(upload_table([plain, results[CROSS_HOOKS]]))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", help="prepared ML-100K folder (built in a temp dir if absent)")
+    parser.add_argument("--platform", default="kids_family")
+    parser.add_argument("--steps", type=int, default=8, help="timed steps after 1 warm-up")
+    parser.add_argument("--noise-multiplier", type=float, default=1.0, help="fixed DP σ")
+    parser.add_argument("--backbone", default=RunConfig().model.backbone)
+    parser.add_argument(
+        "--max-contention",
+        type=float,
+        default=0.1,
+        help="CPU cores other processes may use during a configuration before it is rerun",
+    )
+    parser.add_argument(
+        "--retries", type=int, default=2, help="reruns of a contended configuration"
+    )
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # SCORER:CLIPPING, JSON on stdout
+    args = parser.parse_args()
+    if args.steps < 1:
+        parser.error("--steps must be at least 1")
+    if args.worker:
+        print(json.dumps(worker(args)))
+        return
+    start = time.perf_counter()
+    if args.data:
+        report(args, Path(args.data))
+    else:
+        tables = [t for t in build_ml100k() if t.name == args.platform]
+        if not tables:
+            parser.error(f"--platform {args.platform!r} is not an ML-100K platform")
+        with tempfile.TemporaryDirectory() as folder:
+            report(args, write_dataset(Path(folder) / "ml100k", tables))
+    print(f"done in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
