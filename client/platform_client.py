@@ -137,9 +137,12 @@ class PlatformClient:
             self.private.save(trainable_arrays(self.scorer, self.private.names))
         metrics: dict[str, float | int] = {
             "num-examples": self.num_examples,
-            "train-loss": result.loss,
             "local-steps": result.steps,
         }
+        if self.ledger is None or result.mechanism is None:
+            # The raw training loss is a function of the private data outside the DP
+            # mechanism, so it leaves the platform only when DP is off.
+            metrics["train-loss"] = result.loss
         if self.ledger is not None and result.mechanism is not None:
             entry = self.ledger.record(server_round, result.mechanism)
             metrics |= {

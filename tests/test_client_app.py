@@ -95,6 +95,7 @@ def test_train_reply_holds_only_adapters_and_scalar_metrics(run_config) -> None:
     metrics = dict(reply.content["metrics"])
     assert all(isinstance(v, int | float) for v in metrics.values())
     assert metrics["num-examples"] > 0 and metrics["local-steps"] == 2
+    assert "train-loss" not in metrics  # computed from private data outside the DP mechanism
     assert 0 < metrics["epsilon"] < 3.0 and metrics["epsilon-rdp"] >= metrics["epsilon"]
     assert metrics["epsilon-budget-left"] == pytest.approx(3.0 - metrics["epsilon"])
 
