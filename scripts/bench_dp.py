@@ -392,9 +392,9 @@ def report(args: argparse.Namespace, data: Path) -> None:
     ceiling = max(ceiling, ceiling_gflops(device))
     memory = "CUDA allocated" if device.type == "cuda" else "RSS"
     plain = results[NON_DP]
-    name = "default (all-MiniLM-L6-v2)" if args.backbone == DEFAULT_BACKBONE else args.backbone
+    name = "all-MiniLM-L6-v2 (default)" if args.backbone == DEFAULT_BACKBONE else args.backbone
     print(
-        f"backbone {name} ({plain['parameters'] / 1e6:.1f} M parameters) on "
+        f"backbone {name}, {plain['parameters'] / 1e6:.1f} M parameters, on "
         f"{device.type}, {torch.get_num_threads()} threads; platform {args.platform} "
         f"({plain['train_examples']:,} train examples); expected batch "
         f"{config.dp.expected_batch_size} (DP: Poisson, non-DP: fixed), physical batch "
