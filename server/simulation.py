@@ -81,6 +81,8 @@ def simulate(record: RunRecord, cpus_per_client: float = 1.0) -> Path:
             flush=True,
         )
         raise
+    finally:
+        del os.environ[RUN_CONFIG_ENV]  # this run's settings must not leak into a later one
     done = record.last_round()
     if done < config.federation.rounds:
         raise FedFuseError(

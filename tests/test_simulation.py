@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from peft import PeftModel
 from transformers import AutoModel
 
 from client.ledger import LEDGER_FILE
-from common.config import load_config
+from common.config import RUN_CONFIG_ENV, load_config
 from server import server_app
 from server.run_record import RunRecord
 from server.simulation import prepare_run, simulate
@@ -90,6 +91,7 @@ def test_two_rounds_of_each_strategy(
         assert [e["server_round"] for e in ledger["entries"]] == [1, 2]
         assert ledger["entries"][-1]["epsilon_prv"] <= 4.0
     assert (run / "summary.md").is_file() and (run / "ndcg_per_round.png").stat().st_size > 1000
+    assert RUN_CONFIG_ENV not in os.environ
 
 
 def test_an_interrupted_run_resumes_from_its_last_checkpoint(
