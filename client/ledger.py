@@ -19,8 +19,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -30,6 +28,7 @@ from typing import Any
 
 from opacus.accountants import PRVAccountant, RDPAccountant
 
+from common.atomic import atomic_write
 from common.errors import FedFuseError
 
 LEDGER_FILE = "privacy_ledger.json"
@@ -245,15 +244,5 @@ class PrivacyLedger:
         return entry
 
     def _write(self, entries: list[dict[str, Any]]) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         text = json.dumps({"header": self.header, "entries": entries}, indent=2, allow_nan=False)
-        handle, temporary = tempfile.mkstemp(prefix=f".{LEDGER_FILE}.", dir=self.path.parent)
-        try:
-            with os.fdopen(handle, "w", encoding="utf-8") as stream:
-                stream.write(text + "\n")
-                stream.flush()
-                os.fsync(stream.fileno())
-            os.replace(temporary, self.path)
-        except BaseException:
-            Path(temporary).unlink(missing_ok=True)
-            raise
+        atomic_write(self.path, text + "\n")

@@ -139,10 +139,6 @@ class PlatformClient:
             "num-examples": self.num_examples,
             "local-steps": result.steps,
         }
-        if self.ledger is None or result.mechanism is None:
-            # The raw training loss is a function of the private data outside the DP
-            # mechanism, so it leaves the platform only when DP is off.
-            metrics["train-loss"] = result.loss
         if self.ledger is not None and result.mechanism is not None:
             entry = self.ledger.record(server_round, result.mechanism)
             metrics |= {
@@ -155,7 +151,9 @@ class PlatformClient:
                 "max-grad-norm": result.mechanism.max_grad_norm,
             }
         else:
-            metrics["epsilon"] = math.inf
+            # The raw training loss is a function of the private data outside any DP
+            # mechanism, so it leaves the platform only when DP is off.
+            metrics |= {"train-loss": result.loss, "epsilon": math.inf}
         return trainable_arrays(self.scorer, self.shared), metrics
 
     def evaluate(

@@ -18,8 +18,6 @@ from typing import Any
 from common.config import LoraSettings, ModelConfig
 from common.model import Scorer, build_scorer, load_backbone
 
-STRATEGIES = ("fedavg", "ffa", "fedsa")
-
 
 def _is_lora_a(name: str) -> bool:
     return ".lora_A." in name

@@ -14,31 +14,17 @@ round.
 from __future__ import annotations
 
 import json
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from common.atomic import atomic_write
 from common.errors import FedFuseError
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 ADAPTERS_DIR = "adapters"
 ROUND_PATTERN = re.compile(r"^round_(\d{3,})$")
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one rename: readers see the old or the new file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            stream.write(text)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 class RunRecord:
