@@ -9,11 +9,13 @@ config, which win): the server never decides a platform's noise or budget.
 Train replies carry only the trainable adapter/head tensors and scalar metrics. A platform
 that cannot take part answers with an error reply the server logs, never a crash:
 ``BUDGET_EXHAUSTED`` when the round would exceed its ε budget, ``INVALID_INPUT`` for bad data
-or configuration.
+or configuration. Every message received and sent is recorded (tensor hashes and shapes, keys,
+no values) in ``<state dir>/wire_log.jsonl`` for ``fedfuse audit``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from flwr.app import (
@@ -32,6 +34,7 @@ from client.ledger import BudgetExhausted
 from client.platform_client import PlatformClient, identify
 from common.config import run_configuration
 from common.errors import FedFuseError
+from common.wire_log import RECEIVED, SENT, WIRE_LOG_FILE, append_records, message_record
 
 BUDGET_EXHAUSTED = 4001
 INVALID_INPUT = 4002
@@ -59,8 +62,38 @@ def _error(msg: Message, err: Exception) -> Message:
     return Message(Error(code=code, reason=str(err)), reply_to=msg)
 
 
+def _logged(
+    handler: Callable[[Message, Context], Message], msg: Message, context: Context
+) -> Message:
+    """Run ``handler``, recording the message and the reply in the platform's wire log.
+
+    A node whose platform cannot even be identified has no state folder to write to: its error
+    reply goes unrecorded here (the server's log still has it).
+    """
+    try:
+        client = platform_client(context)
+    except FedFuseError:
+        return handler(msg, context)
+    settings = msg.content.config_records.get("config") or {}
+    server_round = int(settings.get("server-round", 0))  # 0: the server sent none
+    path, name = client.identity.state_dir / WIRE_LOG_FILE, client.identity.name
+    append_records(path, [message_record("client", RECEIVED, msg, server_round, name)])
+    reply = handler(msg, context)
+    append_records(path, [message_record("client", SENT, reply, server_round, name)])
+    return reply
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    return _logged(_train, msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return _logged(_evaluate, msg, context)
+
+
+def _train(msg: Message, context: Context) -> Message:
     """Train locally from the server's adapters; reply with new adapters and ε spent."""
     try:
         client = platform_client(context)
@@ -81,8 +114,7 @@ def train(msg: Message, context: Context) -> Message:
     return Message(content=content, reply_to=msg)
 
 
-@app.evaluate()
-def evaluate(msg: Message, context: Context) -> Message:
+def _evaluate(msg: Message, context: Context) -> Message:
     """Protocol metrics of the server's adapters on this platform's valid (or test) split."""
     try:
         client = platform_client(context)

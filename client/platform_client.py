@@ -17,16 +17,17 @@ import numpy as np
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
+from client.canaries import canaries_for, insert_canaries
 from client.dp_training import LocalTrainer, calibrate_noise, steps_per_round
 from client.ledger import Mechanism, PrivacyLedger
 from common.adapters import load_trainable_arrays, trainable_arrays
 from common.config import RunConfig
 from common.errors import DataError
 from common.evaluation import evaluate
-from common.model import TextFeaturizer
+from common.model import Scorer, TextFeaturizer
 from common.platform_data import platform_dirs, read_platform
 from common.sharing import private_names, shared_names, shared_scorer
-from common.task import build_task
+from common.task import PlatformTask, build_task
 from common.training import resolve_device
 
 
@@ -37,6 +38,17 @@ class PlatformIdentity:
     name: str
     data_dir: Path
     state_dir: Path
+
+
+def federation_platforms(config: RunConfig) -> list[tuple[str, Path]]:
+    """The simulated federation's platforms (name, folder), in partition-id order: the folders
+    under ``data.path`` sorted by name, or in the order ``data.platforms`` lists them."""
+    folders = {p.name: p for p in platform_dirs(config.data.path)}
+    names = config.data.platforms or sorted(folders)
+    unknown = [n for n in names if n not in folders]
+    if unknown:
+        raise DataError(config.data.path, f"data.platforms names unknown platforms {unknown}")
+    return [(name, folders[name]) for name in names]
 
 
 def identify(node_config: dict[str, Any], config: RunConfig) -> PlatformIdentity:
@@ -50,17 +62,14 @@ def identify(node_config: dict[str, Any], config: RunConfig) -> PlatformIdentity
         data_dir = Path(str(node_config["data-dir"]))
         name = str(node_config.get("platform", data_dir.name))
     elif "partition-id" in node_config:
-        folders = {p.name: p for p in platform_dirs(config.data.path)}
-        names = config.data.platforms or sorted(folders)
-        unknown = [n for n in names if n not in folders]
-        if unknown:
-            raise DataError(config.data.path, f"data.platforms names unknown platforms {unknown}")
+        platforms = federation_platforms(config)
         index = int(node_config["partition-id"])
-        if not 0 <= index < len(names):
+        if not 0 <= index < len(platforms):
             raise DataError(
-                config.data.path, f"no platform for partition-id {index} ({len(names)} platforms)"
+                config.data.path,
+                f"no platform for partition-id {index} ({len(platforms)} platforms)",
             )
-        name, data_dir = names[index], folders[names[index]]
+        name, data_dir = platforms[index]
     else:
         raise DataError(
             "node config", "needs 'data-dir' (deployment) or 'partition-id' (simulation)"
@@ -72,11 +81,23 @@ def identify(node_config: dict[str, Any], config: RunConfig) -> PlatformIdentity
 class PlatformClient:
     """Everything one platform does in a round: train privately, account, evaluate."""
 
-    def __init__(self, identity: PlatformIdentity, config: RunConfig) -> None:
+    def __init__(
+        self,
+        identity: PlatformIdentity,
+        config: RunConfig,
+        task: PlatformTask | None = None,
+        item_text: dict[str, str] | None = None,
+    ) -> None:
+        """Reads the platform's folder, unless ``task`` and ``item_text`` are given (the pooled
+        data of the centralized baseline, which no single folder holds)."""
         self.identity = identity
         self.config = config
-        data = read_platform(identity.data_dir, identity.name)
-        self.task = build_task(data, config.task)
+        if task is None or item_text is None:
+            data = read_platform(identity.data_dir, identity.name)
+            task, item_text = build_task(data, config.task), data.item_text
+        self.task = task
+        # audit mode: the audited platform trains on its canaries too (client/canaries.py)
+        item_text = insert_canaries(task, item_text, canaries_for(config, identity.name))
         strategy = config.federation.strategy
         self.scorer, tokenizer = shared_scorer(config.model, config.lora, strategy)
         self.scorer.to(resolve_device(config.train.device))
@@ -85,7 +106,7 @@ class PlatformClient:
         self.private = PrivateTensors(
             identity.state_dir, trainable_arrays(self.scorer, private_names(names, strategy))
         )
-        self.featurizer = TextFeaturizer(tokenizer, data.item_text, config.model.max_length)
+        self.featurizer = TextFeaturizer(tokenizer, item_text, config.model.max_length)
         self.trainer = LocalTrainer(
             self.scorer, self.featurizer, self.task.train, config.train, config.dp
         )
@@ -161,8 +182,12 @@ class PlatformClient:
     ) -> dict[str, float | int]:
         """Protocol metrics of the given adapters on this platform's valid or test split."""
         self._load(arrays)
+        return self.score(self.scorer, split, max_cases)
+
+    def score(self, scorer: Scorer, split: str, max_cases: int) -> dict[str, float | int]:
+        """Protocol metrics of any scorer here (baselines bring their own, e.g. popularity)."""
         metrics = evaluate(
-            self.scorer,
+            scorer,
             self.featurizer,
             self.task,
             split,

@@ -13,7 +13,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.errors import ConfigError
 
@@ -159,6 +159,28 @@ class FederationConfig(BaseModel):
     eval_split: Literal["valid", "test"] = Field("valid", description="split evaluated per round")
 
 
+class AuditConfig(BaseModel):
+    """Empirical privacy check (the ``[audit]`` section): canaries on one platform, then an ε
+    lower bound (see client/canaries.py and server/canary_audit.py). Off by default."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    canaries: int = Field(
+        0, ge=0, le=100_000, description="canaries offered to the audited platform; 0 = no audit"
+    )
+    canary_platform: str = Field("", description="platform whose train split gets the canaries")
+    canary_seed: int = Field(0, ge=0, description="seed of the canaries and their inclusion")
+    confidence: float = Field(0.95, gt=0, lt=1, description="confidence of the ε lower bound")
+
+    @model_validator(mode="after")
+    def _complete(self) -> AuditConfig:
+        if self.canaries == 1:
+            raise ValueError("audit.canaries must be 0 (off) or at least 2")
+        if self.canaries and not self.canary_platform:
+            raise ValueError("audit.canaries > 0 needs audit.canary_platform")
+        return self
+
+
 class RunConfig(BaseModel):
     """Everything a FedFuse run needs."""
 
@@ -171,6 +193,7 @@ class RunConfig(BaseModel):
     train: TrainConfig = Field(default_factory=TrainConfig)
     dp: DPConfig = Field(default_factory=DPConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
 
 def _describe(error: ValidationError, source: str) -> str:
@@ -266,7 +289,18 @@ def run_configuration(
     ``section.key`` overrides, then the node's (a platform's own settings win)."""
     run_config = flower_run_config(run_config)
     overrides = _flower_overrides(run_config) + _flower_overrides(node_config or {})
-    return load_config(run_config.get("config-file"), overrides)
+    return load_config(_in_app(run_config.get("config-file")), overrides)
+
+
+APP_DIR = Path(__file__).resolve().parents[1]
+
+
+def _in_app(config_file: str | None) -> str | None:
+    """A relative ``config-file`` names a file inside the app: Flower ships the app's TOML
+    files to every SuperNode, while each process's working directory differs per machine."""
+    if config_file and not Path(config_file).is_absolute() and (APP_DIR / config_file).exists():
+        return str(APP_DIR / config_file)
+    return config_file
 
 
 RUN_CONFIG_ENV = "FEDFUSE_RUN_CONFIG"

@@ -15,8 +15,13 @@ from collections.abc import Iterable
 from functools import cache
 from typing import Any
 
+import numpy as np
+
+from common.adapters import trainable_arrays
 from common.config import LoraSettings, ModelConfig
 from common.model import Scorer, build_scorer, load_backbone
+
+Arrays = dict[str, np.ndarray]
 
 
 def _is_lora_a(name: str) -> bool:
@@ -45,14 +50,25 @@ def private_names(names: Iterable[str], strategy: str) -> list[str]:
 
 
 @cache
-def shared_scorer(model: ModelConfig, lora: LoraSettings, strategy: str) -> tuple[Scorer, Any]:
-    """The process's scorer and tokenizer for these settings: the backbone is loaded once.
-
-    Tensors the strategy does not train (FFA-LoRA's A) are frozen at their seeded init.
-    """
+def _built(model: ModelConfig, lora: LoraSettings, strategy: str) -> tuple[Scorer, Any, Arrays]:
     backbone, tokenizer = load_backbone(model.backbone)
     scorer = build_scorer(backbone, model, lora)
     for name, param in scorer.named_parameters():
         if param.requires_grad and not trains(name, strategy):
             param.requires_grad_(False)
+    return scorer, tokenizer, trainable_arrays(scorer)
+
+
+def shared_scorer(model: ModelConfig, lora: LoraSettings, strategy: str) -> tuple[Scorer, Any]:
+    """The process's scorer and tokenizer for these settings: the backbone is loaded once.
+
+    Tensors the strategy does not train (FFA-LoRA's A) are frozen at their seeded init.
+    """
+    scorer, tokenizer, _ = _built(model, lora, strategy)
     return scorer, tokenizer
+
+
+def seeded_arrays(model: ModelConfig, lora: LoraSettings, strategy: str) -> Arrays:
+    """The trainable tensors as first built (seeded), whatever the shared scorer holds now:
+    a new run in a process that already trained must still start from the common init."""
+    return _built(model, lora, strategy)[2]

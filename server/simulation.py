@@ -29,6 +29,9 @@ def _platform_count(config: RunConfig) -> int:
 
 def prepare_run(config: RunConfig, runs: Path, name: str | None) -> RunRecord:
     """A new run folder holding the resolved configuration (platform state included)."""
+    from server.canary_audit import check_audit_platform
+
+    check_audit_platform(config)  # before anything is written
     name = name or f"{config.federation.strategy}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     root = runs / f"{name}{INCOMPLETE}"
     if root.exists() or (runs / name).exists():
@@ -89,6 +92,17 @@ def simulate(record: RunRecord, cpus_per_client: float = 1.0) -> Path:
             f"{record.root}: stopped after round {done} of {config.federation.rounds}; "
             "see the log above, then `fedfuse simulate --resume` continues"
         )
+    return finish_run(record, config)
+
+
+def finish_run(record: RunRecord, config: RunConfig) -> Path:
+    """After the last round: the canary audit (if asked), the report, then the folder loses its
+    ``.incomplete`` suffix and the configuration points at the moved platform state."""
+    from server.canary_audit import run_canary_audit
+
+    if config.audit.canaries:
+        done = record.last_round()
+        print(run_canary_audit(config, record.root, record.adapter_dir(done)), flush=True)
     print(write_report(record), flush=True)
     final = record.root.with_name(record.root.name.removesuffix(INCOMPLETE))
     if final != record.root:

@@ -9,7 +9,8 @@ What differs between ``fedavg``, ``ffa`` and ``fedsa`` is which tensors are trai
 all; that rule lives in ``common/sharing.py`` and is applied on the platforms. On top of FedAvg
 this strategy adds what a FedFuse run needs: the learning rate for each round, a round offset so
 a resumed run keeps counting, and a record of every reply (including a platform's failure or
-exhausted budget) in the run's metrics.jsonl.
+exhausted budget) in the run's metrics.jsonl, and a line per message sent or received in the
+run's wire_log.jsonl (see ``common/wire_log.py``).
 """
 
 from __future__ import annotations
@@ -22,16 +23,22 @@ from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from server.run_record import RunRecord
+from common.config import load_config
+from common.sharing import shared_scorer
+from common.wire_log import (
+    RECEIVED,
+    SENT,
+    WIRE_LOG_FILE,
+    append_records,
+    message_record,
+    model_record,
+)
+from server.run_record import CONFIG_FILE, RunRecord
 
 
-def reply_event(kind: str, server_round: int, reply: Message) -> dict[str, object]:
+def reply_event(kind: str, server_round: int, reply: Message, node: int) -> dict[str, object]:
     """One metrics.jsonl line for a platform's reply: its metrics, or its error."""
-    event: dict[str, object] = {
-        "event": kind,
-        "round": server_round,
-        "node": reply.metadata.src_node_id,
-    }
+    event: dict[str, object] = {"event": kind, "round": server_round, "node": node}
     if reply.has_error():
         return event | {"status": "error", "code": reply.error.code, "reason": reply.error.reason}
     platform = reply.content.config_records.get("platform")
@@ -57,6 +64,9 @@ class FedFuseStrategy(FedAvg):
         self.record = record
         self.learning_rate = learning_rate
         self.round_offset = round_offset
+        self.platforms: dict[int, str] = {}  # node id → platform, learned from its replies
+        self.model_logged = False
+        self.outbox: list[Message] = []  # this round's messages; the grid gives them their ids
 
     def _round(self, server_round: int) -> int:
         return self.round_offset + server_round
@@ -68,6 +78,9 @@ class FedFuseStrategy(FedAvg):
         config = ConfigRecord({**config, "learning-rate": float(self.learning_rate(absolute))})
         messages = list(super().configure_train(server_round, arrays, config, grid))
         config["server-round"] = absolute  # shared by the messages, after FedAvg's own value
+        self._log_model()
+        self._log_wire(SENT, absolute, messages)
+        self.outbox = messages
         return messages
 
     def configure_evaluate(
@@ -76,6 +89,8 @@ class FedFuseStrategy(FedAvg):
         config = ConfigRecord(dict(config))
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         config["server-round"] = self._round(server_round)
+        self._log_wire(SENT, self._round(server_round), messages)
+        self.outbox = messages
         return messages
 
     def aggregate_train(
@@ -93,7 +108,22 @@ class FedFuseStrategy(FedAvg):
         return super().aggregate_evaluate(server_round, replies)
 
     def _log_replies(self, kind: str, server_round: int, replies: list[Message]) -> None:
-        events = [reply_event(kind, self._round(server_round), reply) for reply in replies]
+        # An error the SuperLink generates for a lost node comes from the SuperLink itself: the
+        # node is the one the original message went to.
+        sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self.outbox}
+        events = [
+            reply_event(
+                kind,
+                self._round(server_round),
+                reply,
+                sent_to.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id),
+            )
+            for reply in replies
+        ]
+        for event in events:
+            if event.get("platform"):
+                self.platforms[int(event["node"])] = str(event["platform"])
+        self._log_wire(RECEIVED, self._round(server_round), replies)
         for event in events:
             if event["status"] == "error":
                 log(
@@ -105,3 +135,21 @@ class FedFuseStrategy(FedAvg):
                     event["reason"],
                 )
         self.record.append(events)
+
+    def _log_wire(self, direction: str, server_round: int, messages: list[Message]) -> None:
+        """Messages to a node that has not replied yet carry its node id only (platform None)."""
+        records = [message_record("server", direction, m, server_round, None) for m in messages]
+        for record in records:
+            record["platform"] = self.platforms.get(record["node"])
+        append_records(self.record.root / WIRE_LOG_FILE, records)
+
+    def _log_model(self) -> None:
+        """Once per process: the full model size beside the shared tensors (for the audit)."""
+        if self.model_logged or not (self.record.root / CONFIG_FILE).exists():
+            return
+        config = load_config(self.record.root / CONFIG_FILE)
+        scorer, _ = shared_scorer(config.model, config.lora, config.federation.strategy)
+        append_records(
+            self.record.root / WIRE_LOG_FILE, [model_record(scorer, config.federation.strategy)]
+        )
+        self.model_logged = True

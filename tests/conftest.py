@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -25,3 +27,35 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     out = tmp_path_factory.mktemp("synthetic") / "data"
     return write_dataset(out, generate(SyntheticConfig(platforms=2, users=12, items=30, seed=3)))
+
+
+# The small run every integration test starts from: tiny model, 2 rounds of 2 local DP steps.
+TINY_RUN: dict[str, dict[str, object]] = {
+    "model": {"max_length": 32},
+    "lora": {"rank": 4},
+    "train": {"batch_size": 16, "local_steps": 2},
+    "dp": {"target_epsilon": 4.0, "delta": 1e-3, "expected_batch_size": 32},
+    "federation": {"rounds": 2, "min_nodes": 2},
+}
+
+
+@pytest.fixture(scope="session")
+def write_run_config(tiny_bert_dir: Path, synthetic_dir: Path) -> Callable[..., Path]:
+    """Writes TINY_RUN on the tiny BERT and synthetic data, with ``sections`` merged in (a key
+    set to None is left out), as a run TOML at ``path``."""
+
+    def write(path: Path, **sections: dict[str, object]) -> Path:
+        merged: dict[str, dict[str, object]] = {
+            "data": {"path": str(synthetic_dir)},
+            "model": {"backbone": str(tiny_bert_dir)},
+        }
+        for name, values in [*TINY_RUN.items(), *sections.items()]:
+            merged.setdefault(name, {}).update(values)
+        lines = []
+        for name, values in merged.items():
+            lines.append(f"[{name}]")
+            lines += [f"{key} = {json.dumps(v)}" for key, v in values.items() if v is not None]
+        path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return path
+
+    return write

@@ -20,29 +20,12 @@ from common.model import build_scorer, load_backbone
 
 
 @pytest.fixture
-def run_config(tmp_path: Path, tiny_bert_dir: Path, synthetic_dir: Path) -> dict[str, object]:
-    config = tmp_path / "run.toml"
-    config.write_text(
-        f"""
-[data]
-path = "{synthetic_dir}"
-[model]
-backbone = "{tiny_bert_dir}"
-max_length = 40
-[lora]
-rank = 4
-[train]
-batch_size = 16
-local_steps = 2
-[dp]
-target_epsilon = 3.0
-delta = 1e-3
-expected_batch_size = 32
-state_dir = "{tmp_path / "state"}"
-[federation]
-rounds = 3
-""",
-        encoding="utf-8",
+def run_config(tmp_path: Path, write_run_config) -> dict[str, object]:
+    config = write_run_config(
+        tmp_path / "run.toml",
+        model={"max_length": 40},
+        dp={"target_epsilon": 3.0, "state_dir": str(tmp_path / "state")},
+        federation={"rounds": 3},
     )
     client_app._clients.clear()
     return {"config-file": str(config)}
@@ -111,7 +94,7 @@ def test_backbone_is_loaded_once_per_process(run_config, monkeypatch) -> None:
     calls = []
     real = sharing.load_backbone
     monkeypatch.setattr(sharing, "load_backbone", lambda b: calls.append(b) or real(b))
-    sharing.shared_scorer.cache_clear()
+    sharing._built.cache_clear()  # a fresh process: nothing loaded yet
     initial = _initial_arrays(run_config)
     for node, server_round in [(0, 1), (1, 1), (0, 2)]:
         context = _context(run_config, {"partition-id": node, "num-partitions": 2})

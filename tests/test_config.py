@@ -80,3 +80,11 @@ def test_reference_lists_every_key() -> None:
 
 def test_readme_reference_is_current() -> None:
     assert config_reference() in (REPO / "README.md").read_text(encoding="utf-8")
+
+
+def test_a_relative_config_file_is_found_in_the_app_from_any_directory(tmp_path, monkeypatch):
+    from common.config import run_configuration
+
+    monkeypatch.chdir(tmp_path)  # a SuperNode's working directory, far from the app
+    config = run_configuration({"config-file": "simulations/synthetic_tiny.toml"})
+    assert config.model.backbone == "data/tiny-bert" and config.federation.rounds == 3

@@ -20,33 +20,10 @@ from server.simulation import prepare_run, simulate
 
 
 @pytest.fixture
-def config_file(tmp_path: Path, tiny_bert_dir: Path, synthetic_dir: Path) -> Path:
-    path = tmp_path / "run.toml"
-    path.write_text(
-        f"""
-[data]
-path = "{synthetic_dir}"
-[model]
-backbone = "{tiny_bert_dir}"
-max_length = 32
-[lora]
-rank = 4
-[train]
-batch_size = 16
-local_steps = 2
-eval_max_cases = 5
-[dp]
-target_epsilon = 4.0
-epsilon_budget = 8.0
-delta = 1e-3
-expected_batch_size = 32
-[federation]
-rounds = 2
-min_nodes = 2
-""",
-        encoding="utf-8",
+def config_file(tmp_path: Path, write_run_config) -> Path:
+    return write_run_config(
+        tmp_path / "run.toml", train={"eval_max_cases": 5}, dp={"epsilon_budget": 8.0}
     )
-    return path
 
 
 def _lora(model: torch.nn.Module) -> dict[str, torch.Tensor]:

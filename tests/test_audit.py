@@ -1,0 +1,212 @@
+"""``fedfuse audit`` on one real tiny run: clean as run, and each kind of tampering flagged."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from client.ledger import LEDGER_FILE, _digest
+from client.platform_client import PrivateTensors
+from common.cli import main
+from common.config import load_config
+from common.wire_log import WIRE_LOG_FILE
+from server.audit import AUDIT_HTML, AUDIT_JSON, CANARY_FILE, PRIVATE_ADAPTER_FILE, audit
+from server.simulation import prepare_run, simulate
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, write_run_config) -> Path:
+    """One real two-platform, two-round DP run shared by every test (each works on a copy)."""
+    root = tmp_path_factory.mktemp("audit")
+    config = write_run_config(root / "run.toml", train={"eval_max_cases": 5})
+    return simulate(prepare_run(load_config(config), root / "runs", "tiny"))
+
+
+@pytest.fixture
+def copy(run_dir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run_dir, tmp_path / "run"))
+
+
+def _codes(report: dict[str, Any]) -> list[str]:
+    return sorted({flag["code"] for flag in report["flags"]})
+
+
+def _edit_ledger(run: Path, change: Callable[[dict[str, Any]], None], rechain: bool) -> None:
+    """Change p0's ledger; with ``rechain`` recompute every hash, as a careful forger would."""
+    path = run / "platform_state" / "p0" / LEDGER_FILE
+    document = json.loads(path.read_text())
+    change(document)
+    if rechain:
+        previous = _digest(document["header"])
+        for entry in document["entries"]:
+            entry["prev_hash"] = previous
+            body = {k: v for k, v in entry.items() if k != "hash"}
+            entry["hash"] = previous = _digest(body)
+    path.write_text(json.dumps(document, indent=2))
+
+
+def _edit_wire_log(path: Path, change: Callable[[list[dict[str, Any]]], None]) -> None:
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    change(records)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_a_real_run_audits_clean(copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["audit", str(copy)]) == 0
+    printed = capsys.readouterr().out
+    assert "flags: 0 (audit clean)" in printed and "| p0 |" in printed and "| p1 |" in printed
+    report = json.loads((copy / AUDIT_JSON).read_text())
+    assert report["flags"] == [] and report["dp_claimed"]
+    for platform in report["platforms"]:
+        assert platform["hash_chain_intact"] and platform["privacy_unit"].startswith("one labelled")
+        assert [r["round"] for r in platform["rounds"]] == [1, 2]
+        last = platform["rounds"][-1]
+        assert last["epsilon_prv"] == pytest.approx(last["epsilon_pld_recomputed"], rel=0.01)
+        assert 0 < platform["epsilon_spent_prv"] <= platform["epsilon_budget"] == 4.0
+        assert platform["budget_left"] == pytest.approx(4.0 - platform["epsilon_spent_prv"])
+    # every message of both rounds is on both sides: 2 platforms × 2 rounds × train/evaluate × 2
+    assert report["wire"]["server_messages"] == 16
+    assert report["wire"]["platform_messages"] == {"p0": 8, "p1": 8}
+    model = report["model"]
+    for row in report["wire"]["bytes_per_round"]:
+        assert 0 < row["largest_upload"] < model["full_model_bytes"]
+        assert row["train_received"] == 2 * row["largest_upload"]
+    assert model["full_model_bytes"] == model["backbone_bytes"] + model["adapter_bytes"]
+    page = (copy / AUDIT_HTML).read_text()
+    assert page.count("data:image/png;base64,") == 2 and "audit is clean" in page
+    assert PRIVATE_ADAPTER_FILE == PrivateTensors.FILE
+
+
+def test_an_edited_ledger_entry_breaks_the_chain(copy: Path) -> None:
+    _edit_ledger(copy, lambda d: d["entries"][0].update(steps=1), rechain=False)
+    report = audit(copy)
+    assert "broken-chain" in _codes(report)
+    assert not next(p for p in report["platforms"] if p["platform"] == "p0")["hash_chain_intact"]
+
+
+def test_a_ledger_cut_short_is_caught_by_the_wire_log(copy: Path) -> None:
+    _edit_ledger(copy, lambda d: d["entries"].pop(), rechain=False)  # chain still intact
+    report = audit(copy)
+    assert _codes(report) == ["ledger-incomplete"]
+    assert "round 2" in report["flags"][0]["message"]
+
+
+def test_a_consistently_forged_sigma_is_caught_by_recomputation(copy: Path) -> None:
+    _edit_ledger(copy, lambda d: d["entries"][0].update(noise_multiplier=5.0), rechain=True)
+    assert _codes(audit(copy)) == ["epsilon-mismatch"]
+
+
+def test_a_spent_budget_is_flagged(copy: Path) -> None:
+    _edit_ledger(copy, lambda d: d["header"].update(epsilon_budget=1.0), rechain=True)
+    report = audit(copy)
+    assert _codes(report) == ["budget-exceeded"]
+    assert next(p for p in report["platforms"] if p["platform"] == "p0")["budget_left"] < 0
+
+
+def test_zero_noise_under_dp_is_flagged(copy: Path) -> None:
+    _edit_ledger(copy, lambda d: d["entries"][1].update(noise_multiplier=0.0), rechain=True)
+    assert "zero-noise" in _codes(audit(copy))
+
+
+def test_a_backbone_tensor_on_the_wire_is_flagged(copy: Path) -> None:
+    def inject(records: list[dict[str, Any]]) -> None:
+        upload = next(r for r in records if r.get("direction") == "sent" and r["type"] == "train")
+        upload["tensors"].append(
+            upload["tensors"][0] | {"name": "encoder.base_model.model.embeddings.word.weight"}
+        )
+
+    _edit_wire_log(copy / "platform_state" / "p1" / WIRE_LOG_FILE, inject)
+    report = audit(copy)
+    assert "foreign-tensor" in _codes(report)
+    assert any("embeddings" in f["message"] for f in report["flags"])
+
+
+@pytest.mark.parametrize("side", ["server", "platform"])
+def test_server_and_platform_logs_must_agree(copy: Path, side: str) -> None:
+    path = copy / (WIRE_LOG_FILE if side == "server" else f"platform_state/p0/{WIRE_LOG_FILE}")
+
+    def tamper(records: list[dict[str, Any]]) -> None:
+        messages = [r for r in records if r["kind"] == "message" and r["tensors"]]
+        if side == "server":
+            records.remove(messages[-1])  # a message the server never logged
+        else:
+            messages[0]["tensors"][0]["sha256"] = "0" * 64  # other bytes than the server saw
+
+    _edit_wire_log(path, tamper)
+    report = audit(copy)
+    assert _codes(report) == ["wire-disagreement"]
+    expected = "not in the server log" if side == "server" else "not in the platform's log"
+    assert any(expected in f["message"] for f in report["flags"])
+
+
+def test_a_canary_bound_above_theory_is_flagged(
+    copy: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def row(platform: str, bound: float) -> dict[str, Any]:
+        return {
+            "platform": platform,
+            "canaries": 1000,
+            "guesses": 100,
+            "correct": 99,
+            "epsilon_lower_bound": bound,
+            "epsilon_theoretical": 4.0,
+            "delta": 1e-3,
+        }
+
+    canary = {"confidence": 0.95, "platforms": [row("p0", 1.2), row("p1", 4.5)]}
+    (copy / CANARY_FILE).write_text(json.dumps(canary))
+    with pytest.raises(SystemExit) as stopped:
+        main(["audit", str(copy)])
+    assert stopped.value.code == 1
+    report = json.loads((copy / AUDIT_JSON).read_text())
+    assert [(f["code"], f["platform"]) for f in report["flags"]] == [
+        ("canary-exceeds-theory", "p1")
+    ]
+    assert "!! 1" in capsys.readouterr().out
+    assert '<li class="flag">[canary-exceeds-theory]' in (copy / AUDIT_HTML).read_text()
+
+
+def test_a_partial_deployment_audit_notes_what_it_could_not_compare(copy: Path) -> None:
+    report = audit(copy, [copy / "platform_state" / "p0"])
+    assert report["flags"] == [] and [p["platform"] for p in report["platforms"]] == ["p0"]
+    assert len(report["notes"]) == 1 and "(p1)" in report["notes"][0]
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (lambda run: _truncate(run / "platform_state/p0" / LEDGER_FILE), LEDGER_FILE),
+        (lambda run: (run / "platform_state/p1" / LEDGER_FILE).unlink(), LEDGER_FILE),
+        (lambda run: (run / WIRE_LOG_FILE).unlink(), WIRE_LOG_FILE),
+        (lambda run: _truncate(run / "platform_state/p1" / WIRE_LOG_FILE), WIRE_LOG_FILE),
+        (lambda run: (run / "platform_state/p0/notes.txt").write_text("x"), "notes.txt"),
+        (lambda run: (run / "config.json").unlink(), "config.json"),
+    ],
+    ids=[
+        "truncated-ledger",
+        "missing-ledger",
+        "missing-wire-log",
+        "truncated-wire-log",
+        "foreign-file",
+        "not-a-run",
+    ],
+)
+def test_an_unauditable_folder_is_a_one_line_error(
+    copy: Path, capsys: pytest.CaptureFixture[str], damage: Callable[[Path], None], named: str
+) -> None:
+    damage(copy)
+    assert main(["audit", str(copy)]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("fedfuse: error: ") and named in error and error.count("\n") == 1
+    assert not (copy / AUDIT_JSON).exists() and not (copy / AUDIT_HTML).exists()
+
+
+def _truncate(path: Path) -> None:
+    """Cut the file inside its last line, as an interrupted copy would."""
+    text = path.read_text()
+    path.write_text(text[:-10])
