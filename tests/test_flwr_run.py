@@ -1,0 +1,96 @@
+"""End to end: ``scripts/flwr_run.py`` runs FedFuse through ``flwr run`` on its own SuperLink
+and leaves no process behind, whether the run finishes or is cut off."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from server.run_record import RunRecord
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "scripts" / "flwr_run.py"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def _processes_of(flwr_home: Path) -> list[str]:
+    """Processes (SuperLink, SuperExec, flwr-simulation, Ray) started with this FLWR_HOME."""
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        try:
+            if proc.environ().get("FLWR_HOME") == str(flwr_home):
+                found.append(f"{proc.pid} {' '.join(proc.info['cmdline'] or [])}")
+        except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return found
+
+
+@pytest.fixture
+def tiny_overrides(tiny_bert_dir: Path, synthetic_dir: Path) -> list[str]:
+    """The repo's tiny synthetic configuration, pointed at the test's data and model."""
+    return [
+        'config-file="simulations/synthetic_tiny.toml"',
+        f'data.path="{synthetic_dir}"',
+        f'model.backbone="{tiny_bert_dir}"',
+        "federation.min_nodes=2",
+        "train.eval_max_cases=5",
+    ]
+
+
+def _flwr_run(tmp_path: Path, *args: str) -> subprocess.CompletedProcess:
+    flwr_home = tmp_path / "flwr-home"
+    command = [sys.executable, str(SCRIPT), "--runs", str(tmp_path / "runs")]
+    command += ["--flwr-home", str(flwr_home), "--port", str(_free_port()), *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    assert _processes_of(flwr_home) == []
+    return result
+
+
+def test_flwr_run_trains_checkpoints_and_stops_the_superlink(
+    tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    result = _flwr_run(tmp_path, "--name", "demo", *tiny_overrides, "federation.rounds=1")
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    run = tmp_path / "runs" / "demo"
+    assert f"finished: {run}" in result.stdout
+    assert not (tmp_path / "runs" / "demo.incomplete").exists()
+    record = RunRecord(run)
+    assert record.last_round() == 1 and (record.adapter_dir(1) / "adapter_config.json").is_file()
+    ok = {(e["event"], e["platform"]) for e in record.events() if e["status"] == "ok"}
+    assert ok == {(kind, p) for kind in ("train", "evaluate") for p in ("p0", "p1")}
+    config = record.read_config()
+    assert config["federation"]["rounds"] == 1  # the section.key override reached the apps
+    assert config["dp"]["state_dir"] == str(run / "platform_state")
+    ledger = json.loads((run / "platform_state" / "p0" / "privacy_ledger.json").read_text())
+    assert [e["server_round"] for e in ledger["entries"]] == [1]
+    assert (run / "summary.md").is_file()
+
+
+def test_a_run_cut_off_by_its_timeout_fails_and_stops_everything(
+    tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    # Ray start-up alone takes longer than 3 s, so the run is always cut off mid-way.
+    result = _flwr_run(tmp_path, "--timeout", "3", *tiny_overrides)
+    assert result.returncode == 1
+    assert "flwr_run: error:" in result.stderr and "timed out" in result.stderr
+
+
+def test_run_dir_and_unknown_flower_keys_are_refused(
+    tmp_path: Path, tiny_overrides: list[str]
+) -> None:
+    result = _flwr_run(tmp_path, 'run-dir="/elsewhere"')
+    assert result.returncode == 1 and "run-dir is set by this script" in result.stderr
+    result = _flwr_run(tmp_path, *tiny_overrides, "no-such-key=1")
+    assert result.returncode == 1
+    assert "Invalid run configuration" in result.stdout + result.stderr
