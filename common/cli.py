@@ -66,6 +66,34 @@ def _simulate(args: argparse.Namespace) -> None:
     print(f"finished: {simulate(record, args.cpus_per_client)}")
 
 
+def _compare(args: argparse.Namespace) -> None:
+    import shlex
+    from pathlib import Path
+
+    from server.compare import compare, parse_levels
+
+    cells = parse_levels(args.epsilon or ["8"])
+    command = shlex.join(["fedfuse", *sys.argv[1:]])
+    config = load_config(args.config, args.set)
+    out = Path(args.out)
+    print(compare(config, cells, out, args.test_cases, command, args.cpus_per_client))
+    print(f"written: {out / 'comparison.md'}, {out / 'comparison.json'}, {out / 'ndcg_at_10.png'}")
+
+
+def _audit(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from server.audit import audit, write_audit
+    from server.audit_report import summary_text
+
+    report = audit(Path(args.run_dir), [Path(p) for p in args.platform_state])
+    written = write_audit(report, args.run_dir)
+    print(summary_text(report))
+    print(f"\nwritten: {written[0]}, {written[1]}")
+    if report["flags"]:
+        raise SystemExit(1)  # flags are findings, not bad input: exit 1, distinct from 2
+
+
 def _config_show(args: argparse.Namespace) -> None:
     print(load_config(args.config, args.set).model_dump_json(indent=2))
 
@@ -120,12 +148,48 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per actor")
     simulate.set_defaults(run=_simulate)
 
+    comparison = commands.add_parser(
+        "compare", help="federated strategies against local, centralized and popularity"
+    )
+    _add_config_options(comparison)
+    comparison.add_argument(
+        "--epsilon",
+        action="append",
+        metavar="LEVEL[:METHODS]",
+        help="privacy level (a target ε, or inf for non-private), optionally with its methods "
+        "(comma-separated: popularity, local, centralized, fedavg, ffa, fedsa; default all); "
+        "repeatable (default: 8)",
+    )
+    comparison.add_argument("--out", required=True, help="comparison folder (resumable)")
+    comparison.add_argument(
+        "--test-cases", type=int, default=0, help="test users scored per platform (0 = all)"
+    )
+    comparison.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per actor")
+    comparison.set_defaults(run=_compare)
+
+    audit = commands.add_parser(
+        "audit", help="check a run's privacy ledgers and wire logs; writes audit.json/.html"
+    )
+    audit.add_argument("run_dir", metavar="RUN_DIR")
+    audit.add_argument(
+        "--platform-state",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="a platform's state folder (deployment; repeatable); default RUN_DIR/platform_state/*",
+    )
+    audit.set_defaults(run=_audit)
+
     config = commands.add_parser("config", help="inspect the run configuration").add_subparsers(
         dest="action", required=True
     )
     show = config.add_parser("show", help="print the resolved configuration as JSON")
     _add_config_options(show)
     show.set_defaults(run=_config_show)
+
+    from server.deploy import add_deploy_parser  # its handlers import their own needs lazily
+
+    add_deploy_parser(commands)
     return parser
 
 

@@ -16,7 +16,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from common.adapters import load_adapter, load_trainable_arrays, save_adapter, trainable_arrays
 from common.config import RunConfig, flower_run_config, run_configuration
-from common.sharing import shared_names, shared_scorer
+from common.sharing import seeded_arrays, shared_names, shared_scorer
 from server.run_record import RunRecord
 from server.strategy import FedFuseStrategy
 
@@ -43,6 +43,7 @@ def run_federation(grid: Grid, config: RunConfig, record: RunRecord) -> int:
     if done:
         load_adapter(scorer, record.adapter_dir(done))
     else:
+        load_trainable_arrays(scorer, seeded_arrays(config.model, config.lora, strategy_name))
         record.write_config(config.model_dump(mode="json"))
     remaining = config.federation.rounds - done
     if remaining <= 0:

@@ -1,0 +1,175 @@
+"""The yardsticks for federation, under the same protocol, trained in this process.
+
+- ``popularity``: candidates ranked by how often the platform's own users liked them in its
+  train split; no model, no privacy cost worth accounting (it is not released here).
+- ``local``: each platform alone — the same rounds, local steps, learning-rate schedule and DP
+  budget as in the federation, only nothing is aggregated (its own ledger).
+- ``centralized``: every platform's train examples pooled in one place and trained with the
+  federation's total number of optimiser steps, with or without DP. Raw data leaves the
+  platforms, so it is a reference point, not a deployable option.
+
+Every model is scored by ``PlatformClient.evaluate`` on each platform's test split, the very
+code path the federation's evaluation uses.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from client.platform_client import PlatformClient, PlatformIdentity, federation_platforms
+from common.config import RunConfig
+from common.model import TextFeaturizer
+from common.task import Example, PlatformTask, RankingCase
+
+Arrays = dict[str, np.ndarray]
+Metrics = dict[str, float]
+POOLED = "centralized"
+
+
+def _with(config: RunConfig, **sections: dict[str, object]) -> RunConfig:
+    """``config`` with some fields of some sections replaced."""
+    return config.model_copy(
+        update={
+            name: getattr(config, name).model_copy(update=fields)
+            for name, fields in sections.items()
+        }
+    )
+
+
+def platform_clients(config: RunConfig, state_root: Path) -> list[PlatformClient]:
+    """One client per platform of the federation, its state folder under ``state_root``."""
+    return [
+        PlatformClient(PlatformIdentity(name, folder, state_root / name), config)
+        for name, folder in federation_platforms(config)
+    ]
+
+
+def evaluation_clients(config: RunConfig, state_root: Path) -> list[PlatformClient]:
+    """Clients that only evaluate: DP off, so no ledger is opened or noise calibrated."""
+    return platform_clients(_with(config, dp={"enabled": False}), state_root)
+
+
+def test_metrics(
+    clients: Sequence[PlatformClient], arrays: Arrays, max_cases: int
+) -> dict[str, Metrics]:
+    """Each platform's test metrics of the same shared tensors (plus its own private part)."""
+    return {c.identity.name: c.evaluate(arrays, "test", max_cases) for c in clients}
+
+
+def train_rounds(
+    client: PlatformClient, initial: Arrays, learning_rate: Callable[[int], float]
+) -> tuple[Arrays, float]:
+    """The federation's rounds on one client without aggregation; returns tensors and final ε."""
+    arrays = {name: initial[name] for name in client.shared}
+    epsilon = float("inf")
+    rounds = client.config.federation.rounds
+    for server_round in range(1, rounds + 1):
+        arrays, metrics = client.train_round(server_round, arrays, learning_rate(server_round))
+        epsilon = float(metrics["epsilon"])
+        print(
+            f"[fedfuse] {client.identity.name}: round {server_round}/{rounds}, ε = {epsilon:.3f}",
+            flush=True,
+        )
+    return arrays, epsilon
+
+
+def train_local(
+    config: RunConfig,
+    initial: Arrays,
+    learning_rate: Callable[[int], float],
+    state_root: Path,
+    max_cases: int,
+) -> tuple[dict[str, Metrics], dict[str, float]]:
+    """Each platform trains alone; returns its test metrics and its ε."""
+    config = _with(config, federation={"strategy": "fedavg"})
+    metrics, epsilons = {}, {}
+    for client in platform_clients(config, state_root):
+        arrays, epsilons[client.identity.name] = train_rounds(client, initial, learning_rate)
+        metrics |= test_metrics([client], arrays, max_cases)
+    return metrics, epsilons
+
+
+def pooled_task(clients: Sequence[PlatformClient]) -> tuple[PlatformTask, dict[str, str]]:
+    """All platforms' train examples in one task; item ids get their platform as a prefix,
+    because two platforms may use the same id for different items."""
+
+    def item(platform: str, item_id: str) -> str:
+        return f"{platform}\x1f{item_id}"
+
+    task = PlatformTask(POOLED)
+    item_text: dict[str, str] = {}
+    for client in clients:
+        name = client.identity.name
+        item_text |= {item(name, i): t for i, t in client.featurizer.item_text.items()}
+        task.train += [
+            Example(
+                user=f"{name}\x1f{e.user}",
+                history=tuple(item(name, i) for i in e.history),
+                candidate=item(name, e.candidate),
+                label=e.label,
+            )
+            for e in client.task.train
+        ]
+    return task, item_text
+
+
+def train_centralized(
+    config: RunConfig,
+    initial: Arrays,
+    learning_rate: Callable[[int], float],
+    state_root: Path,
+    max_cases: int,
+) -> tuple[dict[str, Metrics], dict[str, float]]:
+    """One model on the pooled train examples, as many optimiser steps per round as all
+    platforms together take in the federation; returns per-platform test metrics and its ε."""
+    config = _with(config, federation={"strategy": "fedavg"})
+    clients = evaluation_clients(config, state_root)
+    if config.train.local_steps:
+        config = _with(config, train={"local_steps": config.train.local_steps * len(clients)})
+    task, item_text = pooled_task(clients)
+    identity = PlatformIdentity(POOLED, state_root, state_root / POOLED)
+    pooled = PlatformClient(identity, config, task=task, item_text=item_text)
+    arrays, epsilon = train_rounds(pooled, initial, learning_rate)
+    metrics = test_metrics(clients, arrays, max_cases)
+    return metrics, dict.fromkeys(metrics, epsilon)
+
+
+class PopularityScorer:
+    """Scores an item by its count of positive train examples on the platform (ties: 0)."""
+
+    training = False
+
+    def __init__(self, task: PlatformTask) -> None:
+        self.counts = Counter(e.candidate for e in task.train if e.label == 1)
+
+    def eval(self) -> None:
+        """Nothing to switch: the evaluation protocol calls it on every scorer."""
+
+    def train(self, mode: bool = True) -> None:
+        """Nothing to switch: the evaluation protocol calls it on every scorer."""
+
+    def score_cases(
+        self, featurizer: TextFeaturizer, cases: Sequence[RankingCase], batch_size: int
+    ) -> list[np.ndarray]:
+        return [np.array([self.counts[i] for i in case.candidates], float) for case in cases]
+
+    def score_examples(
+        self, featurizer: TextFeaturizer, examples: Sequence[Example], batch_size: int
+    ) -> np.ndarray:
+        return np.log1p([self.counts[e.candidate] for e in examples])
+
+
+def popularity(config: RunConfig, state_root: Path, max_cases: int) -> dict[str, Metrics]:
+    """Each platform's test metrics of its own popularity ranking."""
+    return {
+        client.identity.name: client.score(
+            PopularityScorer(client.task),  # type: ignore[arg-type]
+            "test",
+            max_cases,
+        )
+        for client in evaluation_clients(config, state_root)
+    }

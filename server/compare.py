@@ -1,0 +1,333 @@
+"""``fedfuse compare``: the federation against its baselines, one table per privacy level.
+
+A comparison is a grid of cells, each a (method, privacy level) pair: ``popularity``,
+``local``, ``centralized`` (see ``server/baselines.py``) or a federated strategy (``fedavg``,
+``ffa``, ``fedsa``, run with ``fedfuse simulate``), at a target ε or non-private (``inf``).
+Every cell starts from the same seeded adapters, trains for the same rounds and local steps
+and is scored on every platform's test split by the same code. Finished cells are cached in
+``OUT/cells/``, so an interrupted comparison continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from client.ledger import PrivacyLedger  # noqa: E402
+from common.adapters import load_adapter, trainable_arrays  # noqa: E402
+from common.atomic import atomic_write  # noqa: E402
+from common.config import RunConfig, load_config  # noqa: E402
+from common.dataset_summary import markdown_table  # noqa: E402
+from common.errors import ConfigError  # noqa: E402
+from common.sharing import seeded_arrays, shared_scorer  # noqa: E402
+from server.baselines import (  # noqa: E402
+    Arrays,
+    Metrics,
+    evaluation_clients,
+    popularity,
+    test_metrics,
+    train_centralized,
+    train_local,
+)
+from server.run_record import CONFIG_FILE, RunRecord  # noqa: E402
+from server.server_app import learning_rate_schedule  # noqa: E402
+from server.simulation import INCOMPLETE, prepare_run, simulate  # noqa: E402
+
+FEDERATED = ("fedavg", "ffa", "fedsa")
+METHODS = ("popularity", "local", "centralized", *FEDERATED)
+COLUMNS = {"hr@10": "HR@10", "ndcg@10": "NDCG@10", "mrr": "MRR", "auc": "AUC"}
+TARGET_SHARE = 0.9  # of centralized non-private NDCG@10, the federation's stated target
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One method at one privacy level (``math.inf``: DP off)."""
+
+    method: str
+    epsilon: float
+
+    @property
+    def key(self) -> str:
+        return f"{self.method}@{level_name(self.epsilon)}"
+
+
+def level_name(epsilon: float) -> str:
+    return "nonprivate" if math.isinf(epsilon) else f"eps{epsilon:g}"
+
+
+def parse_levels(specs: Sequence[str]) -> list[Cell]:
+    """``8``, ``inf`` or ``1:local,ffa`` (a level and, optionally, its methods) → cells."""
+    cells: list[Cell] = []
+    for spec in specs:
+        level, _, methods = spec.partition(":")
+        try:
+            epsilon = float(level)
+        except ValueError:
+            raise ConfigError(f"--epsilon {spec!r}: the level must be a number or inf") from None
+        if epsilon <= 0:
+            raise ConfigError(f"--epsilon {spec!r}: ε must be positive (or inf)")
+        names = [m.strip() for m in methods.split(",")] if methods else list(METHODS)
+        unknown = sorted(set(names) - set(METHODS))
+        if unknown:
+            raise ConfigError(f"--epsilon {spec!r}: unknown methods {unknown}; known: {METHODS}")
+        cells += [Cell(name, epsilon) for name in names if Cell(name, epsilon) not in cells]
+    return cells
+
+
+def at_level(config: RunConfig, epsilon: float) -> RunConfig:
+    """``config`` with DP off (``inf``) or calibrated to reach ``epsilon`` after all rounds."""
+    dp = {"enabled": False} if math.isinf(epsilon) else {"enabled": True, "target_epsilon": epsilon}
+    return config.model_copy(update={"dp": config.dp.model_copy(update=dp)})
+
+
+def _fresh(folder: Path) -> Path:
+    """An empty work folder: a half-done baseline restarts, its ledgers would refuse rounds."""
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    return folder
+
+
+def _federated(
+    cell: Cell, config: RunConfig, runs: Path, test_cases: int, cpus_per_client: float
+) -> tuple[dict[str, Metrics], dict[str, float], bool]:
+    """Run (or resume, or reuse) the federation, then score its final adapters on test."""
+    final = runs / cell.key
+    resumed = final.exists() or (runs / f"{cell.key}{INCOMPLETE}").exists()
+    if not final.exists():
+        pending = runs / f"{cell.key}{INCOMPLETE}"
+        config = config.model_copy(
+            update={"federation": config.federation.model_copy(update={"strategy": cell.method})}
+        )
+        record = RunRecord(pending) if pending.exists() else prepare_run(config, runs, cell.key)
+        simulate(record, cpus_per_client)
+    config = load_config(final / CONFIG_FILE)
+    state = final / "platform_state"
+    clients = evaluation_clients(config, state)
+    scorer, _ = shared_scorer(config.model, config.lora, cell.method)
+    load_adapter(scorer, RunRecord(final).adapter_dir(config.federation.rounds))
+    metrics = test_metrics(clients, trainable_arrays(scorer, clients[0].shared), test_cases)
+    epsilons = {
+        name: PrivacyLedger.load(state / name / "privacy_ledger.json").spent()
+        if config.dp.enabled
+        else math.inf
+        for name in metrics
+    }
+    return metrics, epsilons, resumed
+
+
+def run_cell(
+    cell: Cell,
+    config: RunConfig,
+    initial: Arrays,
+    out: Path,
+    test_cases: int,
+    cpus_per_client: float,
+) -> dict[str, Any]:
+    """Train and score one cell; returns its record (also cached in ``OUT/cells/``)."""
+    started = time.perf_counter()
+    config = at_level(config, cell.epsilon)
+    work = out / "runs" / cell.key
+    rate = learning_rate_schedule(config)
+    resumed = False  # baselines restart from scratch; a federation may continue a run
+    if cell.method == "popularity":
+        metrics = popularity(config, _fresh(work), test_cases)
+        epsilons = dict.fromkeys(metrics, math.inf)  # raw counts: no DP mechanism at all
+    elif cell.method == "local":
+        metrics, epsilons = train_local(config, initial, rate, _fresh(work), test_cases)
+    elif cell.method == "centralized":
+        metrics, epsilons = train_centralized(config, initial, rate, _fresh(work), test_cases)
+    else:
+        metrics, epsilons, resumed = _federated(
+            cell, config, out / "runs", test_cases, cpus_per_client
+        )
+    return {
+        "method": cell.method,
+        "target_epsilon": cell.epsilon,
+        "platforms": metrics,
+        "epsilon": epsilons,
+        "wall_s": round(time.perf_counter() - started, 1),
+        "resumed": resumed,  # then wall_s misses the earlier part of the run
+    }
+
+
+def _mean(values: Sequence[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
+
+
+def _fmt(value: float, digits: int = 4) -> str:
+    return "∞" if math.isinf(value) else "–" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def level_table(results: Sequence[dict[str, Any]]) -> str:
+    """One level's cells: a row per (method, platform) and the mean over platforms."""
+    rows = []
+    for result in results:
+        per_platform = result["platforms"]
+        for platform, metrics in sorted(per_platform.items()):
+            rows.append(
+                [
+                    result["method"],
+                    platform,
+                    *(_fmt(metrics[k]) for k in COLUMNS),
+                    _fmt(result["epsilon"][platform], 3),
+                ]
+            )
+        means = [_mean([m[k] for m in per_platform.values()]) for k in COLUMNS]
+        rows.append(
+            [
+                f"**{result['method']}**",
+                "**mean**",
+                *(f"**{_fmt(v)}**" for v in means),
+                _fmt(max(result["epsilon"].values()), 3),
+            ]
+        )
+    return markdown_table(["method", "platform", *COLUMNS.values(), "ε"], rows)
+
+
+def ndcg_pivot(results: Sequence[dict[str, Any]]) -> str:
+    """NDCG@10 by method (rows) and platform (columns): the table to read first."""
+    platforms = sorted({p for r in results for p in r["platforms"]})
+    rows = [
+        [
+            r["method"],
+            *(_fmt(r["platforms"].get(p, {}).get("ndcg@10", math.nan)) for p in platforms),
+            _fmt(_mean([m["ndcg@10"] for m in r["platforms"].values()])),
+            f"{r['wall_s']:.0f}" + (" (resumed)" if r.get("resumed") else ""),
+        ]
+        for r in results
+    ]
+    return markdown_table(["method", *platforms, "mean", "wall s"], rows)
+
+
+def target_statements(results: Sequence[dict[str, Any]]) -> list[str]:
+    """The stated targets against the measured numbers, for every DP level measured:
+    federated DP beats local-only on every platform, and reaches ≥ 90 % of centralized
+    non-private NDCG@10 (mean over platforms)."""
+    found = {(r["method"], r["target_epsilon"]): r for r in results}
+    reference = found.get(("centralized", math.inf))
+    lines = []
+    for (method, epsilon), result in sorted(found.items()):
+        if method not in FEDERATED or math.isinf(epsilon):
+            continue
+        level = f"{method} at ε = {epsilon:g}"
+        local = found.get(("local", epsilon))
+        if local:
+            ours, theirs = result["platforms"], local["platforms"]
+            losing = [p for p in ours if ours[p]["ndcg@10"] <= theirs[p]["ndcg@10"]]
+            verdict = "met" if not losing else f"missed on {', '.join(sorted(losing))}"
+            lines.append(f"- {level} beats local-only on every platform (NDCG@10): **{verdict}**")
+        if reference:
+            mean = _mean([m["ndcg@10"] for m in result["platforms"].values()])
+            goal = _mean([m["ndcg@10"] for m in reference["platforms"].values()])
+            share = mean / goal if goal else math.nan
+            verdict = "met" if share >= TARGET_SHARE else "missed"
+            lines.append(
+                f"- {level} reaches {share:.1%} of centralized non-private NDCG@10 "
+                f"({mean:.4f} vs {goal:.4f}; target ≥ {TARGET_SHARE:.0%}): **{verdict}**"
+            )
+    return lines
+
+
+def plot(results: Sequence[dict[str, Any]], path: Path) -> None:
+    """Grouped bars: NDCG@10 per platform, one group per method, one panel per level."""
+    levels = sorted({r["target_epsilon"] for r in results}, key=lambda e: (math.isinf(e), -e))
+    figure, axes = plt.subplots(
+        1, len(levels), figsize=(6 * len(levels), 4.2), squeeze=False, sharey=True
+    )
+    for axis, epsilon in zip(axes[0], levels, strict=True):
+        chosen = [r for r in results if r["target_epsilon"] == epsilon]
+        platforms = sorted({p for r in chosen for p in r["platforms"]})
+        width = 0.8 / max(len(chosen), 1)
+        for index, result in enumerate(chosen):
+            values = [result["platforms"].get(p, {}).get("ndcg@10", math.nan) for p in platforms]
+            positions = [k + index * width for k in range(len(platforms))]
+            axis.bar(positions, values, width, label=result["method"])
+        axis.set_xticks([k + 0.4 - width / 2 for k in range(len(platforms))])
+        axis.set_xticklabels(platforms, rotation=20, fontsize=8)
+        axis.set_title("non-private" if math.isinf(epsilon) else f"ε = {epsilon:g}")
+        axis.set_ylabel("NDCG@10 (test)")
+        axis.grid(axis="y", alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    temporary = path.with_name(f".{path.name}.tmp.png")
+    figure.savefig(temporary, dpi=120)
+    plt.close(figure)
+    temporary.replace(path)
+
+
+def report(results: Sequence[dict[str, Any]], out: Path, command: str) -> str:
+    """Write comparison.json, comparison.md and ndcg_at_10.png; return the Markdown."""
+    levels = sorted({r["target_epsilon"] for r in results}, key=lambda e: (math.isinf(e), -e))
+    sections = [
+        "# FedFuse comparison\n",
+        f"Command: `{command}`\n",
+        f"Total wall time of the cells: {sum(r['wall_s'] for r in results) / 60:.1f} min.\n",
+        "![NDCG@10 per platform and method](ndcg_at_10.png)\n",
+        "## Targets\n",
+        "\n".join(target_statements(results)) or "(no federated DP cell with its baselines)",
+        "",
+    ]
+    for epsilon in levels:
+        chosen = [r for r in results if r["target_epsilon"] == epsilon]
+        title = "non-private" if math.isinf(epsilon) else f"ε = {epsilon:g}"
+        sections += [
+            f"## {title}\n",
+            "NDCG@10 on the test split:\n",
+            ndcg_pivot(chosen),
+            "",
+            "All metrics, and the ε each platform spent:\n",
+            level_table(chosen),
+            "",
+        ]
+    text = "\n".join(sections)
+    atomic_write(out / "comparison.json", json.dumps(list(results), indent=2) + "\n")
+    atomic_write(out / "comparison.md", text)
+    plot(results, out / "ndcg_at_10.png")
+    return text
+
+
+def compare(
+    config: RunConfig,
+    cells: Sequence[Cell],
+    out: Path,
+    test_cases: int,
+    command: str,
+    cpus_per_client: float = 1.0,
+    progress: Callable[[str], None] = print,
+) -> str:
+    """Run every cell (reusing cached ones), then write the report; returns its Markdown."""
+    cache = out / "cells"
+    settings = json.dumps(config.model_dump(mode="json"), indent=2) + "\n"
+    recorded = out / CONFIG_FILE
+    if recorded.exists() and recorded.read_text(encoding="utf-8") != settings:
+        raise ConfigError(f"{recorded}: {out} compares another configuration; use a new --out")
+    atomic_write(recorded, settings)
+    initial = seeded_arrays(config.model, config.lora, "fedavg")  # every method starts here
+    results = []
+    for index, cell in enumerate(cells, start=1):
+        path = cache / f"{cell.key}.json"
+        if path.exists():
+            progress(f"[fedfuse] cell {index}/{len(cells)} {cell.key}: cached")
+            results.append(json.loads(path.read_text(encoding="utf-8")))
+            continue
+        progress(f"[fedfuse] cell {index}/{len(cells)} {cell.key}: started")
+        result = run_cell(cell, config, initial, out, test_cases, cpus_per_client)
+        atomic_write(path, json.dumps(result, indent=2) + "\n")
+        mean = _mean([m["ndcg@10"] for m in result["platforms"].values()])
+        progress(
+            f"[fedfuse] cell {index}/{len(cells)} {cell.key}: mean NDCG@10 {mean:.4f} "
+            f"in {result['wall_s']:.0f} s"
+        )
+        results.append(result)
+    return report(results, out, command)

@@ -1,0 +1,145 @@
+"""``fedfuse compare``: cells, baselines, the report and its stated targets."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.ledger import LEDGER_FILE, PrivacyLedger
+from common.cli import main
+from common.config import load_config
+from common.errors import ConfigError
+from common.evaluation import evaluate
+from common.sharing import seeded_arrays, shared_scorer
+from common.task import Example, PlatformTask, RankingCase
+from server.baselines import PopularityScorer, evaluation_clients, pooled_task, train_local
+from server.compare import Cell, parse_levels, target_statements
+from server.server_app import learning_rate_schedule
+
+
+@pytest.fixture
+def config_file(tmp_path: Path, write_run_config) -> Path:
+    return write_run_config(
+        tmp_path / "run.toml",
+        train={"learning_rate": 5e-3, "eval_max_cases": 5},
+        dp={"delta": 1e-4},  # < 1/N of the pooled centralized baseline
+    )
+
+
+def test_levels_name_their_methods() -> None:
+    cells = parse_levels(["8", "1:local,ffa", "inf:centralized", "1:ffa"])
+    assert cells[:6] == [Cell(m, 8.0) for m in ("popularity", "local", "centralized")] + [
+        Cell(m, 8.0) for m in ("fedavg", "ffa", "fedsa")
+    ]
+    assert cells[6:] == [Cell("local", 1.0), Cell("ffa", 1.0), Cell("centralized", math.inf)]
+    assert Cell("ffa", math.inf).key == "ffa@nonprivate" and Cell("ffa", 1.0).key == "ffa@eps1"
+    for bad in ["x", "0", "-1:local", "8:local,fedprox"]:
+        with pytest.raises(ConfigError, match="--epsilon"):
+            parse_levels([bad])
+
+
+def test_popularity_ranks_by_positive_train_counts() -> None:
+    train = [Example("u", (), item, 1) for item in ["b", "b", "b", "c", "c"]]
+    train += [Example("u", (), "a", 0)] * 5  # negatives do not count
+    task = PlatformTask("p", train=train)
+    task.test = [Example("v", (), "b", 1), Example("v", (), "a", 0)]
+    task.test_ranking = [RankingCase("v", (), "c", ("a", "b", "d"))]
+    metrics = evaluate(PopularityScorer(task), None, task, "test")  # type: ignore[arg-type]
+    assert metrics["mrr"] == pytest.approx(1 / 2)  # c (2 likes) ranks behind b (3 likes)
+    assert metrics["auc"] == pytest.approx(1.0)
+
+
+def test_pooled_task_keeps_platforms_items_apart(config_file: Path, tmp_path: Path) -> None:
+    clients = evaluation_clients(load_config(config_file), tmp_path / "state")
+    task, item_text = pooled_task(clients)
+    assert len(task.train) == sum(len(c.task.train) for c in clients)
+    assert len(item_text) == sum(len(c.featurizer.item_text) for c in clients)
+    first = clients[0].task.train[0]
+    pooled = task.train[0]
+    assert item_text[pooled.candidate] == clients[0].featurizer.item_text[first.candidate]
+    assert [item_text[i] for i in pooled.history] == [
+        clients[0].featurizer.item_text[i] for i in first.history
+    ]
+
+
+def test_local_baseline_trains_each_platform_within_its_budget(
+    config_file: Path, tmp_path: Path
+) -> None:
+    config = load_config(config_file)
+    scorer, _ = shared_scorer(config.model, config.lora, "fedavg")
+    initial = seeded_arrays(config.model, config.lora, "fedavg")
+    metrics, epsilons = train_local(
+        config, initial, learning_rate_schedule(config), tmp_path / "state", 0
+    )
+    assert sorted(metrics) == sorted(epsilons) == ["p0", "p1"]
+    for platform, spent in epsilons.items():
+        ledger = PrivacyLedger.load(tmp_path / "state" / platform / LEDGER_FILE)
+        assert [e["server_round"] for e in ledger.entries] == [1, 2]
+        assert spent == pytest.approx(ledger.spent()) and spent <= config.dp.target_epsilon
+    trained = {n: p.detach().numpy() for n, p in scorer.named_parameters() if p.requires_grad}
+    assert any(not np.allclose(trained[n], initial[n]) for n in initial)
+    assert all(np.isfinite(list(m.values())).all() for m in metrics.values())
+
+
+def test_compare_writes_one_report_and_resumes_from_cached_cells(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "cmp"
+    args = ["compare", "--config", str(config_file), "--out", str(out), "--test-cases", "6"]
+    levels = ["--epsilon", "4:popularity,local,centralized,fedsa", "--epsilon", "inf:centralized"]
+    assert main([*args, *levels]) == 0
+    results = json.loads((out / "comparison.json").read_text())
+    assert [(r["method"], r["target_epsilon"]) for r in results] == [
+        ("popularity", 4.0),
+        ("local", 4.0),
+        ("centralized", 4.0),
+        ("fedsa", 4.0),
+        ("centralized", math.inf),
+    ]
+    for result in results:
+        assert sorted(result["platforms"]) == ["p0", "p1"]
+        for metrics in result["platforms"].values():
+            assert metrics["num-examples"] == 6
+    by_key = {(r["method"], r["target_epsilon"]): r for r in results}
+    assert max(by_key["fedsa", 4.0]["epsilon"].values()) <= 4.0
+    pooled = PrivacyLedger.load(out / "runs" / "centralized@eps4" / "centralized" / LEDGER_FILE)
+    clients = evaluation_clients(load_config(config_file), tmp_path / "state")
+    assert pooled.header["dataset_size"] == sum(len(c.task.train) for c in clients)
+    assert [e["steps"] for e in pooled.entries] == [2 * 2, 2 * 2]  # local_steps × platforms
+    report = (out / "comparison.md").read_text()
+    assert "## ε = 4" in report and "## non-private" in report
+    assert "fedsa at ε = 4 reaches" in report
+    assert (out / "ndcg_at_10.png").stat().st_size > 1000
+    capsys.readouterr()
+
+    assert main([*args, *levels]) == 0  # every cell cached: nothing retrains
+    assert capsys.readouterr().out.count(": cached") == 5
+
+    assert main([*args, "--set", "train.local_steps=3", *levels]) == 2
+    assert "compares another configuration" in capsys.readouterr().err
+
+
+def _result(method: str, epsilon: float, ndcg: dict[str, float]) -> dict[str, object]:
+    return {
+        "method": method,
+        "target_epsilon": epsilon,
+        "platforms": {p: {"ndcg@10": v} for p, v in ndcg.items()},
+    }
+
+
+def test_targets_are_stated_against_the_measured_numbers() -> None:
+    results = [
+        _result("local", 8.0, {"a": 0.10, "b": 0.20}),
+        _result("ffa", 8.0, {"a": 0.15, "b": 0.20}),
+        _result("fedavg", 8.0, {"a": 0.30, "b": 0.30}),
+        _result("centralized", math.inf, {"a": 0.30, "b": 0.30}),
+    ]
+    lines = target_statements(results)
+    assert "- fedavg at ε = 8 beats local-only on every platform (NDCG@10): **met**" in lines
+    assert "- ffa at ε = 8 beats local-only on every platform (NDCG@10): **missed on b**" in lines
+    assert any("ffa at ε = 8 reaches 58.3%" in line and "**missed**" in line for line in lines)
+    assert any("fedavg at ε = 8 reaches 100.0%" in line and "**met**" in line for line in lines)
