@@ -63,7 +63,7 @@ def _simulate(args: argparse.Namespace) -> None:
         record.read_config()  # a clear error for a folder that is not a run
     else:
         record = prepare_run(load_config(args.config, args.set), Path(args.runs), args.name)
-    print(f"finished: {simulate(record, args.cpus_per_client)}")
+    print(f"finished: {simulate(record, args.cpus_per_client, args.gpus_per_client)}")
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -146,6 +146,9 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--name", help="run folder name (default: strategy and time)")
     simulate.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run")
     simulate.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per actor")
+    simulate.add_argument(
+        "--gpus-per-client", type=float, default=0.0, help="Ray GPU share per actor (0 = CPU)"
+    )
     simulate.set_defaults(run=_simulate)
 
     comparison = commands.add_parser(

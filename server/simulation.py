@@ -45,8 +45,12 @@ def prepare_run(config: RunConfig, runs: Path, name: str | None) -> RunRecord:
     return record
 
 
-def simulate(record: RunRecord, cpus_per_client: float = 1.0) -> Path:
-    """Run (or resume) the federation recorded in ``record``; returns the finished folder."""
+def simulate(record: RunRecord, cpus_per_client: float = 1.0, gpus_per_client: float = 0.0) -> Path:
+    """Run (or resume) the federation recorded in ``record``; returns the finished folder.
+
+    Ray gives each platform's actor its CPUs and GPU share (e.g. 0.5: two actors per GPU) and
+    hides GPUs from actors without one; ``train.device = "auto"`` then trains on what it sees.
+    """
     from flwr.simulation import run_simulation
 
     from client.client_app import app as client_app
@@ -72,7 +76,7 @@ def simulate(record: RunRecord, cpus_per_client: float = 1.0) -> Path:
             client_app=client_app,
             num_supernodes=platforms,
             backend_config={
-                "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+                "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
                 "init_args": {"num_cpus": os.cpu_count() or 1},
             },
         )

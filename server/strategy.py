@@ -111,6 +111,7 @@ class FedFuseStrategy(FedAvg):
         # An error the SuperLink generates for a lost node comes from the SuperLink itself: the
         # node is the one the original message went to.
         sent_to = {m.metadata.message_id: m.metadata.dst_node_id for m in self.outbox}
+        sent_to.pop("", None)  # messages no grid has pushed (ids are set on push)
         events = [
             reply_event(
                 kind,

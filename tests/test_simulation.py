@@ -10,13 +10,18 @@ import numpy as np
 import pytest
 import torch
 from peft import PeftModel
+from safetensors.torch import load_file
 from transformers import AutoModel
 
 from client.ledger import LEDGER_FILE
-from common.config import RUN_CONFIG_ENV, load_config
+from client.platform_client import federation_platforms
+from common.config import RUN_CONFIG_ENV, RunConfig, load_config
+from common.platform_data import read_platform
+from common.task import build_task
 from server import server_app
 from server.run_record import RunRecord
 from server.simulation import prepare_run, simulate
+from server.strategy import FedFuseStrategy
 
 
 @pytest.fixture
@@ -30,12 +35,45 @@ def _lora(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach() for n, p in model.named_parameters() if "lora_" in n}
 
 
+def _train_examples(config: RunConfig) -> dict[str, int]:
+    """Each platform's number of training examples, counted here from its data folder."""
+    return {
+        name: len(build_task(read_platform(folder, name), config.task).train)
+        for name, folder in federation_platforms(config)
+    }
+
+
 @pytest.mark.parametrize("strategy", ["fedavg", "ffa", "fedsa"])
 def test_two_rounds_of_each_strategy(
-    tmp_path: Path, config_file: Path, tiny_bert_dir: Path, strategy: str
+    tmp_path: Path, config_file: Path, tiny_bert_dir: Path, strategy: str, monkeypatch
 ) -> None:
     config = load_config(config_file, [f"federation.strategy='{strategy}'"])
+    aggregations = []  # what the ServerApp (in this process) received and produced per round
+    real_aggregate = FedFuseStrategy.aggregate_train
+
+    def recording(self, server_round, replies):
+        replies = list(replies)
+        result = real_aggregate(self, server_round, replies)
+        aggregations.append((replies, result[0]))
+        return result
+
+    monkeypatch.setattr(FedFuseStrategy, "aggregate_train", recording)
     run = simulate(prepare_run(config, tmp_path / "runs", strategy))
+    # the exact rule: Σ n_k x_k / Σ n_k per tensor, with n_k counted independently
+    examples = _train_examples(config)
+    assert len(aggregations) == 2 and len(set(examples.values())) > 1  # unequal weights
+    for server_round, (replies, aggregate) in enumerate(aggregations, start=1):
+        weights = [examples[str(r.content["platform"]["name"])] for r in replies]
+        assert sorted(weights) == sorted(examples.values())
+        checkpoint = run / "adapters" / f"round_{server_round:03d}"
+        saved = load_file(checkpoint / "adapter_model.safetensors")
+        for name, array in aggregate.items():
+            uploads = [r.content["arrays"][name].numpy() for r in replies]
+            expected = sum(w * u for w, u in zip(weights, uploads, strict=True)) / sum(weights)
+            np.testing.assert_allclose(array.numpy(), expected, rtol=1e-6, atol=1e-7)
+            if ".lora_" in name:  # the checkpoint holds exactly this round's aggregate
+                peft_name = name.removeprefix("encoder.").replace(".default", "")
+                np.testing.assert_allclose(saved[peft_name].numpy(), expected, rtol=1e-6, atol=1e-7)
     assert run == tmp_path / "runs" / strategy and run.is_dir()
     assert not list((tmp_path / "runs").glob("*.incomplete"))
     record = RunRecord(run)
