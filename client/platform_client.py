@@ -25,7 +25,7 @@ from common.config import RunConfig
 from common.errors import DataError
 from common.evaluation import evaluate
 from common.model import Scorer, TextFeaturizer
-from common.platform_data import platform_dirs, read_platform
+from common.platform_data import federation_platforms, read_platform
 from common.sharing import private_names, shared_names, shared_scorer
 from common.task import PlatformTask, build_task
 from common.training import resolve_device
@@ -40,17 +40,6 @@ class PlatformIdentity:
     state_dir: Path
 
 
-def federation_platforms(config: RunConfig) -> list[tuple[str, Path]]:
-    """The simulated federation's platforms (name, folder), in partition-id order: the folders
-    under ``data.path`` sorted by name, or in the order ``data.platforms`` lists them."""
-    folders = {p.name: p for p in platform_dirs(config.data.path)}
-    names = config.data.platforms or sorted(folders)
-    unknown = [n for n in names if n not in folders]
-    if unknown:
-        raise DataError(config.data.path, f"data.platforms names unknown platforms {unknown}")
-    return [(name, folders[name]) for name in names]
-
-
 def identify(node_config: dict[str, Any], config: RunConfig) -> PlatformIdentity:
     """Deployment nodes name their platform and folders; simulation nodes get a partition id.
 
@@ -62,7 +51,7 @@ def identify(node_config: dict[str, Any], config: RunConfig) -> PlatformIdentity
         data_dir = Path(str(node_config["data-dir"]))
         name = str(node_config.get("platform", data_dir.name))
     elif "partition-id" in node_config:
-        platforms = federation_platforms(config)
+        platforms = federation_platforms(config.data)
         index = int(node_config["partition-id"])
         if not 0 <= index < len(platforms):
             raise DataError(

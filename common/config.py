@@ -218,6 +218,16 @@ def _parse_override(text: str) -> tuple[list[str], Any]:
     return parts, value
 
 
+def with_settings(config: RunConfig, **sections: dict[str, Any]) -> RunConfig:
+    """``config`` with some fields of some sections replaced, e.g. ``dp={"enabled": False}``."""
+    return config.model_copy(
+        update={
+            name: getattr(config, name).model_copy(update=fields)
+            for name, fields in sections.items()
+        }
+    )
+
+
 def load_config(
     path: Path | str | None = None, overrides: list[str] | tuple[str, ...] = ()
 ) -> RunConfig:

@@ -19,10 +19,14 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from common.errors import DataError
+
+if TYPE_CHECKING:
+    from common.config import DataConfig
 
 FORMATS = {".csv": ",", ".tsv": "\t", ".jsonl": None}
 INTERACTIONS = "interactions"
@@ -358,6 +362,17 @@ def platform_dirs(path: Path | str) -> list[Path]:
             path, f"neither a platform folder nor a folder of platforms (no {INTERACTIONS} file)"
         )
     return children
+
+
+def federation_platforms(data: DataConfig) -> list[tuple[str, Path]]:
+    """The simulated federation's platforms (name, folder), in partition-id order: the folders
+    under ``data.path`` sorted by name, or in the order ``data.platforms`` lists them."""
+    folders = {p.name: p for p in platform_dirs(data.path)}
+    names = data.platforms or sorted(folders)
+    unknown = [n for n in names if n not in folders]
+    if unknown:
+        raise DataError(data.path, f"data.platforms names unknown platforms {unknown}")
+    return [(name, folders[name]) for name in names]
 
 
 def read_dataset(path: Path | str) -> list[PlatformData]:

@@ -98,7 +98,7 @@ def _plain(config_path: Path, out: Path, threads: int) -> list[tuple[float, floa
     from client.platform_client import PlatformClient, identify
     from common.adapters import load_trainable_arrays, save_adapter, trainable_arrays
     from common.config import load_config
-    from common.platform_data import platform_dirs
+    from common.platform_data import federation_platforms
     from common.sharing import shared_names, shared_scorer
     from server.server_app import learning_rate_schedule
 
@@ -109,7 +109,7 @@ def _plain(config_path: Path, out: Path, threads: int) -> list[tuple[float, floa
     names = shared_names(trainable_arrays(scorer), config.federation.strategy)
     arrays = trainable_arrays(scorer, names)
     rate = learning_rate_schedule(config)
-    platforms = len(platform_dirs(config.data.path))
+    platforms = len(federation_platforms(config.data))
     clients: dict[int, PlatformClient] = {}
     for server_round in range(1, config.federation.rounds + 1):
         replies = []

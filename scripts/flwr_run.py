@@ -49,7 +49,9 @@ import psutil
 from common.atomic import atomic_write
 from common.config import load_config
 from common.errors import FedFuseError
-from common.platform_data import platform_dirs
+from common.platform_data import federation_platforms
+from common.processes import stop_processes
+from server.deploy import flower_env
 from server.run_record import CONFIG_FILE, RunRecord
 from server.simulation import finish_run, prepare_run
 
@@ -85,20 +87,15 @@ def _default_config_file() -> str:
 
 
 def _environment(flwr_home: Path) -> dict[str, str]:
-    """The SuperLink's environment; ServerApp and ClientApps inherit it."""
-    env = dict(os.environ)
-    env.update(
-        FLWR_HOME=str(flwr_home),
-        **{TAG_VARIABLE: uuid.uuid4().hex},
-        FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-        FLWR_TELEMETRY_ENABLED="0",
-        RAY_DEDUP_LOGS="0",
-        HF_HUB_OFFLINE=env.get("HF_HUB_OFFLINE", "1"),
-        TOKENIZERS_PARALLELISM=env.get("TOKENIZERS_PARALLELISM", "false"),
-        PATH=os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")]),
-    )
-    return env
+    """The SuperLink's environment; ServerApp and ClientApps inherit it. The offline settings
+    are the deployment's (``flower_env``), plus a tag that finds every process of this run."""
+    return {
+        **os.environ,
+        **flower_env(flwr_home),
+        TAG_VARIABLE: uuid.uuid4().hex,
+        "RAY_DEDUP_LOGS": "0",
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
+    }
 
 
 def _write_connection(flwr_home: Path, port: int) -> None:
@@ -170,14 +167,7 @@ def stop_superlink(process: subprocess.Popen, tag: str) -> None:
     """Terminate the SuperLink and every process started under it; SIGKILL what is left."""
     with contextlib.suppress(ProcessLookupError):
         os.killpg(process.pid, signal.SIGTERM)
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        left = _started_by(tag)
-        for proc in left:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                proc.send_signal(sig)
-        _, left = psutil.wait_procs(left, timeout=10)
-        if not left:
-            break
+    stop_processes(lambda: _started_by(tag))
     process.wait(timeout=10)
 
 
@@ -213,7 +203,7 @@ def run(args: argparse.Namespace) -> Path:
     else:
         config = load_config(config_file, config_overrides)
         record = prepare_run(config, Path(args.runs).resolve(), args.name)
-    platforms = len(config.data.platforms) or len(platform_dirs(config.data.path))
+    platforms = len(federation_platforms(config.data))
     flwr_home = Path(args.flwr_home).resolve()
     env = _environment(flwr_home)
     _write_connection(flwr_home, args.port)

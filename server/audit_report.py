@@ -11,6 +11,8 @@ import html
 import io
 from typing import Any
 
+from common.dataset_summary import markdown_table
+
 FLAG_MARK = "!!"
 
 
@@ -24,11 +26,6 @@ def _distinct(rounds: list[dict[str, Any]], key: str) -> str:
     """One value if every round used it, else each distinct value (σ may change on restart)."""
     values = list(dict.fromkeys(r[key] for r in rounds))
     return ", ".join(_number(v) for v in values) if values else "-"
-
-
-def _markdown(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 PLATFORM_HEADER = [
@@ -139,16 +136,16 @@ def summary_text(report: dict[str, Any]) -> str:
     model = report["model"]
     parts = [
         preamble(report),
-        _markdown(PLATFORM_HEADER, platform_rows(report)),
+        markdown_table(PLATFORM_HEADER, platform_rows(report)),
         f"full model (fp32): {model['full_model_bytes']:,} B; shared tensors "
         f"{len(model['shared_tensors'])} ({model['shared_bytes']:,} B raw); bytes below are "
         "serialised payloads as sent",
-        _markdown(BYTES_HEADER, bytes_rows(report)),
+        markdown_table(BYTES_HEADER, bytes_rows(report)),
     ]
     if report["canary"]:
         confidence = report["canary"]["confidence"]
         parts.append(f"canary audit (confidence {confidence}):\n")
-        parts[-1] += _markdown(CANARY_HEADER, canary_rows(report))
+        parts[-1] += markdown_table(CANARY_HEADER, canary_rows(report))
     flags = report["flags"]
     lines = [f"note: {note}" for note in report["notes"]]
     lines.append(f"flags: {len(flags)}" if flags else "flags: 0 (audit clean)")

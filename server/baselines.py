@@ -15,42 +15,34 @@ code path the federation's evaluation uses.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from client.platform_client import PlatformClient, PlatformIdentity, federation_platforms
-from common.config import RunConfig
+from client.platform_client import PlatformClient, PlatformIdentity
+from common.config import RunConfig, with_settings
 from common.model import TextFeaturizer
+from common.platform_data import federation_platforms
 from common.task import Example, PlatformTask, RankingCase
+from server.server_app import learning_rate_schedule
 
 Arrays = dict[str, np.ndarray]
 Metrics = dict[str, float]
 POOLED = "centralized"
 
 
-def _with(config: RunConfig, **sections: dict[str, object]) -> RunConfig:
-    """``config`` with some fields of some sections replaced."""
-    return config.model_copy(
-        update={
-            name: getattr(config, name).model_copy(update=fields)
-            for name, fields in sections.items()
-        }
-    )
-
-
 def platform_clients(config: RunConfig, state_root: Path) -> list[PlatformClient]:
     """One client per platform of the federation, its state folder under ``state_root``."""
     return [
         PlatformClient(PlatformIdentity(name, folder, state_root / name), config)
-        for name, folder in federation_platforms(config)
+        for name, folder in federation_platforms(config.data)
     ]
 
 
 def evaluation_clients(config: RunConfig, state_root: Path) -> list[PlatformClient]:
     """Clients that only evaluate: DP off, so no ledger is opened or noise calibrated."""
-    return platform_clients(_with(config, dp={"enabled": False}), state_root)
+    return platform_clients(with_settings(config, dp={"enabled": False}), state_root)
 
 
 def test_metrics(
@@ -60,10 +52,10 @@ def test_metrics(
     return {c.identity.name: c.evaluate(arrays, "test", max_cases) for c in clients}
 
 
-def train_rounds(
-    client: PlatformClient, initial: Arrays, learning_rate: Callable[[int], float]
-) -> tuple[Arrays, float]:
-    """The federation's rounds on one client without aggregation; returns tensors and final ε."""
+def train_rounds(client: PlatformClient, initial: Arrays) -> tuple[Arrays, float]:
+    """The federation's rounds (and its learning-rate schedule) on one client without
+    aggregation; returns the tensors and the final ε."""
+    learning_rate = learning_rate_schedule(client.config)
     arrays = {name: initial[name] for name in client.shared}
     epsilon = float("inf")
     rounds = client.config.federation.rounds
@@ -78,17 +70,13 @@ def train_rounds(
 
 
 def train_local(
-    config: RunConfig,
-    initial: Arrays,
-    learning_rate: Callable[[int], float],
-    state_root: Path,
-    max_cases: int,
+    config: RunConfig, initial: Arrays, state_root: Path, max_cases: int
 ) -> tuple[dict[str, Metrics], dict[str, float]]:
     """Each platform trains alone; returns its test metrics and its ε."""
-    config = _with(config, federation={"strategy": "fedavg"})
+    config = with_settings(config, federation={"strategy": "fedavg"})
     metrics, epsilons = {}, {}
     for client in platform_clients(config, state_root):
-        arrays, epsilons[client.identity.name] = train_rounds(client, initial, learning_rate)
+        arrays, epsilons[client.identity.name] = train_rounds(client, initial)
         metrics |= test_metrics([client], arrays, max_cases)
     return metrics, epsilons
 
@@ -118,22 +106,19 @@ def pooled_task(clients: Sequence[PlatformClient]) -> tuple[PlatformTask, dict[s
 
 
 def train_centralized(
-    config: RunConfig,
-    initial: Arrays,
-    learning_rate: Callable[[int], float],
-    state_root: Path,
-    max_cases: int,
+    config: RunConfig, initial: Arrays, state_root: Path, max_cases: int
 ) -> tuple[dict[str, Metrics], dict[str, float]]:
     """One model on the pooled train examples, as many optimiser steps per round as all
     platforms together take in the federation; returns per-platform test metrics and its ε."""
-    config = _with(config, federation={"strategy": "fedavg"})
+    config = with_settings(config, federation={"strategy": "fedavg"})
     clients = evaluation_clients(config, state_root)
     if config.train.local_steps:
-        config = _with(config, train={"local_steps": config.train.local_steps * len(clients)})
+        steps = config.train.local_steps * len(clients)
+        config = with_settings(config, train={"local_steps": steps})
     task, item_text = pooled_task(clients)
     identity = PlatformIdentity(POOLED, state_root, state_root / POOLED)
     pooled = PlatformClient(identity, config, task=task, item_text=item_text)
-    arrays, epsilon = train_rounds(pooled, initial, learning_rate)
+    arrays, epsilon = train_rounds(pooled, initial)
     metrics = test_metrics(clients, arrays, max_cases)
     return metrics, dict.fromkeys(metrics, epsilon)
 

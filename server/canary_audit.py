@@ -45,7 +45,7 @@ from common.atomic import atomic_write
 from common.config import RunConfig
 from common.errors import ConfigError
 from common.model import Scorer, TextFeaturizer
-from common.platform_data import platform_dirs
+from common.platform_data import federation_platforms
 from common.sharing import private_names, shared_scorer
 
 AUDIT_FILE = "canary_audit.json"
@@ -153,7 +153,7 @@ def check_audit_platform(config: RunConfig) -> None:
     """Refuse, before any training, to audit a platform the federation does not have."""
     if not config.audit.canaries:
         return
-    names = config.data.platforms or [p.name for p in platform_dirs(config.data.path)]
+    names = [name for name, _ in federation_platforms(config.data)]
     if config.audit.canary_platform not in names:
         raise ConfigError(
             f"audit.canary_platform = {config.audit.canary_platform!r} is not one of {names}"

@@ -24,10 +24,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from client.ledger import PrivacyLedger  # noqa: E402
+from client.ledger import LEDGER_FILE, PrivacyLedger  # noqa: E402
 from common.adapters import load_adapter, trainable_arrays  # noqa: E402
 from common.atomic import atomic_write  # noqa: E402
-from common.config import RunConfig, load_config  # noqa: E402
+from common.config import RunConfig, load_config, with_settings  # noqa: E402
 from common.dataset_summary import markdown_table  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
 from common.sharing import seeded_arrays, shared_scorer  # noqa: E402
@@ -41,7 +41,6 @@ from server.baselines import (  # noqa: E402
     train_local,
 )
 from server.run_record import CONFIG_FILE, RunRecord  # noqa: E402
-from server.server_app import learning_rate_schedule  # noqa: E402
 from server.simulation import INCOMPLETE, prepare_run, simulate  # noqa: E402
 
 FEDERATED = ("fedavg", "ffa", "fedsa")
@@ -88,7 +87,7 @@ def parse_levels(specs: Sequence[str]) -> list[Cell]:
 def at_level(config: RunConfig, epsilon: float) -> RunConfig:
     """``config`` with DP off (``inf``) or calibrated to reach ``epsilon`` after all rounds."""
     dp = {"enabled": False} if math.isinf(epsilon) else {"enabled": True, "target_epsilon": epsilon}
-    return config.model_copy(update={"dp": config.dp.model_copy(update=dp)})
+    return with_settings(config, dp=dp)
 
 
 def _fresh(folder: Path) -> Path:
@@ -106,9 +105,7 @@ def _federated(
     resumed = final.exists() or (runs / f"{cell.key}{INCOMPLETE}").exists()
     if not final.exists():
         pending = runs / f"{cell.key}{INCOMPLETE}"
-        config = config.model_copy(
-            update={"federation": config.federation.model_copy(update={"strategy": cell.method})}
-        )
+        config = with_settings(config, federation={"strategy": cell.method})
         record = RunRecord(pending) if pending.exists() else prepare_run(config, runs, cell.key)
         simulate(record, cpus_per_client)
     config = load_config(final / CONFIG_FILE)
@@ -118,7 +115,7 @@ def _federated(
     load_adapter(scorer, RunRecord(final).adapter_dir(config.federation.rounds))
     metrics = test_metrics(clients, trainable_arrays(scorer, clients[0].shared), test_cases)
     epsilons = {
-        name: PrivacyLedger.load(state / name / "privacy_ledger.json").spent()
+        name: PrivacyLedger.load(state / name / LEDGER_FILE).spent()
         if config.dp.enabled
         else math.inf
         for name in metrics
@@ -138,15 +135,14 @@ def run_cell(
     started = time.perf_counter()
     config = at_level(config, cell.epsilon)
     work = out / "runs" / cell.key
-    rate = learning_rate_schedule(config)
     resumed = False  # baselines restart from scratch; a federation may continue a run
     if cell.method == "popularity":
         metrics = popularity(config, _fresh(work), test_cases)
         epsilons = dict.fromkeys(metrics, math.inf)  # raw counts: no DP mechanism at all
     elif cell.method == "local":
-        metrics, epsilons = train_local(config, initial, rate, _fresh(work), test_cases)
+        metrics, epsilons = train_local(config, initial, _fresh(work), test_cases)
     elif cell.method == "centralized":
-        metrics, epsilons = train_centralized(config, initial, rate, _fresh(work), test_cases)
+        metrics, epsilons = train_centralized(config, initial, _fresh(work), test_cases)
     else:
         metrics, epsilons, resumed = _federated(
             cell, config, out / "runs", test_cases, cpus_per_client

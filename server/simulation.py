@@ -14,17 +14,13 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from common.config import RUN_CONFIG_ENV, RunConfig, load_config
+from common.config import RUN_CONFIG_ENV, RunConfig, load_config, with_settings
 from common.errors import FedFuseError
-from common.platform_data import platform_dirs
+from common.platform_data import federation_platforms
 from server.report import write_report
 from server.run_record import CONFIG_FILE, RunRecord
 
 INCOMPLETE = ".incomplete"
-
-
-def _platform_count(config: RunConfig) -> int:
-    return len(config.data.platforms) or len(platform_dirs(config.data.path))
 
 
 def prepare_run(config: RunConfig, runs: Path, name: str | None) -> RunRecord:
@@ -37,9 +33,7 @@ def prepare_run(config: RunConfig, runs: Path, name: str | None) -> RunRecord:
     if root.exists() or (runs / name).exists():
         raise FedFuseError(f"{runs / name}: a run of that name exists (use --resume or --name)")
     state = (root / "platform_state").resolve()
-    config = config.model_copy(
-        update={"dp": config.dp.model_copy(update={"state_dir": str(state)})}
-    )
+    config = with_settings(config, dp={"state_dir": str(state)})
     record = RunRecord(root)
     record.write_config(config.model_dump(mode="json"))
     return record
@@ -64,7 +58,7 @@ def simulate(record: RunRecord, cpus_per_client: float = 1.0, gpus_per_client: f
             "run-dir": str(record.root.resolve()),
         }
     )
-    platforms = _platform_count(config)
+    platforms = len(federation_platforms(config.data))
     print(
         f"[fedfuse] {platforms} platforms, {config.federation.rounds} rounds, "
         f"strategy {config.federation.strategy}, run folder {record.root}",
@@ -112,6 +106,6 @@ def finish_run(record: RunRecord, config: RunConfig) -> Path:
     if final != record.root:
         record.root.rename(final)
         state = str((final / "platform_state").resolve())
-        moved = config.model_copy(update={"dp": config.dp.model_copy(update={"state_dir": state})})
+        moved = with_settings(config, dp={"state_dir": state})
         RunRecord(final).write_config(moved.model_dump(mode="json"))
     return final

@@ -18,7 +18,6 @@ from common.sharing import seeded_arrays, shared_scorer
 from common.task import Example, PlatformTask, RankingCase
 from server.baselines import PopularityScorer, evaluation_clients, pooled_task, train_local
 from server.compare import Cell, parse_levels, target_statements
-from server.server_app import learning_rate_schedule
 
 
 @pytest.fixture
@@ -72,9 +71,7 @@ def test_local_baseline_trains_each_platform_within_its_budget(
     config = load_config(config_file)
     scorer, _ = shared_scorer(config.model, config.lora, "fedavg")
     initial = seeded_arrays(config.model, config.lora, "fedavg")
-    metrics, epsilons = train_local(
-        config, initial, learning_rate_schedule(config), tmp_path / "state", 0
-    )
+    metrics, epsilons = train_local(config, initial, tmp_path / "state", 0)
     assert sorted(metrics) == sorted(epsilons) == ["p0", "p1"]
     for platform, spent in epsilons.items():
         ledger = PrivacyLedger.load(tmp_path / "state" / platform / LEDGER_FILE)

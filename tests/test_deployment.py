@@ -9,7 +9,6 @@ is stopped by the fixtures' finalizers, whatever happens.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -31,6 +30,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 
 from client.ledger import LEDGER_FILE
 from common.errors import FedFuseError
+from common.processes import stop_processes
 from server.deploy import node_config, superlink_command
 from server.deploy_keys import write_certificates, write_node_keys
 
@@ -140,14 +140,7 @@ class Processes:
         return list(found.values())
 
     def stop_all(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            alive = self.ours()
-            for process in alive:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    process.send_signal(sig)
-            _, alive = psutil.wait_procs(alive, timeout=10)
-            if not alive:
-                break
+        stop_processes(self.ours)
         for process in self.started.values():
             process.wait(timeout=10)
         assert not self.ours(), "processes survived the cleanup"

@@ -14,9 +14,8 @@ from safetensors.torch import load_file
 from transformers import AutoModel
 
 from client.ledger import LEDGER_FILE
-from client.platform_client import federation_platforms
 from common.config import RUN_CONFIG_ENV, RunConfig, load_config
-from common.platform_data import read_platform
+from common.platform_data import federation_platforms, read_platform
 from common.task import build_task
 from server import server_app
 from server.run_record import RunRecord
@@ -39,7 +38,7 @@ def _train_examples(config: RunConfig) -> dict[str, int]:
     """Each platform's number of training examples, counted here from its data folder."""
     return {
         name: len(build_task(read_platform(folder, name), config.task).train)
-        for name, folder in federation_platforms(config)
+        for name, folder in federation_platforms(config.data)
     }
 
 
