@@ -4,7 +4,10 @@ This is FedFuse's DP training step. Per round:
 
 1. Poisson sampling: every train example joins each logical batch independently with
    probability q = expected_batch_size / N (Opacus' ``DPDataLoader``), so the batch size varies
-   and can be 0 — that is what the privacy analysis assumes.
+   and can be 0 — that is what the privacy analysis assumes. The sampling generator is seeded
+   from the operating system's entropy each round, never from ``train.seed``: that seed is in
+   the run configuration the server sends, and amplification by subsampling holds only if
+   nobody outside the platform can predict which examples were drawn.
 2. Per-example gradients of the trainable tensors only (LoRA + head; the backbone is frozen),
    each clipped to L2 norm ``max_grad_norm`` (Opacus hooks, or ghost clipping).
 3. Gaussian noise N(0, σ²C²) added to the summed clipped gradients, then the optimiser step.
@@ -19,6 +22,7 @@ round is safe here because ε is never taken from it: the ledger composes every 
 from __future__ import annotations
 
 import math
+import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
@@ -112,6 +116,7 @@ class LocalTrainer:
         self.examples = list(examples)
         self.train = train
         self.dp = dp
+        # shuffling of the non-private loop only: reproducible from train.seed
         self.generator = torch.Generator().manual_seed(train.seed)
 
     @property
@@ -132,13 +137,14 @@ class LocalTrainer:
             mode = "hooks"
         return mode
 
-    def _loader(self) -> DataLoader:
-        """Logical batches of example indices (Poisson-sampled once Opacus wraps it)."""
+    def _loader(self, generator: torch.Generator) -> DataLoader:
+        """Logical batches of example indices (Poisson-sampled once Opacus wraps it, from the
+        same ``generator``: Opacus' ``DPDataLoader`` takes the wrapped loader's)."""
         return DataLoader(
             TensorDataset(torch.arange(len(self.examples))),
             batch_size=min(self.dp.expected_batch_size, len(self.examples)),
             shuffle=True,
-            generator=self.generator,
+            generator=generator,
         )
 
     def _labels(self, batch: list[Example]) -> torch.Tensor:
@@ -158,7 +164,7 @@ class LocalTrainer:
         optimizer = make_optimizer(self.scorer, self.train, learning_rate)
         losses: list[float] = []
         while len(losses) < steps:
-            for (indices,) in self._loader():
+            for (indices,) in self._loader(self.generator):
                 batch = [self.examples[int(k)] for k in indices]
                 optimizer.zero_grad(set_to_none=True)
                 total = 0.0
@@ -181,7 +187,7 @@ class LocalTrainer:
             module=self.scorer,
             optimizer=make_optimizer(self.scorer, self.train, learning_rate),
             criterion=nn.BCEWithLogitsLoss(),
-            data_loader=self._loader(),
+            data_loader=self._loader(secret_generator()),
             noise_multiplier=noise_multiplier,
             max_grad_norm=self.dp.max_grad_norm,
             poisson_sampling=True,
@@ -219,6 +225,15 @@ class LocalTrainer:
         sigma, q, taken = _executed(engine)
         mechanism = Mechanism(sigma, q, taken, self.dp.max_grad_norm)
         return RoundResult(float(np.mean(losses)) if losses else math.nan, taken, mechanism)
+
+
+def secret_generator() -> torch.Generator:
+    """A generator no one else can reproduce (OS entropy), for the Poisson sample.
+
+    The Gaussian noise comes from torch's default generator, which torch itself seeds from OS
+    entropy at start-up and FedFuse never reseeds (``build_scorer`` restores its state).
+    """
+    return torch.Generator().manual_seed(secrets.randbits(63))
 
 
 def _chunks(batch: list[Example], size: int) -> Iterator[list[Example]]:

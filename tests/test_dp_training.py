@@ -167,3 +167,24 @@ def test_steps_per_round_and_sample_rate_match_opacus() -> None:
     assert sample_rate(1000, dp) == 1 / 16  # Opacus: 1 / len(loader) = 1 / ceil(1000 / 64)
     assert steps_per_round(1000, TrainConfig(local_epochs=2.0), dp) == 32
     assert steps_per_round(1000, TrainConfig(local_steps=5), dp) == 5
+
+
+def test_poisson_sample_is_not_predictable_from_the_shared_seed(
+    tiny_bert_dir: Path, platform
+) -> None:
+    """``train.seed`` travels in the run config: under DP it must not decide the batches."""
+    dp = DPConfig(expected_batch_size=4, max_grad_norm=HUGE_CLIP, clipping="hooks")
+    updates = []
+    for _ in range(2):
+        scorer, _, _, trainer = _setup(tiny_bert_dir, platform, "cross", 40, dp, optimizer="sgd")
+        trainer.run(steps=3, learning_rate=0.5, noise_multiplier=0.0)  # no noise: batches only
+        updates.append(trainable_arrays(scorer))
+    assert any(not np.allclose(updates[0][n], updates[1][n]) for n in updates[0])
+
+
+def test_building_a_scorer_leaves_the_noise_generator_unseeded(tiny_bert_dir: Path) -> None:
+    """The Gaussian noise uses torch's default generator: nothing may reset it to a known seed."""
+    state = torch.random.get_rng_state()
+    model, _ = load_backbone(str(tiny_bert_dir))
+    build_scorer(model, ModelConfig(), LoraSettings(rank=4))
+    assert torch.equal(torch.random.get_rng_state(), state)
