@@ -4,12 +4,13 @@ Usage: python scripts/bench_max_platforms.py [--limit-gib 24] [--counts 5,10,20,
        [--backbone default] [--cpus-per-client 1] [--max-seconds 540]
 
 For each N: a synthetic federation of N platforms (``fedfuse data prepare --dataset synthetic``,
-small platforms), then one DP round of ``fedfuse simulate`` (1 local step, no client-side
-evaluation), while a sampler sums the memory of every process of that run twice a second:
-RSS (counts shared pages once per process, so it overstates) and PSS (shares them out, so the
-sum is what the run really occupies). Processes are found by a tag in their environment, which
-Ray's workers inherit. N grows until the next N would pass the limit (extrapolated linearly
-from the last two counts), the machine's available memory, or the time budget. Printed per N:
+small platforms), then one DP round of ``fedfuse simulate`` (1 local step, σ fixed at 1, no
+client-side evaluation), while a sampler sums the memory of every process of that run twice a
+second: RSS (counts shared pages once per process, so it overstates) and PSS (shares them
+out, so the sum is what the run really occupies). Processes are found by a tag in their
+environment, which Ray's workers inherit. N grows until the next N would pass the limit
+(extrapolated linearly from the last two counts), the machine's available memory, or the time
+budget. Printed per N:
 peak total and its split into the driver (ServerApp + Flower), ClientApp actors and Ray's own
 processes, the number of actors, and memory per platform.
 """
@@ -99,6 +100,9 @@ def measure(count: int, root: Path, args: argparse.Namespace) -> dict:
         "train.local_steps=1",
         "dp.expected_batch_size=16",
         "dp.delta=1e-4",
+        # fixed σ: calibrating it costs each platform seconds of CPU and no memory, so it
+        # would only cap the N this benchmark reaches in its time budget
+        "dp.noise_multiplier=1.0",
         "federation.rounds=1",
         "federation.fraction_evaluate=0.0",
         f"federation.min_nodes={count}",
