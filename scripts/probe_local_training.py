@@ -13,6 +13,7 @@ validation users. Prints one Markdown table.
 from __future__ import annotations
 
 import argparse
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from pathlib import Path
 from common.config import load_config, with_settings
 from common.dataset_summary import markdown_table
 from common.sharing import seeded_arrays
-from server.baselines import platform_clients, train_rounds
+from server.baselines import evaluation_clients, platform_clients, train_rounds
 
 
 def main() -> None:
@@ -37,8 +38,12 @@ def main() -> None:
         federation={"min_nodes": 1, "fraction_evaluate": 0.0},
     )
     initial = seeded_arrays(base.model, base.lora, base.federation.strategy)
+    state = Path(tempfile.mkdtemp(prefix="fedfuse-probe-"))
+    # one DP-free client scores every model: evaluation does not depend on the training settings
+    judge = evaluation_clients(base, state / "judge")[0]
+    before = judge.evaluate(initial, "valid", args.cases)
     rows = []
-    for entry in args.grid.split(","):
+    for number, entry in enumerate(args.grid.split(",")):
         optimizer, learning_rate, steps, privacy = entry.split(":")
         config = with_settings(
             base,
@@ -49,12 +54,11 @@ def main() -> None:
             },
             dp={"enabled": privacy == "dp"},
         )
-        client = platform_clients(config, Path(tempfile.mkdtemp()))[0]
-        before = client.evaluate(initial, "valid", args.cases)
+        client = platform_clients(config, state / str(number))[0]
         start = time.perf_counter()
         arrays, epsilon = train_rounds(client, initial)
         seconds = time.perf_counter() - start
-        after = client.evaluate(arrays, "valid", args.cases)
+        after = judge.evaluate(arrays, "valid", args.cases)
         rows.append(
             [
                 optimizer,
@@ -74,6 +78,7 @@ def main() -> None:
     )
     header = ["optimiser", "lr", "steps", "ε", "NDCG@10 before", "after", "AUC", "train s"]
     print(markdown_table(header, rows))
+    shutil.rmtree(state)
 
 
 if __name__ == "__main__":
