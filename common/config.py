@@ -96,7 +96,9 @@ class TrainConfig(BaseModel):
         0, ge=0, description="ranking cases per platform to evaluate; 0 = all"
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if available")
-    seed: int = Field(0, ge=0, description="seed of batch order and dropout")
+    seed: int = Field(
+        0, ge=0, description="batch order of non-private training (DP batches: OS entropy)"
+    )
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="local optimiser")
     local_steps: int = Field(
         0, ge=0, description="optimiser steps per round; 0 = local_epochs passes over the data"
