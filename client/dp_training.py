@@ -11,8 +11,8 @@ This is FedFuse's DP training step. Per round:
 2. Per-example gradients of the trainable tensors only (LoRA + head; the backbone is frozen),
    each clipped to L2 norm ``max_grad_norm`` (Opacus hooks, or ghost clipping).
 3. Gaussian noise N(0, σ²C²) added to the summed clipped gradients, then the optimiser step.
-   A logical batch larger than memory is split into physical chunks (Opacus'
-   ``BatchMemoryManager``); noise is added once per logical batch.
+   A logical batch is run as physical chunks of similar text length (memory, padding); the
+   chunks only clip and accumulate, and noise is added once per logical batch.
 
 The mechanism actually executed (σ, q, steps, C) is read back from Opacus' own accountant and
 returned, so the caller records in the ledger exactly what ran. A fresh ``PrivacyEngine`` per
@@ -29,7 +29,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from opacus import PrivacyEngine
-from opacus.utils.batch_memory_manager import BatchMemoryManager
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -71,8 +70,11 @@ def steps_per_round(num_examples: int, train: TrainConfig, dp: DPConfig) -> int:
     return max(1, math.ceil(train.local_epochs / sample_rate(num_examples, dp)))
 
 
-def calibrate_noise(dp: DPConfig, sample_rate: float, total_steps: int) -> float:
-    """Smallest σ (within 0.1 %) whose ε after ``total_steps`` stays within the target.
+def calibrate_noise(
+    dp: DPConfig, sample_rate: float, total_steps: int, committed: Sequence[Mechanism] = ()
+) -> float:
+    """Smallest σ (within 0.1 %) whose ε after ``total_steps``, composed with the
+    ``committed`` releases (the popularity prior), stays within the target.
 
     Bisection on the ledger's own accountant rather than Opacus' ``get_noise_multiplier``: the
     two estimate PRV ε with different settings, and the last planned round must fit the budget
@@ -83,7 +85,15 @@ def calibrate_noise(dp: DPConfig, sample_rate: float, total_steps: int) -> float
     target = min(dp.target_epsilon, dp.budget)
 
     def eps(sigma: float) -> float:
-        return epsilon([Mechanism(sigma, sample_rate, total_steps, dp.max_grad_norm)], dp.delta)
+        planned = Mechanism(sigma, sample_rate, total_steps, dp.max_grad_norm)
+        return epsilon([*committed, planned], dp.delta)
+
+    if epsilon(list(committed), dp.delta) >= target:
+        raise ConfigError(
+            f"dp.target_epsilon = {target:g} leaves nothing for training after the "
+            f"popularity prior (ε = {epsilon(list(committed), dp.delta):.3g}); "
+            "raise prior.noise_multiplier"
+        )
 
     low, high = 0.3, 1.0
     while eps(high) > target:
@@ -154,6 +164,7 @@ class LocalTrainer:
 
     def run(self, steps: int, learning_rate: float, noise_multiplier: float | None) -> RoundResult:
         """Run ``steps`` optimiser steps; DP when ``noise_multiplier`` is not None."""
+        self.scorer.prepare(self.featurizer)
         self.scorer.train()
         if noise_multiplier is None:
             return self._run_plain(steps, learning_rate)
@@ -168,7 +179,7 @@ class LocalTrainer:
                 batch = [self.examples[int(k)] for k in indices]
                 optimizer.zero_grad(set_to_none=True)
                 total = 0.0
-                for chunk in _chunks(batch, self.train.batch_size):
+                for chunk in self._physical(batch):
                     loss = loss_on(self.scorer, self.featurizer, chunk) * (len(chunk) / len(batch))
                     loss.backward()
                     total += float(loss.detach())
@@ -200,31 +211,39 @@ class LocalTrainer:
         losses: list[float] = []
         try:
             while _steps_taken(engine) < steps:
-                with BatchMemoryManager(
-                    data_loader=loader,
-                    max_physical_batch_size=self.train.batch_size,
-                    optimizer=optimizer,
-                ) as physical:
-                    for (indices,) in physical:
-                        batch = [self.examples[int(k)] for k in indices]
-                        if batch:
-                            inputs = self.scorer.batch(self.featurizer, batch)
-                            device = self.scorer.device()
-                            logits = model(**{k: v.to(device) for k, v in inputs.items()})
-                            loss = criterion(logits, self._labels(batch))
-                            loss.backward()
-                            losses.append(float(loss.detach()))
-                        else:  # an empty Poisson batch still costs one noisy step
-                            _zero_grads(model, mode)
+                for (indices,) in loader:
+                    batch = [self.examples[int(k)] for k in indices]
+                    chunks = list(self._physical(batch))
+                    for number, chunk in enumerate(chunks, start=1):
+                        inputs = self.scorer.batch(self.featurizer, chunk)
+                        device = self.scorer.device()
+                        logits = model(**{k: v.to(device) for k, v in inputs.items()})
+                        loss = criterion(logits, self._labels(chunk))
+                        loss.backward()
+                        losses.append(float(loss.detach()))
+                        # Noise and the step once per logical batch: the other chunks only
+                        # clip and accumulate (what Opacus' BatchMemoryManager signals).
+                        optimizer.signal_skip_step(do_skip=number < len(chunks))
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
-                        if _steps_taken(engine) == steps:
-                            break
+                    if not chunks:  # an empty Poisson batch still costs one noisy step
+                        _zero_grads(model, mode)
+                        optimizer.step()
+                        optimizer.zero_grad(set_to_none=True)
+                    if _steps_taken(engine) == steps:
+                        break
         finally:
             model.to_standard_module()
         sigma, q, taken = _executed(engine)
         mechanism = Mechanism(sigma, q, taken, self.dp.max_grad_norm)
         return RoundResult(float(np.mean(losses)) if losses else math.nan, taken, mechanism)
+
+    def _physical(self, batch: list[Example]) -> Iterator[list[Example]]:
+        """A logical batch as physical chunks of at most ``train.batch_size`` examples,
+        grouped by the candidate's text length so each chunk pads little (order does not
+        matter to a sum of per-example gradients)."""
+        ordered = sorted(batch, key=lambda e: len(self.featurizer.item_text[e.candidate]))
+        return _chunks(ordered, self.train.batch_size)
 
 
 def secret_generator() -> torch.Generator:

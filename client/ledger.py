@@ -27,6 +27,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from common.atomic import atomic_write
@@ -47,14 +48,24 @@ class BudgetExhausted(FedFuseError):
     """Running the next round would push ε past the platform's budget; nothing was trained."""
 
 
+DP_SGD = "dp-sgd"
+GAUSSIAN_HISTOGRAM = "gaussian-histogram"
+
+
 @dataclass(frozen=True)
 class Mechanism:
-    """One round of DP-SGD as executed: ``steps`` Poisson-sampled Gaussian steps."""
+    """``steps`` Poisson-sampled Gaussian steps as executed.
+
+    ``kind`` says what was released: a round of DP-SGD (σ, q, C as Opacus ran them), or a
+    Gaussian-mechanism histogram (q = 1, one step, ``max_grad_norm`` = its L2 sensitivity).
+    Both are the same event to an accountant.
+    """
 
     noise_multiplier: float
     sample_rate: float
     steps: int
     max_grad_norm: float
+    kind: str = DP_SGD
 
     def history(self) -> tuple[float, float, int]:
         """Opacus accountant history entry (σ, q, steps)."""
@@ -95,10 +106,13 @@ def _composed_epsilon(
     if accountant == "prv":
         prv = PRVAccountant()
         prv.history = list(history)
-        coarse = float(prv.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
-        if coarse * PRV_RELATIVE_ERROR >= PRV_EPS_ERROR:
-            return coarse
-        return float(prv.get_epsilon(delta=delta, eps_error=max(coarse * PRV_RELATIVE_ERROR, 1e-4)))
+        # q = 1 (a plain Gaussian release) makes Opacus take log(1 - q) = -inf, by design
+        with np.errstate(divide="ignore"):
+            coarse = float(prv.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
+            if coarse * PRV_RELATIVE_ERROR >= PRV_EPS_ERROR:
+                return coarse
+            error = max(coarse * PRV_RELATIVE_ERROR, 1e-4)
+            return float(prv.get_epsilon(delta=delta, eps_error=error))
     if accountant == "rdp":
         rdp = RDPAccountant()
         rdp.history = list(history)
@@ -193,7 +207,13 @@ class PrivacyLedger:
 
     def mechanisms(self) -> list[Mechanism]:
         return [
-            Mechanism(e["noise_multiplier"], e["sample_rate"], e["steps"], e["max_grad_norm"])
+            Mechanism(
+                e["noise_multiplier"],
+                e["sample_rate"],
+                e["steps"],
+                e["max_grad_norm"],
+                e.get("kind", DP_SGD),
+            )
             for e in self.entries
         ]
 

@@ -20,10 +20,11 @@ from safetensors.numpy import save_file as save_numpy
 from client.canaries import canaries_for, insert_canaries
 from client.dp_training import LocalTrainer, calibrate_noise, steps_per_round
 from client.ledger import Mechanism, PrivacyLedger
+from client.popularity_prior import popularity_prior, prior_mechanism, prior_scores
 from common.adapters import load_trainable_arrays, trainable_arrays
 from common.config import RunConfig
 from common.errors import DataError
-from common.evaluation import evaluate
+from common.evaluation import CountScorer, evaluate
 from common.model import Scorer, TextFeaturizer
 from common.platform_data import federation_platforms, read_platform
 from common.sharing import private_names, shared_names, shared_scorer
@@ -103,13 +104,34 @@ class PlatformClient:
         self.steps = steps_per_round(examples, config.train, config.dp)
         self.ledger: PrivacyLedger | None = None
         self.noise_multiplier: float | None = None
+        uses_prior = config.model.scorer == "item_tower" and config.prior.enabled
+        self.prior_counts: dict[str, float] | None = None
         if config.dp.enabled:
             self.ledger = PrivacyLedger.open(
                 identity.state_dir, identity.name, config.dp.delta, config.dp.budget, examples
             )
+            committed = [prior_mechanism(config.prior.noise_multiplier)] if uses_prior else []
             self.noise_multiplier = calibrate_noise(
-                config.dp, self.trainer.sample_rate, config.federation.rounds * self.steps
+                config.dp,
+                self.trainer.sample_rate,
+                config.federation.rounds * self.steps,
+                committed,
             )
+        if uses_prior:
+            counts = popularity_prior(
+                identity.state_dir,
+                self.task,
+                self.featurizer.items,
+                config.prior.noise_multiplier if self.ledger is not None else None,
+                self.ledger,
+            )
+            self.use_prior(counts)
+
+    def use_prior(self, counts: dict[str, float]) -> None:
+        """Score with these prior counts (this platform's release, or its share of a pooled
+        one for the centralized baseline)."""
+        self.prior_counts = counts
+        self.featurizer.set_prior(prior_scores(counts))
 
     @property
     def num_examples(self) -> int:
@@ -169,9 +191,15 @@ class PlatformClient:
     def evaluate(
         self, arrays: dict[str, np.ndarray], split: str, max_cases: int
     ) -> dict[str, float | int]:
-        """Protocol metrics of the given adapters on this platform's valid or test split."""
+        """Protocol metrics of the given adapters on this platform's valid or test split; with
+        a popularity prior, also its own NDCG@10 (``prior-ndcg@10``): the yardstick the model
+        has to beat, on the same users."""
         self._load(arrays)
-        return self.score(self.scorer, split, max_cases)
+        metrics = self.score(self.scorer, split, max_cases)
+        if self.prior_counts is not None:
+            prior = self.score(CountScorer(self.prior_counts), split, max_cases)  # type: ignore[arg-type]
+            metrics["prior-ndcg@10"] = prior["ndcg@10"]
+        return metrics
 
     def score(self, scorer: Scorer, split: str, max_cases: int) -> dict[str, float | int]:
         """Protocol metrics of any scorer here (baselines bring their own, e.g. popularity)."""

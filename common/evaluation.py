@@ -2,11 +2,39 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from common.metrics import pointwise_metrics, rank_of_positive, ranking_metrics
 from common.model import Scorer, TextFeaturizer
-from common.task import PlatformTask, RankingCase
+from common.task import Example, PlatformTask, RankingCase
+
+
+class CountScorer:
+    """Ranks items by a per-item count (popularity; unknown items 0). No model, no training:
+    the yardstick every learned scorer has to beat, scored by the same protocol."""
+
+    training = False
+
+    def __init__(self, counts: dict[str, float]) -> None:
+        self.counts = counts
+
+    def eval(self) -> None:
+        """Nothing to switch: the evaluation protocol calls it on every scorer."""
+
+    def train(self, mode: bool = True) -> None:
+        """Nothing to switch: the evaluation protocol calls it on every scorer."""
+
+    def score_cases(
+        self, featurizer: TextFeaturizer, cases: Sequence[RankingCase], batch_size: int
+    ) -> list[np.ndarray]:
+        return [np.array([self.counts.get(i, 0.0) for i in case.candidates]) for case in cases]
+
+    def score_examples(
+        self, featurizer: TextFeaturizer, examples: Sequence[Example], batch_size: int
+    ) -> np.ndarray:
+        return np.log1p(np.clip([self.counts.get(e.candidate, 0.0) for e in examples], 0, None))
 
 
 def sample_cases(cases: list[RankingCase], max_cases: int, seed: int = 0) -> list[RankingCase]:

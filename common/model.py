@@ -1,6 +1,13 @@
 """The LoRA scorer: a frozen pretrained transformer, peft LoRA adapters and a small head.
 
-Two scorers share one backbone design:
+Three scorers share one backbone design:
+
+- ``item_tower`` (default): the transformer encodes *items*, never concatenated histories.
+  LoRA sits on the top ``model.top_layers`` layers only; the frozen layers below are computed
+  once per item (``common/layer_cache.py``), so a training example costs the top layers over
+  one short item text. The user is the recency-weighted mean of their history's item vectors
+  plus a low-rank learned map; logit = w * cos(user, item) + beta * prior(item) + b, where
+  the prior is the platform's DP-released item popularity (``client/popularity_prior.py``).
 
 - ``cross``: candidate text and history text in one sequence -> click logit (classic CTR).
 - ``two_tower``: history and candidate encoded separately by the same LoRA backbone,
@@ -31,6 +38,7 @@ from transformers.utils import logging as hf_logging
 
 from common.config import DEFAULT_BACKBONE, LoraSettings, ModelConfig
 from common.errors import ConfigError
+from common.layer_cache import LayerCache, layer_list_name, layers_of, top_layers_only
 from common.task import Example, RankingCase
 
 # Linear layers that are attention projections in common architectures, best first. Used only
@@ -126,6 +134,18 @@ class TextFeaturizer:
         self.tokenizer = tokenizer
         self.item_text = item_text
         self.max_length = max_length
+        self.items = list(item_text)
+        self.item_row = {item: row for row, item in enumerate(self.items)}
+        # item_tower state, all derived from public item texts, the received model and the
+        # platform's DP-released prior: the frozen layers' cache, the item vectors of the
+        # current model (the history side of a training round) and the prior per item row.
+        self.cache: LayerCache | None = None
+        self.item_vectors: torch.Tensor | None = None
+        self.prior = torch.zeros(len(self.items))
+
+    def set_prior(self, prior: dict[str, float]) -> None:
+        """Per-item prior scores (items without one get 0, the catalogue's mean)."""
+        self.prior = torch.tensor([prior.get(item, 0.0) for item in self.items])
 
     def history_text(self, history: Sequence[str]) -> str:
         return " | ".join(self.item_text[item] for item in history)
@@ -166,6 +186,9 @@ class Scorer(nn.Module):
 
     def device(self) -> torch.device:
         return next(self.parameters()).device
+
+    def prepare(self, featurizer: TextFeaturizer, batch_size: int = 256) -> None:
+        """Per-round precomputation before training on a platform (none by default)."""
 
     def batch(
         self, featurizer: TextFeaturizer, examples: Sequence[Example]
@@ -273,18 +296,227 @@ class TwoTowerScorer(Scorer):
         return logits.float().cpu().numpy()
 
 
-SCORERS: dict[str, type[Scorer]] = {"cross": CrossScorer, "two_tower": TwoTowerScorer}
+class ItemTowerHead(nn.Module):
+    """The item tower's trainable parts outside the encoder (saved and shared as its head).
+
+    - ``recency``: one slope over history positions (0 = newest), so a user is a softmax-
+      weighted mean of their history item vectors; it starts uniform.
+    - ``user_down``/``user_up``: a low-rank residual map of that mean (starts as identity).
+    - ``item_score``: a linear score of the item vector alone (what the text says about how
+      likely any user is to like the item: age, kind, fame), starting at 0.
+    - ``private_items`` (optional): collaborative item factors of the platform's own items,
+      never shared (a private part, see common/sharing.py); the user's factor is the same
+      recency-weighted mean over their history, and its dot product with the candidate's
+      factor joins the logit. Rows are the platform's item rows modulo the table size.
+    - ``mix``: logit = w * cos(user, item) + beta * prior + item_score [+ factors] + b.
+    """
+
+    def __init__(
+        self,
+        hidden: int,
+        rank: int,
+        temperature: float,
+        prior_weight: float,
+        factors: int = 0,
+        slots: int = 0,
+    ):
+        super().__init__()
+        self.private_items = nn.Embedding(slots, factors) if factors else None
+        if self.private_items is not None:
+            nn.init.normal_(self.private_items.weight, std=0.1)
+        self.recency = nn.Linear(1, 1, bias=False)
+        nn.init.zeros_(self.recency.weight)
+        self.user_down = nn.Linear(hidden, rank, bias=False)
+        self.user_up = nn.Linear(rank, hidden, bias=False)
+        nn.init.zeros_(self.user_up.weight)
+        self.item_score = nn.Linear(hidden, 1, bias=False)
+        nn.init.zeros_(self.item_score.weight)
+        self.mix = nn.Linear(2, 1)
+        with torch.no_grad():
+            self.mix.weight.copy_(torch.tensor([[1.0 / temperature, prior_weight]]))
+            self.mix.bias.fill_(-0.5 / temperature)
+
+    def weights(self, history_mask: torch.Tensor) -> torch.Tensor:
+        """(B, H) recency weights over the history positions present (zeros without any)."""
+        positions = torch.arange(history_mask.shape[1], device=history_mask.device)
+        positions = positions.to(self.recency.weight.dtype).expand(history_mask.shape[0], -1)
+        logits = self.recency(positions.unsqueeze(-1)).squeeze(-1)
+        logits = logits.masked_fill(~history_mask.bool(), float("-inf"))
+        return torch.softmax(logits, dim=-1).nan_to_num(0.0)
+
+    def logits(
+        self,
+        history: torch.Tensor,
+        history_mask: torch.Tensor,
+        history_rows: torch.Tensor,
+        item: torch.Tensor,
+        item_rows: torch.Tensor,
+        prior: torch.Tensor,
+    ) -> torch.Tensor:
+        """Logits from (B, H, D) history item vectors (newest first), their mask and item rows,
+        and the candidates' (B, D) vectors, rows and prior values."""
+        weights = self.weights(history_mask)
+        mean = (weights.unsqueeze(-1) * history).sum(dim=1)
+        user = mean + self.user_up(self.user_down(mean))
+        cosine = nn.functional.cosine_similarity(user, item, dim=-1, eps=1e-6)
+        features = torch.stack([cosine, prior.to(cosine.dtype)], dim=-1)
+        logits = (self.mix(features) + self.item_score(item)).squeeze(-1)
+        if self.private_items is not None:
+            slots = self.private_items.num_embeddings
+            taste = (weights.unsqueeze(-1) * self.private_items(history_rows % slots)).sum(dim=1)
+            logits = logits + (taste * self.private_items(item_rows % slots)).sum(dim=-1)
+        return logits
+
+
+class ItemTowerScorer(Scorer):
+    """Users as pooled item vectors, items through the top LoRA layers from a frozen cache.
+
+    A training example runs the top layers over its candidate's text only; its history
+    items' vectors come from ``featurizer.item_vectors``, computed with the model as it was
+    at the start of the round (:meth:`prepare`) — a function of public item texts and the
+    received adapters, never of other examples, so each example's gradient stays its own.
+    """
+
+    kind = "item_tower"
+    head: ItemTowerHead
+
+    def __init__(self, encoder: PeftModel, pooling: str, head: nn.Module, top_layers: int):
+        super().__init__(encoder, pooling, head)
+        self.first_top_layer = len(layers_of(encoder)) - top_layers
+
+    def _cache(self, featurizer: TextFeaturizer) -> LayerCache:
+        """The platform's frozen lower-layer states, computed on first use."""
+        if featurizer.cache is None:
+            tokens = featurizer.encode([featurizer.item_text[i] for i in featurizer.items])
+            try:
+                featurizer.cache = LayerCache.build(
+                    self.encoder, tokens, self.first_top_layer, batch_size=256
+                )
+            except ValueError as err:
+                raise ConfigError(
+                    f"model.scorer = 'item_tower' cannot cache this backbone ({err}); "
+                    "use model.scorer = 'two_tower'"
+                ) from None
+        return featurizer.cache
+
+    def encode_items(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, states: torch.Tensor
+    ) -> torch.Tensor:
+        """Item vectors from cached states; padding beyond the longest row is trimmed."""
+        length = int(attention_mask.sum(dim=1).max().clamp(min=1))
+        input_ids, attention_mask = input_ids[:, :length], attention_mask[:, :length]
+        with top_layers_only(self.encoder, self.first_top_layer, states[:, :length]):
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask)
+        return pool(hidden.last_hidden_state, attention_mask, self.pooling)
+
+    def forward(self, **batch: torch.Tensor) -> torch.Tensor:
+        item = self.encode_items(batch["item_ids"], batch["item_mask"], batch["item_states"])
+        return self.head.logits(
+            batch["history"],
+            batch["history_mask"],
+            batch["history_rows"],
+            item,
+            batch["item_rows"],
+            batch["prior"],
+        )
+
+    @torch.no_grad()
+    def prepare(self, featurizer: TextFeaturizer, batch_size: int = 256) -> None:
+        """Item vectors of the whole catalogue under the current adapters (history side)."""
+        cache = self._cache(featurizer)
+        parts = [torch.zeros(0, self.encoder.config.hidden_size, device=self.device())]
+        for start in range(0, len(featurizer.items), batch_size):
+            rows = slice(start, start + batch_size)
+            parts.append(
+                self.encode_items(
+                    *(t[rows].to(self.device()) for t in (cache.input_ids, cache.attention_mask)),
+                    cache.states[rows].to(self.device()),
+                )
+            )
+        featurizer.item_vectors = torch.cat(parts)
+
+    def _history(
+        self, featurizer: TextFeaturizer, histories: Sequence[tuple[str, ...]]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, H, D) history item vectors, (B, H) mask and item rows; unknown items are
+        masked out."""
+        assert featurizer.item_vectors is not None, "call prepare() first"
+        width = max([1, *(len(h) for h in histories)])
+        rows = torch.zeros(len(histories), width, dtype=torch.long)
+        mask = torch.zeros(len(histories), width, dtype=torch.long)
+        for k, history in enumerate(histories):
+            known = [featurizer.item_row[i] for i in history if i in featurizer.item_row]
+            rows[k, : len(known)] = torch.tensor(known, dtype=torch.long)
+            mask[k, : len(known)] = 1
+        rows = rows.to(featurizer.item_vectors.device)
+        return featurizer.item_vectors[rows], mask.to(rows.device), rows
+
+    def batch(
+        self, featurizer: TextFeaturizer, examples: Sequence[Example]
+    ) -> dict[str, torch.Tensor]:
+        cache = self._cache(featurizer)
+        if featurizer.item_vectors is None:
+            self.prepare(featurizer)
+        rows = torch.tensor([featurizer.item_row[e.candidate] for e in examples], dtype=torch.long)
+        history, history_mask, history_rows = self._history(
+            featurizer, [e.history for e in examples]
+        )
+        return {
+            "item_ids": cache.input_ids[rows],
+            "item_mask": cache.attention_mask[rows],
+            "item_states": cache.states[rows],
+            "item_rows": rows,
+            "history": history,
+            "history_mask": history_mask,
+            "history_rows": history_rows,
+            "prior": featurizer.prior[rows],
+        }
+
+    @torch.no_grad()
+    def score_examples(
+        self, featurizer: TextFeaturizer, examples: Sequence[Example], batch_size: int
+    ) -> np.ndarray:
+        """Every item vector is computed once; each example is then a cosine and the prior."""
+        if not examples:
+            return np.zeros(0, dtype=np.float32)
+        self.prepare(featurizer, batch_size)
+        vectors = featurizer.item_vectors
+        assert vectors is not None
+        out = []
+        for start in range(0, len(examples), batch_size):
+            chunk = examples[start : start + batch_size]
+            rows = torch.tensor([featurizer.item_row[e.candidate] for e in chunk])
+            history, mask, history_rows = self._history(featurizer, [e.history for e in chunk])
+            rows = rows.to(vectors.device)
+            prior = featurizer.prior.to(vectors.device)[rows]
+            logits = self.head.logits(history, mask, history_rows, vectors[rows], rows, prior)
+            out.append(logits.float().cpu())
+        return torch.cat(out).numpy()
+
+
+SCORERS: dict[str, type[Scorer]] = {
+    "cross": CrossScorer,
+    "two_tower": TwoTowerScorer,
+    "item_tower": ItemTowerScorer,
+}
 
 
 def build_scorer(backbone: PreTrainedModel, model: ModelConfig, lora: LoraSettings) -> Scorer:
     """Freeze the backbone, add LoRA adapters and a head; only those stay trainable.
 
     The LoRA A matrices and the head are drawn from ``lora.seed`` so every platform starts
-    from the same initialisation (FFA-LoRA relies on a shared, frozen A).
+    from the same initialisation (FFA-LoRA relies on a shared, frozen A). The item tower puts
+    LoRA on its top ``model.top_layers`` layers only.
     """
     pooling = (
         model.pooling if model.pooling != "auto" else ("mean" if is_encoder(backbone) else "last")
     )
+    layer_count = len(layers_of(backbone))
+    if model.scorer == "item_tower" and model.top_layers > layer_count:
+        raise ConfigError(
+            f"model.top_layers = {model.top_layers} but the backbone has {layer_count} layers"
+        )
+    top = list(range(layer_count - model.top_layers, layer_count))
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(lora.seed)
     try:
@@ -295,11 +527,27 @@ def build_scorer(backbone: PreTrainedModel, model: ModelConfig, lora: LoraSettin
                 lora_alpha=lora.alpha,
                 lora_dropout=lora.dropout,
                 target_modules=lora_targets(backbone, lora.target_modules),
+                layers_to_transform=top if model.scorer == "item_tower" else None,
+                layers_pattern=(
+                    layer_list_name(backbone).rsplit(".", 1)[-1]
+                    if model.scorer == "item_tower"
+                    else None
+                ),
                 bias="none",
             ),
         )
-        if model.scorer == "cross":
-            head = nn.Linear(backbone.config.hidden_size, 1)
+        hidden = backbone.config.hidden_size
+        if model.scorer == "item_tower":
+            head: nn.Module = ItemTowerHead(
+                hidden,
+                model.user_rank,
+                model.temperature,
+                model.prior_weight,
+                model.private_factors,
+                model.private_item_slots,
+            )
+        elif model.scorer == "cross":
+            head = nn.Linear(hidden, 1)
         else:
             head = nn.Linear(1, 1)
             nn.init.constant_(head.weight, 1.0 / model.temperature)
@@ -310,6 +558,13 @@ def build_scorer(backbone: PreTrainedModel, model: ModelConfig, lora: LoraSettin
         raise ConfigError(
             f"lora.target_modules = {lora.target_modules!r} matched no layer of the backbone"
         )
+    if model.scorer == "item_tower":
+        # No dropout: DP noise already regularises, a step runs 12 % faster without it, and
+        # non-private training becomes reproducible.
+        for module in encoder.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+        return ItemTowerScorer(encoder, pooling, head, model.top_layers)
     return SCORERS[model.scorer](encoder, pooling, head)
 
 

@@ -28,6 +28,11 @@ def _is_lora_a(name: str) -> bool:
     return ".lora_A." in name
 
 
+def _is_platform_private(name: str) -> bool:
+    """The item tower's item factors: rows of one platform's own items, never shared."""
+    return ".private_items." in name
+
+
 def trains(name: str, strategy: str) -> bool:
     """Whether ``strategy`` trains the adapter tensor ``name`` locally."""
     return not (strategy == "ffa" and _is_lora_a(name))
@@ -35,6 +40,8 @@ def trains(name: str, strategy: str) -> bool:
 
 def shares(name: str, strategy: str) -> bool:
     """Whether the trained tensor ``name`` is sent to the server and aggregated."""
+    if _is_platform_private(name):
+        return False
     if strategy == "fedsa":
         return _is_lora_a(name)
     return trains(name, strategy)

@@ -29,7 +29,9 @@ def make_optimizer(
     gets no optimiser state."""
     params = [p for p in model.parameters() if p.requires_grad]
     if train.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=learning_rate, weight_decay=train.weight_decay)
+        return torch.optim.SGD(
+            params, lr=learning_rate, momentum=train.momentum, weight_decay=train.weight_decay
+        )
     return torch.optim.AdamW(params, lr=learning_rate, weight_decay=train.weight_decay)
 
 

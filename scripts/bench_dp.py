@@ -1,17 +1,21 @@
 """What DP costs in local training on this machine, measured in one run against its own baselines.
 
 Usage: python scripts/bench_dp.py [--data DIR] [--platform kids_family] [--steps 8]
-       [--noise-multiplier 1.0] [--backbone default] [--max-contention 0.1] [--retries 2]
+       [--config simulations/ml100k_default.toml] [--noise-multiplier 1.0]
+       [--backbone default] [--max-contention 0.1] [--retries 2]
 
 Real ML-100K data (prepared into a temporary folder unless ``--data`` is given), the default
-backbone and the default configuration, trained through ``client.dp_training.LocalTrainer``:
+backbone, trained through ``client.dp_training.LocalTrainer``. Two training paths: the
+default (``item_tower`` with the model, train and DP settings of ``--config``) and the previous
+default (``two_tower`` over 128-token concatenated histories, expected batch 256, physical 32),
+both DP-SGD at the same fixed σ (so noise calibration is not timed):
 
-1. DP vs non-DP (two_tower): median time per optimiser step and peak memory, as ratios next to
-   the targets (<= 1.10x time, <= 1.2x memory). Same steps, the same expected batch (fixed
-   batches for non-DP, Poisson with the same expectation for DP), the same physical batch and a
-   fixed σ, so noise calibration is not timed.
-2. Opacus hooks vs ghost clipping on the cross scorer (ghost cannot run two_tower), with
-   two_tower hooks beside them, and whether ``FASTER_CLIPPING`` picks the faster one here.
+0. DP training throughput, default path against the previous one (target >= 10x).
+1. DP vs non-DP (default path): median time per optimiser step and peak memory, as ratios next
+   to the targets (<= 1.10x time, <= 1.2x memory). Same steps, the same expected batch (fixed
+   batches for non-DP, Poisson with the same expectation for DP) and physical batch.
+2. Opacus hooks vs ghost clipping on the cross scorer (ghost cannot run the two-tower scorers),
+   previous settings, and whether ``FASTER_CLIPPING`` picks the faster one here.
 3. Samples/s of each configuration as a share of the fp32 matmul rate measured in this run,
    with FLOPs counted by torch's FlopCounterMode on one step (per-sample gradient work included).
 4. Bytes a client uploads per round (LoRA + head) against the float32 bytes of the whole scorer.
@@ -47,7 +51,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from client.dp_training import FASTER_CLIPPING, LocalTrainer
 from common.adapters import trainable_arrays
-from common.config import DEFAULT_BACKBONE, DPConfig, ModelConfig, RunConfig
+from common.config import DEFAULT_BACKBONE, RunConfig, load_config, with_settings
 from common.dataset_summary import markdown_table
 from common.model import Scorer, TextFeaturizer, build_scorer, count_parameters, load_backbone
 from common.movielens import build_ml100k
@@ -56,11 +60,14 @@ from common.task import build_task
 from common.training import resolve_device
 
 OFF = "off"  # the worker's clipping value for the non-DP baseline
-NON_DP = ("two_tower", OFF)
-DP_DEFAULT = ("two_tower", "auto")
-CROSS_HOOKS = ("cross", "hooks")
-CROSS_GHOST = ("cross", "ghost")
-CONFIGS = (NON_DP, DP_DEFAULT, CROSS_HOOKS, CROSS_GHOST)
+# (scorer, clipping, settings): "default" = --config, "previous" = the earlier default path
+NON_DP = ("item_tower", OFF, "default")
+DP_DEFAULT = ("item_tower", "auto", "default")
+PREVIOUS = ("two_tower", "auto", "previous")
+CROSS_HOOKS = ("cross", "hooks", "previous")
+CROSS_GHOST = ("cross", "ghost", "previous")
+CONFIGS = (NON_DP, DP_DEFAULT, PREVIOUS, CROSS_HOOKS, CROSS_GHOST)
+SPEEDUP_TARGET = 10.0
 TIME_TARGET = 1.10
 MEMORY_TARGET = 1.2
 UPLOAD_TARGET_PERCENT = 0.35
@@ -113,20 +120,38 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def settings(args: argparse.Namespace, kind: str, clipping: str, preset: str) -> RunConfig:
+    """The run configuration one worker trains with."""
+    if preset == "previous":  # the default before the item tower (README history)
+        config = with_settings(
+            RunConfig(),
+            model={"max_length": 128},
+            train={"batch_size": 32},
+            dp={"expected_batch_size": 256},
+        )
+    else:
+        config = load_config(args.config)
+    return with_settings(
+        config,
+        model={"scorer": kind, "backbone": args.backbone},
+        dp={"clipping": "auto" if clipping == OFF else clipping},
+    )
+
+
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     """Train one configuration: ``--steps`` + 1 timed steps, then one FLOP-counted step."""
-    kind, clipping = args.worker.split(":")
-    torch.manual_seed(0)  # Opacus draws Poisson batches and noise from the global generator
-    config = RunConfig()
+    kind, clipping, preset = args.worker.split(":")
+    torch.manual_seed(0)
+    config = settings(args, kind, clipping, preset)
     device = resolve_device(config.train.device)
-    dp = DPConfig(clipping="auto" if clipping == OFF else clipping)
     sigma = None if clipping == OFF else args.noise_multiplier
     data = read_platform(Path(args.data) / args.platform)
     task = build_task(data, config.task)
     backbone, tokenizer = load_backbone(args.backbone)
-    scorer = build_scorer(backbone, ModelConfig(scorer=kind), config.lora).to(device)
+    scorer = build_scorer(backbone, config.model, config.lora).to(device)
     featurizer = TextFeaturizer(tokenizer, data.item_text, config.model.max_length)
-    trainer = LocalTrainer(scorer, featurizer, task.train, config.train, dp)
+    scorer.prepare(featurizer)  # the item tower's one-off cache is set-up, not a step
+    trainer = LocalTrainer(scorer, featurizer, task.train, config.train, config.dp)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     loaded = peak_memory_mib(device)
@@ -142,6 +167,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         trainer.run(1, config.train.learning_rate, sigma)
     return {
         "scorer": kind,
+        "preset": preset,
+        "expected_batch": config.dp.expected_batch_size,
+        "physical_batch": config.train.batch_size,
+        "max_length": config.model.max_length,
         "clipping": OFF if sigma is None else trainer.clipping_mode(),
         "device": device.type,
         "train_examples": len(task.train),
@@ -181,7 +210,7 @@ def run_worker(args: argparse.Namespace, data: Path, config: tuple[str, str]) ->
         str(Path(__file__).resolve()),
         *("--worker", ":".join(config), "--data", str(data), "--platform", args.platform),
         *("--steps", str(args.steps), "--noise-multiplier", str(args.noise_multiplier)),
-        *("--backbone", args.backbone),
+        *("--backbone", args.backbone, "--config", args.config),
     ]
     busy, children, start = busy_cpu_seconds(), children_cpu_seconds(), time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
@@ -212,6 +241,10 @@ def ceiling_gflops(device: torch.device) -> float:
 def label(result: dict[str, Any]) -> str:
     mode = "non-DP" if result["clipping"] == OFF else f"DP {result['clipping']}"
     return f"{result['scorer']} {mode}"
+
+
+def samples_per_second(result: dict[str, Any]) -> float:
+    return result["expected_batch"] / median_step(result)
 
 
 def median_step(result: dict[str, Any]) -> float:
@@ -314,12 +347,34 @@ def clipping_verdict(hooks: dict[str, Any], ghost: dict[str, Any]) -> str:
     )
 
 
-def flops_table(results: list[dict[str, Any]], expected_batch: int, ceiling: float) -> str:
+def speedup_table(previous: dict[str, Any], default: dict[str, Any]) -> str:
+    """Section 0: DP training examples per second, the default path against the previous one."""
+    rows = []
+    for r in (previous, default):
+        rows.append(
+            [
+                label(r),
+                f"{r['max_length']}",
+                f"{r['expected_batch']} / {r['physical_batch']}",
+                step_cell(r),
+                f"{samples_per_second(r):.1f}",
+            ]
+        )
+    ratio = samples_per_second(default) / samples_per_second(previous)
+    rows.append(["speed-up", "", "", "", f"{ratio:.1f}x"])
+    rows[-1] += [f">= {SPEEDUP_TARGET:g}x", "PASS" if ratio >= SPEEDUP_TARGET else "MISS"]
+    for row in rows[:-1]:
+        row += ["", ""]
+    header = ["DP path", "max tokens", "expected / physical batch", "s/step", "samples/s"]
+    return markdown_table([*header, "target", "result"], rows)
+
+
+def flops_table(results: list[dict[str, Any]], ceiling: float) -> str:
     """Section 3: samples/s = expected batch / median step; FLOPs per example from one step."""
     rows = [["fp32 matmul (ceiling)", "", "", f"{ceiling:.1f}", "1.000"]]
     for r in results:
         per_example = r["flops"] / r["flop_examples"]
-        rate = expected_batch / median_step(r)
+        rate = samples_per_second(r)
         achieved = per_example * rate / 1e9
         rows.append(
             [
@@ -396,10 +451,10 @@ def report(args: argparse.Namespace, data: Path) -> None:
     print(
         f"backbone {name}, {plain['parameters'] / 1e6:.1f} M parameters, on "
         f"{device.type}, {torch.get_num_threads()} threads; platform {args.platform} "
-        f"({plain['train_examples']:,} train examples); expected batch "
-        f"{config.dp.expected_batch_size} (DP: Poisson, non-DP: fixed), physical batch "
-        f"{config.train.batch_size}; σ = {args.noise_multiplier:g}; median of {args.steps} "
-        f"steps after 1 warm-up"
+        f"({plain['train_examples']:,} train examples); default path from {args.config}: "
+        f"expected batch {plain['expected_batch']} (DP: Poisson, non-DP: fixed), physical "
+        f"batch {plain['physical_batch']}; σ = {args.noise_multiplier:g}; median of "
+        f"{args.steps} steps after 1 warm-up"
     )
     contention = ", ".join(
         f"{label(r)} {r['other_cores']:.2f}"
@@ -407,17 +462,19 @@ def report(args: argparse.Namespace, data: Path) -> None:
         for r in results.values()
     )
     print(f"CPU cores busy with other processes meanwhile: {contention}\n")
+    print("### 0. DP training throughput: default path vs the previous one\n")
+    print(speedup_table(results[PREVIOUS], results[DP_DEFAULT]) + "\n")
     print("### 1. DP vs non-DP local training (default scorer)\n")
     print(dp_table(plain, results[DP_DEFAULT], memory) + "\n")
     print("### 2. Per-sample gradients: Opacus hooks vs ghost clipping\n")
-    clipping = [results[CROSS_HOOKS], results[CROSS_GHOST], results[DP_DEFAULT]]
+    clipping = [results[CROSS_HOOKS], results[CROSS_GHOST], results[PREVIOUS]]
     print(clipping_table(clipping, memory) + "\n")
     print(clipping_verdict(results[CROSS_HOOKS], results[CROSS_GHOST]) + "\n")
     print("### 3. Training throughput against the matmul ceiling\n")
-    ordered = [results[spec] for spec in (DP_DEFAULT, CROSS_HOOKS, CROSS_GHOST, NON_DP)]
-    print(flops_table(ordered, config.dp.expected_batch_size, ceiling) + "\n")
+    order = (DP_DEFAULT, NON_DP, PREVIOUS, CROSS_HOOKS, CROSS_GHOST)
+    print(flops_table([results[spec] for spec in order], ceiling) + "\n")
     print("### 4. Upload per round vs full model\n")
-    print(upload_table([plain, results[CROSS_HOOKS]]))
+    print(upload_table([plain, results[PREVIOUS], results[CROSS_HOOKS]]))
 
 
 def main() -> None:
@@ -425,6 +482,7 @@ def main() -> None:
     parser.add_argument("--data", help="prepared ML-100K folder (built in a temp dir if absent)")
     parser.add_argument("--platform", default="kids_family")
     parser.add_argument("--steps", type=int, default=8, help="timed steps after 1 warm-up")
+    parser.add_argument("--config", default="simulations/ml100k_default.toml")
     parser.add_argument("--noise-multiplier", type=float, default=1.0, help="fixed DP σ")
     parser.add_argument("--backbone", default=RunConfig().model.backbone)
     parser.add_argument(
@@ -436,7 +494,7 @@ def main() -> None:
     parser.add_argument(
         "--retries", type=int, default=2, help="reruns of a contended configuration"
     )
-    parser.add_argument("--worker", help=argparse.SUPPRESS)  # SCORER:CLIPPING, JSON on stdout
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # SCORER:CLIPPING:PRESET -> JSON
     args = parser.parse_args()
     if args.steps < 1:
         parser.error("--steps must be at least 1")

@@ -1,13 +1,16 @@
-"""Which local optimiser, learning rate and step count move one ML-100K platform, with and
-without DP: the study behind the default's training settings (docs/results.md).
+"""Which training settings move one ML-100K platform, with and without DP: the sweep behind
+the default's training recipe (docs/results.md).
 
 Usage: python scripts/probe_local_training.py [--config simulations/ml100k_default.toml]
-       [--platform comedy] [--cases 300] --grid adamw:2e-3:4:dp,sgd:2:4:dp,adamw:1e-2:20:off
+       [--platform comedy] [--cases 300]
+       --grid "dp.expected_batch_size=1024 train.learning_rate=0.01; dp.enabled=false"
 
-Each grid entry is OPTIMISER:LEARNING_RATE:LOCAL_STEPS:dp|off. The platform trains alone
-through the real client (``PlatformClient.train_round``: the configured rounds, cosine schedule,
-ledger, ffa's frozen A) from the common seeded adapters, then ranks a fixed sample of its
-validation users. Prints one Markdown table.
+Each grid entry (separated by ``;``) is a list of ``section.key=value`` overrides of the
+configuration. The platform trains alone through the real client (``PlatformClient``: the
+configured rounds, learning-rate schedule, ledger, popularity prior, the strategy's frozen
+tensors) from the common seeded adapters, then ranks a fixed sample of its validation users
+with its own released prior. Prints one Markdown table, with the platform's exact popularity
+ranking as the first row.
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from client.popularity_prior import positive_counts
 from common.config import load_config, with_settings
 from common.dataset_summary import markdown_table
+from common.evaluation import CountScorer
 from common.sharing import seeded_arrays
-from server.baselines import evaluation_clients, platform_clients, train_rounds
+from server.baselines import platform_clients, train_rounds
 
 
 def main() -> None:
@@ -29,56 +34,49 @@ def main() -> None:
     parser.add_argument("--config", default="simulations/ml100k_default.toml")
     parser.add_argument("--platform", default="comedy")
     parser.add_argument("--cases", type=int, default=300, help="validation users (fixed sample)")
-    parser.add_argument("--grid", required=True, help="OPT:LR:STEPS:dp|off, comma-separated")
+    parser.add_argument("--grid", required=True, help="';'-separated lists of overrides")
     args = parser.parse_args()
-    base = load_config(args.config)
-    base = with_settings(
-        base,
-        data={"platforms": [args.platform]},
-        federation={"min_nodes": 1, "fraction_evaluate": 0.0},
-    )
-    initial = seeded_arrays(base.model, base.lora, base.federation.strategy)
     state = Path(tempfile.mkdtemp(prefix="fedfuse-probe-"))
-    # one DP-free client scores every model: evaluation does not depend on the training settings
-    judge = evaluation_clients(base, state / "judge")[0]
-    before = judge.evaluate(initial, "valid", args.cases)
     rows = []
-    for number, entry in enumerate(args.grid.split(",")):
-        optimizer, learning_rate, steps, privacy = entry.split(":")
-        config = with_settings(
-            base,
-            train={
-                "optimizer": optimizer,
-                "learning_rate": float(learning_rate),
-                "local_steps": int(steps),
-            },
-            dp={"enabled": privacy == "dp"},
-        )
-        client = platform_clients(config, state / str(number))[0]
-        start = time.perf_counter()
-        arrays, epsilon = train_rounds(client, initial)
-        seconds = time.perf_counter() - start
-        after = judge.evaluate(arrays, "valid", args.cases)
-        rows.append(
-            [
-                optimizer,
-                learning_rate,
-                str(config.federation.rounds * int(steps)),
-                f"{epsilon:.2f}",
-                f"{before['ndcg@10']:.4f}",
-                f"{after['ndcg@10']:.4f}",
-                f"{after['auc']:.4f}",
-                f"{seconds:.0f}",
-            ]
-        )
-        print(f"{entry}: NDCG@10 {before['ndcg@10']:.4f} -> {after['ndcg@10']:.4f}", flush=True)
-    print(
-        f"\nplatform {args.platform}, {args.cases} validation users, "
-        f"batch {base.dp.expected_batch_size}\n"
-    )
-    header = ["optimiser", "lr", "steps", "ε", "NDCG@10 before", "after", "AUC", "train s"]
+    try:
+        for number, entry in enumerate(part.strip() for part in args.grid.split(";")):
+            config = load_config(args.config, entry.split())
+            config = with_settings(
+                config,
+                data={"platforms": [args.platform]},
+                federation={"min_nodes": 1, "fraction_evaluate": 0.0},
+            )
+            client = platform_clients(config, state / str(number))[0]
+            seeded = seeded_arrays(config.model, config.lora, config.federation.strategy)
+            initial = {name: seeded[name] for name in client.shared}
+            if not rows:
+                popular = client.score(
+                    CountScorer(positive_counts(client.task)), "valid", args.cases
+                )
+                rows.append(["popularity (exact counts)", "", "", f"{popular['ndcg@10']:.4f}"])
+                rows[-1] += [f"{popular['hr@10']:.4f}", f"{popular['auc']:.4f}", ""]
+            before = client.evaluate(initial, "valid", args.cases)
+            start = time.perf_counter()
+            arrays, epsilon = train_rounds(client, initial)
+            seconds = time.perf_counter() - start
+            after = client.evaluate(arrays, "valid", args.cases)
+            rows.append(
+                [
+                    entry or "(config as is)",
+                    f"{epsilon:.2f}",
+                    f"{before['ndcg@10']:.4f}",
+                    f"{after['ndcg@10']:.4f}",
+                    f"{after['hr@10']:.4f}",
+                    f"{after['auc']:.4f}",
+                    f"{seconds:.0f}",
+                ]
+            )
+            print(f"{entry}: NDCG@10 {before['ndcg@10']:.4f} -> {after['ndcg@10']:.4f}", flush=True)
+    finally:
+        shutil.rmtree(state)
+    print(f"\nplatform {args.platform}, {args.cases} validation users\n")
+    header = ["settings", "ε", "NDCG@10 before", "after", "HR@10", "AUC", "train s"]
     print(markdown_table(header, rows))
-    shutil.rmtree(state)
 
 
 if __name__ == "__main__":

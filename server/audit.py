@@ -45,7 +45,15 @@ ABSOLUTE_TOLERANCE = 1e-3
 PLD_GRID = 1e-3  # dp_accounting's value_discretization_interval
 PRIVATE_ADAPTER_FILE = "private_adapter.safetensors"  # PrivateTensors.FILE (fedsa), spelled
 # out so the audit does not import torch and the model code to read JSON files
-STATE_FILES = {LEDGER_FILE, f".{LEDGER_FILE}.lock", WIRE_LOG_FILE, PRIVATE_ADAPTER_FILE}
+PRIOR_FILE = "popularity_prior.json"  # client/popularity_prior.PRIOR_FILE, likewise
+STATE_FILES = {
+    LEDGER_FILE,
+    f".{LEDGER_FILE}.lock",
+    WIRE_LOG_FILE,
+    PRIVATE_ADAPTER_FILE,
+    PRIOR_FILE,
+    f".{PRIOR_FILE}.lock",
+}
 ENTRY_FIELDS = {
     "server_round": int,
     "noise_multiplier": float,
@@ -214,6 +222,7 @@ def audit_ledger(ledger: PrivacyLedger) -> tuple[dict[str, Any], list[dict[str, 
             {
                 "index": index,
                 "round": entry["server_round"],
+                "mechanism": entry.get("kind", "dp-sgd"),
                 "noise_multiplier": entry["noise_multiplier"],
                 "sample_rate": entry["sample_rate"],
                 "steps": entry["steps"],

@@ -36,6 +36,7 @@ PLATFORM_HEADER = [
     "q",
     "steps/round",
     "rounds",
+    "released statistics",
     "ε PRV",
     "ε RDP",
     "ε PLD (recomp.)",
@@ -52,9 +53,15 @@ def platform_rows(report: dict[str, Any]) -> list[list[str]]:
     for p in report["platforms"]:
         marker = f"{FLAG_MARK} {p['flags']}" if p["flags"] else "0"
         if p.get("dp") is False:
-            rows.append([p["platform"], *["DP off"] + ["-"] * 12, marker])
+            rows.append([p["platform"], *["DP off"] + ["-"] * 13, marker])
             continue
-        rounds = p["rounds"]
+        rounds = [r for r in p["rounds"] if r.get("mechanism", "dp-sgd") == "dp-sgd"]
+        releases = [
+            f"{r['mechanism']} σ = {_number(r['noise_multiplier'])} "
+            f"(ε alone {_number(r['epsilon_round_pld'])})"
+            for r in p["rounds"]
+            if r.get("mechanism", "dp-sgd") != "dp-sgd"
+        ]
         rows.append(
             [
                 p["platform"],
@@ -64,6 +71,7 @@ def platform_rows(report: dict[str, Any]) -> list[list[str]]:
                 _distinct(rounds, "sample_rate"),
                 _distinct(rounds, "steps"),
                 str(len(rounds)),
+                "; ".join(releases) or "-",
                 _number(p["epsilon_spent_prv"]),
                 _number(p["epsilon_spent_rdp"]),
                 _number(p["epsilon_spent_pld_recomputed"]),

@@ -14,17 +14,17 @@ code path the federation's evaluation uses.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from client.platform_client import PlatformClient, PlatformIdentity
+from client.popularity_prior import positive_counts
 from common.config import RunConfig, with_settings
-from common.model import TextFeaturizer
+from common.evaluation import CountScorer
 from common.platform_data import federation_platforms
-from common.task import Example, PlatformTask, RankingCase
+from common.task import Example, PlatformTask
 from server.server_app import learning_rate_schedule
 
 Arrays = dict[str, np.ndarray]
@@ -81,23 +81,25 @@ def train_local(
     return metrics, epsilons
 
 
+def pooled_item(platform: str, item: str) -> str:
+    """An item's id in pooled data: two platforms may use the same id for different items."""
+    return f"{platform}\x1f{item}"
+
+
 def pooled_task(clients: Sequence[PlatformClient]) -> tuple[PlatformTask, dict[str, str]]:
     """All platforms' train examples in one task; item ids get their platform as a prefix,
     because two platforms may use the same id for different items."""
-
-    def item(platform: str, item_id: str) -> str:
-        return f"{platform}\x1f{item_id}"
 
     task = PlatformTask(POOLED)
     item_text: dict[str, str] = {}
     for client in clients:
         name = client.identity.name
-        item_text |= {item(name, i): t for i, t in client.featurizer.item_text.items()}
+        item_text |= {pooled_item(name, i): t for i, t in client.featurizer.item_text.items()}
         task.train += [
             Example(
                 user=f"{name}\x1f{e.user}",
-                history=tuple(item(name, i) for i in e.history),
-                candidate=item(name, e.candidate),
+                history=tuple(pooled_item(name, i) for i in e.history),
+                candidate=pooled_item(name, e.candidate),
                 label=e.label,
             )
             for e in client.task.train
@@ -119,40 +121,40 @@ def train_centralized(
     identity = PlatformIdentity(POOLED, state_root, state_root / POOLED)
     pooled = PlatformClient(identity, config, task=task, item_text=item_text)
     arrays, epsilon = train_rounds(pooled, initial)
+    if pooled.prior_counts is not None:  # each platform scores with its share of the release
+        for client in clients:
+            prefix = pooled_item(client.identity.name, "")
+            client.use_prior(
+                {
+                    k[len(prefix) :]: v
+                    for k, v in pooled.prior_counts.items()
+                    if k.startswith(prefix)
+                }
+            )
     metrics = test_metrics(clients, arrays, max_cases)
     return metrics, dict.fromkeys(metrics, epsilon)
 
 
-class PopularityScorer:
-    """Scores an item by its count of positive train examples on the platform (ties: 0)."""
-
-    training = False
-
-    def __init__(self, task: PlatformTask) -> None:
-        self.counts = Counter(e.candidate for e in task.train if e.label == 1)
-
-    def eval(self) -> None:
-        """Nothing to switch: the evaluation protocol calls it on every scorer."""
-
-    def train(self, mode: bool = True) -> None:
-        """Nothing to switch: the evaluation protocol calls it on every scorer."""
-
-    def score_cases(
-        self, featurizer: TextFeaturizer, cases: Sequence[RankingCase], batch_size: int
-    ) -> list[np.ndarray]:
-        return [np.array([self.counts[i] for i in case.candidates], float) for case in cases]
-
-    def score_examples(
-        self, featurizer: TextFeaturizer, examples: Sequence[Example], batch_size: int
-    ) -> np.ndarray:
-        return np.log1p([self.counts[e.candidate] for e in examples])
+def dp_prior(
+    config: RunConfig, state_root: Path, max_cases: int
+) -> tuple[dict[str, Metrics], dict[str, float]]:
+    """Each platform ranked by its DP-released popularity prior alone (the item tower's
+    prior, ablated from the model); returns test metrics and the ε the release cost."""
+    config = with_settings(config, model={"scorer": "item_tower"}, prior={"enabled": True})
+    metrics, epsilons = {}, {}
+    for client in platform_clients(config, state_root):
+        name = client.identity.name
+        counts = client.prior_counts or {}
+        metrics[name] = client.score(CountScorer(counts), "test", max_cases)  # type: ignore[arg-type]
+        epsilons[name] = client.ledger.spent() if client.ledger is not None else float("inf")
+    return metrics, epsilons
 
 
 def popularity(config: RunConfig, state_root: Path, max_cases: int) -> dict[str, Metrics]:
     """Each platform's test metrics of its own popularity ranking."""
     return {
         client.identity.name: client.score(
-            PopularityScorer(client.task),  # type: ignore[arg-type]
+            CountScorer(positive_counts(client.task)),  # type: ignore[arg-type]
             "test",
             max_cases,
         )

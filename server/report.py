@@ -18,7 +18,7 @@ from common.dataset_summary import markdown_table  # noqa: E402
 from server.run_record import RunRecord  # noqa: E402
 
 SUMMARY_FILE = "summary.md"
-METRIC_COLUMNS = ("hr@10", "ndcg@10", "mrr", "auc")
+METRIC_COLUMNS = ("hr@10", "ndcg@10", "mrr", "auc", "prior-ndcg@10")
 
 
 def _series(events: list[dict[str, Any]], kind: str, key: str) -> dict[str, dict[int, float]]:
@@ -70,7 +70,8 @@ def summary_table(events: list[dict[str, Any]]) -> str:
             "",
         ]
     )
-    table = markdown_table(["platform", "round", "HR@10", "NDCG@10", "MRR", "AUC", "ε spent"], rows)
+    header = ["platform", "round", "HR@10", "NDCG@10", "MRR", "AUC", "DP prior NDCG@10", "ε spent"]
+    table = markdown_table(header, rows)
     if failures:
         table += "\n\nfailed replies by node: " + ", ".join(
             f"{n}: {c}" for n, c in failures.items()

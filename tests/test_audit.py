@@ -64,7 +64,12 @@ def test_a_real_run_audits_clean(copy: Path, capsys: pytest.CaptureFixture[str])
     assert report["flags"] == [] and report["dp_claimed"]
     for platform in report["platforms"]:
         assert platform["hash_chain_intact"] and platform["privacy_unit"].startswith("one labelled")
-        assert [r["round"] for r in platform["rounds"]] == [1, 2]
+        # round 0: the popularity prior's one Gaussian release, composed into the same ledger
+        assert [(r["round"], r["mechanism"]) for r in platform["rounds"]] == [
+            (0, "gaussian-histogram"),
+            (1, "dp-sgd"),
+            (2, "dp-sgd"),
+        ]
         last = platform["rounds"][-1]
         assert last["epsilon_prv"] == pytest.approx(last["epsilon_pld_recomputed"], rel=0.01)
         assert 0 < platform["epsilon_spent_prv"] <= platform["epsilon_budget"] == 4.0
@@ -83,7 +88,7 @@ def test_a_real_run_audits_clean(copy: Path, capsys: pytest.CaptureFixture[str])
 
 
 def test_an_edited_ledger_entry_breaks_the_chain(copy: Path) -> None:
-    _edit_ledger(copy, lambda d: d["entries"][0].update(steps=1), rechain=False)
+    _edit_ledger(copy, lambda d: d["entries"][1].update(steps=1), rechain=False)
     report = audit(copy)
     assert "broken-chain" in _codes(report)
     assert not next(p for p in report["platforms"] if p["platform"] == "p0")["hash_chain_intact"]

@@ -137,6 +137,7 @@ def _audit_config(data: Path, backbone: Path, state: Path) -> RunConfig:
         [
             f"data.path='{data}'",
             f"model.backbone='{backbone}'",
+            "model.scorer='two_tower'",  # the scorer the measured figures below were taken on
             "model.max_length=16",
             "lora.rank=4",
             "train.local_steps=100",

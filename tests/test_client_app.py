@@ -87,7 +87,7 @@ def test_train_reply_holds_only_adapters_and_scalar_metrics(run_config) -> None:
     ledger = json.loads(
         (Path(load_config(run_config["config-file"]).dp.state_dir) / "p0" / LEDGER_FILE).read_text()
     )
-    assert [e["server_round"] for e in ledger["entries"]] == [1, 2]
+    assert [e["server_round"] for e in ledger["entries"]] == [0, 1, 2]  # 0: the prior
 
 
 def test_backbone_is_loaded_once_per_process(run_config, monkeypatch) -> None:
@@ -114,7 +114,8 @@ def test_exhausted_budget_gives_an_error_reply_and_no_training(run_config) -> No
     assert reply.has_error() and reply.error.code == BUDGET_EXHAUSTED
     assert "budget exhausted" in reply.error.reason
     ledger_dir = Path(load_config(run_config["config-file"]).dp.state_dir) / "p0"
-    assert len(json.loads((ledger_dir / LEDGER_FILE).read_text())["entries"]) == 3
+    # the prior's release and the three rounds; nothing for round 4
+    assert len(json.loads((ledger_dir / LEDGER_FILE).read_text())["entries"]) == 4
 
 
 def test_bad_data_folder_gives_an_error_reply_not_a_crash(run_config, tmp_path: Path) -> None:
@@ -146,7 +147,10 @@ def test_evaluate_reply_has_the_protocol_metrics(run_config) -> None:
     context = _context(run_config, {"partition-id": 1, "num-partitions": 2})
     reply = app(_message("evaluate", _initial_arrays(run_config), {"split": "test"}), context)
     metrics = dict(reply.content["metrics"])
-    assert set(metrics) == {"num-examples", "hr@10", "ndcg@10", "mrr", "auc", "logloss"}
+    assert set(metrics) == {
+        *("num-examples", "hr@10", "ndcg@10", "mrr", "auc", "logloss"),
+        "prior-ndcg@10",  # the platform's DP popularity prior alone, on the same users
+    }
     assert metrics["num-examples"] > 0 and 0 <= metrics["ndcg@10"] <= metrics["hr@10"] <= 1
 
 

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 from client.ledger import LEDGER_FILE, PrivacyLedger
+from client.popularity_prior import positive_counts
 from common.cli import main
 from common.config import load_config
 from common.errors import ConfigError
-from common.evaluation import evaluate
+from common.evaluation import CountScorer, evaluate
 from common.sharing import seeded_arrays, shared_scorer
 from common.task import Example, PlatformTask, RankingCase
-from server.baselines import PopularityScorer, evaluation_clients, pooled_task, train_local
+from server.baselines import evaluation_clients, pooled_task, train_local
 from server.compare import Cell, parse_levels, target_statements
 
 
@@ -47,7 +48,7 @@ def test_popularity_ranks_by_positive_train_counts() -> None:
     task = PlatformTask("p", train=train)
     task.test = [Example("v", (), "b", 1), Example("v", (), "a", 0)]
     task.test_ranking = [RankingCase("v", (), "c", ("a", "b", "d"))]
-    metrics = evaluate(PopularityScorer(task), None, task, "test")  # type: ignore[arg-type]
+    metrics = evaluate(CountScorer(positive_counts(task)), None, task, "test")  # type: ignore[arg-type]
     assert metrics["mrr"] == pytest.approx(1 / 2)  # c (2 likes) ranks behind b (3 likes)
     assert metrics["auc"] == pytest.approx(1.0)
 
@@ -75,7 +76,7 @@ def test_local_baseline_trains_each_platform_within_its_budget(
     assert sorted(metrics) == sorted(epsilons) == ["p0", "p1"]
     for platform, spent in epsilons.items():
         ledger = PrivacyLedger.load(tmp_path / "state" / platform / LEDGER_FILE)
-        assert [e["server_round"] for e in ledger.entries] == [1, 2]
+        assert [e["server_round"] for e in ledger.entries] == [0, 1, 2]  # 0: the prior
         assert spent == pytest.approx(ledger.spent()) and spent <= config.dp.target_epsilon
     trained = {n: p.detach().numpy() for n, p in scorer.named_parameters() if p.requires_grad}
     assert any(not np.allclose(trained[n], initial[n]) for n in initial)
@@ -106,10 +107,11 @@ def test_compare_writes_one_report_and_resumes_from_cached_cells(
     pooled = PrivacyLedger.load(out / "runs" / "centralized@eps4" / "centralized" / LEDGER_FILE)
     clients = evaluation_clients(load_config(config_file), tmp_path / "state")
     assert pooled.header["dataset_size"] == sum(len(c.task.train) for c in clients)
-    assert [e["steps"] for e in pooled.entries] == [2 * 2, 2 * 2]  # local_steps × platforms
+    # the pooled prior's one release, then local_steps × platforms per round
+    assert [e["steps"] for e in pooled.entries] == [1, 2 * 2, 2 * 2]
     report = (out / "comparison.md").read_text()
     assert "## ε = 4" in report and "## non-private" in report
-    assert "fedsa at ε = 4 reaches" in report
+    assert "fedsa at ε = 4 ≥ local-only on every platform" in report
     assert (out / "ndcg_at_10.png").stat().st_size > 1000
     capsys.readouterr()
 
@@ -130,13 +132,36 @@ def _result(method: str, epsilon: float, ndcg: dict[str, float]) -> dict[str, ob
 
 def test_targets_are_stated_against_the_measured_numbers() -> None:
     results = [
+        _result("popularity", 8.0, {"a": 0.20, "b": 0.25}),
         _result("local", 8.0, {"a": 0.10, "b": 0.20}),
-        _result("ffa", 8.0, {"a": 0.15, "b": 0.20}),
-        _result("fedavg", 8.0, {"a": 0.30, "b": 0.30}),
+        _result("ffa", 8.0, {"a": 0.15, "b": 0.19}),
+        _result("fedavg", 8.0, {"a": 0.30, "b": 0.31}),
+        _result("local", 1.0, {"a": 0.10, "b": 0.20}),
+        _result("ffa", 1.0, {"a": 0.19, "b": 0.20}),
         _result("centralized", math.inf, {"a": 0.30, "b": 0.30}),
+        _result("bpr_pooled", math.inf, {"a": 0.40, "b": 0.40}),
+        _result("ffa", math.inf, {"a": 0.28, "b": 0.29}),
     ]
     lines = target_statements(results)
-    assert "- fedavg at ε = 8 beats local-only on every platform (NDCG@10): **met**" in lines
-    assert "- ffa at ε = 8 beats local-only on every platform (NDCG@10): **missed on b**" in lines
-    assert any("ffa at ε = 8 reaches 58.3%" in line and "**missed**" in line for line in lines)
-    assert any("fedavg at ε = 8 reaches 100.0%" in line and "**met**" in line for line in lines)
+    assert (
+        "- fedavg at ε = 8: mean 1.356 × popularity (0.3050 vs 0.2250; target ≥ 1.10×): **met**"
+        in lines
+    )
+    assert (
+        "- ffa at ε = 8: mean 0.756 × popularity (0.1700 vs 0.2250; target ≥ 1.10×): **missed**"
+        in lines
+    )
+    assert "- ffa at ε = 8 ≥ popularity on every platform: **missed on a, b**" in lines
+    assert "- fedavg at ε = 8 ≥ popularity on every platform: **met**" in lines
+    assert "- ffa at ε = 8 ≥ local-only on every platform: **missed on b**" in lines
+    # gains +0.05 and -0.01: mean +0.02, standard error 0.03
+    assert (
+        "- ffa at ε = 8: mean gain over local +0.0200 vs its standard error over the "
+        "platforms 0.0300: **missed**" in lines
+    )
+    assert "- ffa at ε = 1 ≥ 0.95 × popularity on every platform: **missed on b**" in lines
+    assert (
+        "- ffa, no DP: 95.0% of the same model centralized (0.2850 vs 0.3000; "
+        "target ≥ 90%): **met**" in lines
+    )
+    assert "- ffa, no DP: 71.2% of pooled BPR (0.2850 vs 0.4000; target ≥ 90%): **missed**" in lines

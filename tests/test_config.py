@@ -40,7 +40,11 @@ def test_file_and_overrides_combine(tmp_path: Path) -> None:
     [
         ("[model]\nscorr = 'x'\n", [], "model.scorr: unknown key"),
         ("[modle]\n", [], "modle: unknown key"),
-        ("[model]\nscorer = 'bert'\n", [], "model.scorer: Input should be 'cross' or 'two_tower'"),
+        (
+            "[model]\nscorer = 'bert'\n",
+            [],
+            "model.scorer: Input should be 'item_tower', 'cross' or 'two_tower'",
+        ),
         ("[lora]\nrank = 0\n", [], "lora.rank: Input should be greater than or equal to 1"),
         ("[task]\nhistory_len = 'five'\n", [], "task.history_len: Input should be a valid integer"),
         (

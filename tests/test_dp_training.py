@@ -33,7 +33,9 @@ def _setup(backbone: Path, platform, kind: str, examples: int, dp: DPConfig, **t
     """A scorer with dropout off (so two forward passes are comparable) and its trainer."""
     data, task = platform
     model, tokenizer = load_backbone(str(backbone))
-    scorer = build_scorer(model, ModelConfig(scorer=kind), LoraSettings(rank=4))
+    # the item tower with its private item factors, so every trainable part is exercised
+    extra = {"private_factors": 4, "private_item_slots": 64} if kind == "item_tower" else {}
+    scorer = build_scorer(model, ModelConfig(scorer=kind, **extra), LoraSettings(rank=4))
     for module in scorer.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
@@ -68,7 +70,8 @@ def _reference_update(
 
 
 @pytest.mark.parametrize(
-    ("kind", "mode"), [("two_tower", "hooks"), ("cross", "hooks"), ("cross", "ghost")]
+    ("kind", "mode"),
+    [("item_tower", "hooks"), ("two_tower", "hooks"), ("cross", "hooks"), ("cross", "ghost")],
 )
 def test_dp_step_without_noise_equals_the_plain_step(
     tiny_bert_dir: Path, platform, kind: str, mode: str
@@ -91,7 +94,9 @@ def test_dp_step_without_noise_equals_the_plain_step(
         np.testing.assert_allclose(after[name], expected[name], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize(("kind", "mode"), [("two_tower", "hooks"), ("cross", "ghost")])
+@pytest.mark.parametrize(
+    ("kind", "mode"), [("item_tower", "hooks"), ("two_tower", "hooks"), ("cross", "ghost")]
+)
 def test_each_example_is_clipped_to_the_bound(
     tiny_bert_dir: Path, platform, kind: str, mode: str
 ) -> None:

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from common import layer_cache
 from common.config import LoraSettings, ModelConfig
 from common.errors import ConfigError
 from common.model import (
@@ -15,9 +16,11 @@ from common.model import (
     count_parameters,
     load_backbone,
     lora_targets,
+    pool,
     resolve_backbone,
 )
 from common.platform_data import read_dataset
+from common.sharing import private_names, shared_names
 from common.task import Example, build_task
 from common.tiny_model import write_tiny_model
 
@@ -73,7 +76,7 @@ def test_lora_targets_fall_back_to_attention_names_without_peft_mapping() -> Non
     assert lora_targets(Attention(), "auto") == ["q_proj", "v_proj"]
 
 
-@pytest.mark.parametrize("kind", ["cross", "two_tower"])
+@pytest.mark.parametrize("kind", ["item_tower", "cross", "two_tower"])
 def test_only_lora_and_head_are_trainable(tiny_bert_dir: Path, kind: str) -> None:
     scorer, _ = _scorer(tiny_bert_dir, kind, rank=4)
     trainable = [n for n, p in scorer.named_parameters() if p.requires_grad]
@@ -96,7 +99,7 @@ def test_lora_init_is_shared_by_seed(tiny_bert_dir: Path) -> None:
     assert not torch.equal(dict(a.named_parameters())[name], dict(c.named_parameters())[name])
 
 
-@pytest.mark.parametrize("kind", ["cross", "two_tower"])
+@pytest.mark.parametrize("kind", ["item_tower", "cross", "two_tower"])
 def test_each_example_is_scored_independently(
     tiny_bert_dir: Path, platform_task, kind: str
 ) -> None:
@@ -113,7 +116,7 @@ def test_each_example_is_scored_independently(
     torch.testing.assert_close(torch.from_numpy(fast), alone.detach(), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["cross", "two_tower"])
+@pytest.mark.parametrize("kind", ["item_tower", "cross", "two_tower"])
 def test_ranking_scores_match_pointwise_logits(
     tiny_bert_dir: Path, platform_task, kind: str
 ) -> None:
@@ -155,3 +158,51 @@ def test_decoder_backbone_scores_with_last_token_pooling(tmp_path: Path, platfor
     assert scorer.pooling == "last"
     logits = scorer.score_examples(TextFeaturizer(tokenizer, data.item_text, 64), task.train[:4], 2)
     assert logits.shape == (4,) and torch.isfinite(torch.from_numpy(logits)).all()
+
+
+@pytest.mark.parametrize("kind", ["bert", "gpt2"])
+def test_item_tower_runs_the_top_layer_from_the_cache_exactly(
+    tmp_path: Path, platform_task, kind: str
+) -> None:
+    """LoRA on the top layer only; item vectors from cached lower states equal a full pass."""
+    data, _ = platform_task
+    backbone = write_tiny_model(tmp_path, kind)
+    scorer, featurizer = _eval_scorer(backbone, "item_tower", data.item_text)
+    lora = {n.split(".lora_")[0] for n, _ in scorer.named_parameters() if ".lora_" in n}
+    assert lora and all((".layer.1." in n or ".h.1." in n) for n in lora)
+    with torch.no_grad():  # non-zero adapters, so the top layer really differs from the base
+        for name, param in scorer.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5, generator=torch.Generator().manual_seed(1))
+    scorer.prepare(featurizer)
+    tokens = featurizer.encode([data.item_text[i] for i in featurizer.items])
+    with torch.no_grad():
+        hidden = scorer.encoder(**tokens).last_hidden_state
+    full = pool(hidden, tokens["attention_mask"], scorer.pooling)
+    torch.testing.assert_close(featurizer.item_vectors, full, atol=1e-5, rtol=1e-4)
+
+
+def test_layer_cache_self_check_refuses_states_that_do_not_reproduce_the_model(
+    tiny_bert_dir: Path, platform_task, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data, _ = platform_task
+    scorer, featurizer = _eval_scorer(tiny_bert_dir, "item_tower", data.item_text)
+    wrong = layer_cache.top_layers_only
+
+    def shifted(model: torch.nn.Module, first: int, states: torch.Tensor):
+        return wrong(model, first, states + 1.0)
+
+    monkeypatch.setattr(layer_cache, "top_layers_only", shifted)
+    with pytest.raises(ConfigError, match="cannot cache this backbone"):
+        scorer.prepare(featurizer)
+
+
+def test_item_tower_private_factors_are_never_shared(tiny_bert_dir: Path) -> None:
+    model, _ = load_backbone(str(tiny_bert_dir))
+    config = ModelConfig(scorer="item_tower", private_factors=4, private_item_slots=32)
+    scorer = build_scorer(model, config, LoraSettings(rank=4))
+    names = [n for n, p in scorer.named_parameters() if p.requires_grad]
+    assert "head.private_items.weight" in names
+    for strategy in ("fedavg", "ffa", "fedsa"):
+        assert "head.private_items.weight" not in shared_names(names, strategy)
+        assert "head.private_items.weight" in private_names(names, strategy)

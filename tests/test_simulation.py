@@ -102,7 +102,7 @@ def test_two_rounds_of_each_strategy(
     assert b_changed == (strategy != "fedsa")  # FedSA keeps B on the platforms
     for platform in ("p0", "p1"):
         ledger = json.loads((run / "platform_state" / platform / LEDGER_FILE).read_text())
-        assert [e["server_round"] for e in ledger["entries"]] == [1, 2]
+        assert [e["server_round"] for e in ledger["entries"]] == [0, 1, 2]  # 0: the prior
         assert ledger["entries"][-1]["epsilon_prv"] <= 4.0
     assert (run / "summary.md").is_file() and (run / "ndcg_per_round.png").stat().st_size > 1000
     assert RUN_CONFIG_ENV not in os.environ
@@ -131,5 +131,6 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(
     assert rounds == [1, 2]
     ledger = json.loads((run / "platform_state" / "p0" / LEDGER_FILE).read_text())
     # the interrupted round really trained: its privacy cost stays on the ledger
-    assert [e["server_round"] for e in ledger["entries"]] == [1, 2, 2]
+    # (the prior, released once, is not released again on resume)
+    assert [e["server_round"] for e in ledger["entries"]] == [0, 1, 2, 2]
     assert np.isfinite(ledger["entries"][-1]["epsilon_prv"])
