@@ -380,9 +380,10 @@ class ItemTowerScorer(Scorer):
     kind = "item_tower"
     head: ItemTowerHead
 
-    def __init__(self, encoder: PeftModel, pooling: str, head: nn.Module, top_layers: int):
+    def __init__(self, encoder: PeftModel, pooling: str, head: nn.Module) -> None:
         super().__init__(encoder, pooling, head)
-        self.first_top_layer = len(layers_of(encoder)) - top_layers
+        # the lowest layer LoRA was put on (build_scorer's layers_to_transform)
+        self.first_top_layer = min(encoder.peft_config["default"].layers_to_transform)
 
     def _cache(self, featurizer: TextFeaturizer) -> LayerCache:
         """The platform's frozen lower-layer states, computed on first use."""
@@ -564,7 +565,6 @@ def build_scorer(backbone: PreTrainedModel, model: ModelConfig, lora: LoraSettin
         for module in encoder.modules():
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
-        return ItemTowerScorer(encoder, pooling, head, model.top_layers)
     return SCORERS[model.scorer](encoder, pooling, head)
 
 

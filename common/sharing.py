@@ -3,7 +3,8 @@
 - ``fedavg`` (FedIT): LoRA A, LoRA B and the head are trained and all averaged; A and B are
   averaged separately, so the aggregate of the products B·A is only approximated.
 - ``ffa`` (FFA-LoRA): A stays frozen at the shared random initialisation (``lora.seed``); only
-  B and the head are trained and averaged. The average of B·A is then exact (A is common), no
+  B and the head are trained and averaged (the item tower's user map is a low-rank product
+  too: its down-projection is frozen like A). The average of B·A is then exact (A is common), no
   product of two noisy factors arises under DP, and half the LoRA tensors are uploaded.
 - ``fedsa``: A is shared and averaged; B and the head stay on each platform (a personalised
   model: one shared adapter, a private part per platform).
@@ -25,7 +26,9 @@ Arrays = dict[str, np.ndarray]
 
 
 def _is_lora_a(name: str) -> bool:
-    return ".lora_A." in name
+    """LoRA's down-projection A, and the item tower's user map ``user_down``, the A of the same
+    low-rank product: averaging both factors of a product is not the product of averages."""
+    return ".lora_A." in name or name.endswith("user_down.weight")
 
 
 def _is_platform_private(name: str) -> bool:

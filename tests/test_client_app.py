@@ -165,7 +165,9 @@ def test_strategies_send_only_their_shared_tensors(run_config, strategy: str) ->
     reply = app(_message("train", sent, {"server-round": 1}), context)
     back = {k: a.numpy() for k, a in reply.content["arrays"].items()}
     assert list(back) == list(sent)
-    lora_a = [n for n in everything if ".lora_A." in n]
+    # LoRA's A, and the item tower's user-map down-projection (the A of the same product)
+    lora_a = [n for n in everything if ".lora_A." in n or n == "head.user_down.weight"]
+    assert "head.user_down.weight" in lora_a
     if strategy == "ffa":  # B and head only; A frozen at the shared seeded init
         assert not any(n in back for n in lora_a) and any(n.startswith("head.") for n in back)
         client = client_app._clients[next(iter(client_app._clients))]
@@ -177,4 +179,4 @@ def test_strategies_send_only_their_shared_tensors(run_config, strategy: str) ->
         state = Path(load_config(run_config["config-file"]).dp.state_dir) / "p0"
         assert (state / "private_adapter.safetensors").is_file()
         private = private_names(everything, strategy)
-        assert private and not any(".lora_A." in n for n in private)
+        assert private and not any(n in lora_a for n in private)

@@ -20,7 +20,7 @@ from common.model import (
     resolve_backbone,
 )
 from common.platform_data import read_dataset
-from common.sharing import private_names, shared_names
+from common.sharing import private_names, shared_names, trains
 from common.task import Example, build_task
 from common.tiny_model import write_tiny_model
 
@@ -206,3 +206,5 @@ def test_item_tower_private_factors_are_never_shared(tiny_bert_dir: Path) -> Non
     for strategy in ("fedavg", "ffa", "fedsa"):
         assert "head.private_items.weight" not in shared_names(names, strategy)
         assert "head.private_items.weight" in private_names(names, strategy)
+    # the user map is a low-rank product: FFA freezes its down-projection like LoRA's A
+    assert not trains("head.user_down.weight", "ffa") and trains("head.user_up.weight", "ffa")
