@@ -139,10 +139,11 @@ class LocalTrainer:
         mode = self.dp.clipping
         if mode == "auto":
             mode = FASTER_CLIPPING[self.scorer.device().type]
-        if mode == "ghost" and self.scorer.kind == "two_tower":
+        # the item tower's layer swapping is verified with hooks only
+        if mode == "ghost" and self.scorer.kind in ("two_tower", "item_tower"):
             if self.dp.clipping == "ghost":
                 raise ConfigError(
-                    "dp.clipping = 'ghost' does not support model.scorer = 'two_tower'"
+                    f"dp.clipping = 'ghost' does not support model.scorer = '{self.scorer.kind}'"
                 )
             mode = "hooks"
         return mode
