@@ -88,11 +88,11 @@ def calibrate_noise(
         planned = Mechanism(sigma, sample_rate, total_steps, dp.max_grad_norm)
         return epsilon([*committed, planned], dp.delta)
 
-    if epsilon(list(committed), dp.delta) >= target:
+    already = epsilon(list(committed), dp.delta)
+    if already >= target:
         raise ConfigError(
             f"dp.target_epsilon = {target:g} leaves nothing for training after the "
-            f"popularity prior (ε = {epsilon(list(committed), dp.delta):.3g}); "
-            "raise prior.noise_multiplier"
+            f"popularity prior (ε = {already:.3g}); raise prior.noise_multiplier"
         )
 
     low, high = 0.3, 1.0

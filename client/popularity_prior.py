@@ -101,6 +101,8 @@ def read_prior(path: Path, noise_multiplier: float | None = None) -> dict[str, f
     """A stored release; refused if it was made with another σ than ``noise_multiplier``."""
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
+        if document["format"] != FORMAT:
+            raise ValueError(f"format {document['format']!r}")
         stored = float(document["noise_multiplier"])
         counts = {str(k): float(v) for k, v in document["counts"].items()}
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:

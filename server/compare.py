@@ -60,7 +60,6 @@ VARIANTS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
 DEFAULT_METHODS = ("popularity", "local", "centralized", *FEDERATED)  # a level without names
 BPR = {"bpr_local": bpr_local, "bpr_pooled": bpr_pooled}  # non-private, tuned on valid
 METHODS = (*DEFAULT_METHODS, "prior", *VARIANTS, *BPR)
-DEFAULT_STRATEGY = "ffa"
 COLUMNS = {"hr@10": "HR@10", "ndcg@10": "NDCG@10", "mrr": "MRR", "auc": "AUC"}
 TARGET_SHARE = 0.9  # non-private: of the same model centralized, and of pooled BPR
 POPULARITY_GAIN = 1.10  # at ε = 8: mean NDCG@10 over popularity's
