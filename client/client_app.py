@@ -8,7 +8,8 @@ config, which win): the server never decides a platform's noise or budget.
 
 Train replies carry only the trainable adapter/head tensors and scalar metrics. A platform
 that cannot take part answers with an error reply the server logs, never a crash:
-``BUDGET_EXHAUSTED`` when the round would exceed its ε budget, ``INVALID_INPUT`` for bad data
+``BUDGET_EXHAUSTED`` when the round would exceed its ε budget, ``ROUND_ALREADY_CHARGED`` for a
+round number its ledger already holds (a replay after a restart), ``INVALID_INPUT`` for bad data
 or configuration. Every message received and sent is recorded (tensor hashes and shapes, keys,
 no values) in ``<state dir>/wire_log.jsonl`` for ``fedfuse audit``.
 """
@@ -30,7 +31,7 @@ from flwr.app import (
 )
 from flwr.clientapp import ClientApp
 
-from client.ledger import BudgetExhausted
+from client.ledger import BudgetExhausted, RoundAlreadyCharged
 from client.platform_client import PlatformClient, identify
 from common.config import run_configuration
 from common.errors import FedFuseError
@@ -38,6 +39,7 @@ from common.wire_log import RECEIVED, SENT, WIRE_LOG_FILE, append_records, messa
 
 BUDGET_EXHAUSTED = 4001
 INVALID_INPUT = 4002
+ROUND_ALREADY_CHARGED = 4003
 
 app = ClientApp()
 _clients: dict[tuple[str, str], PlatformClient] = {}
@@ -58,7 +60,12 @@ def _arrays(msg: Message) -> dict[str, Any]:
 
 
 def _error(msg: Message, err: Exception) -> Message:
-    code = BUDGET_EXHAUSTED if isinstance(err, BudgetExhausted) else INVALID_INPUT
+    if isinstance(err, RoundAlreadyCharged):
+        code = ROUND_ALREADY_CHARGED
+    elif isinstance(err, BudgetExhausted):
+        code = BUDGET_EXHAUSTED
+    else:
+        code = INVALID_INPUT
     return Message(Error(code=code, reason=str(err)), reply_to=msg)
 
 

@@ -48,6 +48,11 @@ class BudgetExhausted(FedFuseError):
     """Running the next round would push ε past the platform's budget; nothing was trained."""
 
 
+class RoundAlreadyCharged(BudgetExhausted):
+    """The ledger already holds this round: a replay (restarted server, duplicate message, a
+    second process) is refused rather than trained and charged twice."""
+
+
 DP_SGD = "dp-sgd"
 GAUSSIAN_HISTOGRAM = "gaussian-histogram"
 
@@ -245,7 +250,10 @@ class PrivacyLedger:
     def check(self, mechanism: Mechanism) -> float:
         """ε after ``mechanism``; raises :class:`BudgetExhausted` if it would pass the budget."""
         with self._synchronised():
-            projected = epsilon([*self.mechanisms(), mechanism], self.delta)
+            return self._projected(mechanism)
+
+    def _projected(self, mechanism: Mechanism) -> float:
+        projected = epsilon([*self.mechanisms(), mechanism], self.delta)
         if projected > self.budget:
             raise BudgetExhausted(
                 f"privacy budget exhausted for platform {self.header['platform']!r}: "
@@ -254,9 +262,24 @@ class PrivacyLedger:
             )
         return projected
 
-    def record(self, server_round: int, mechanism: Mechanism) -> dict[str, Any]:
-        """Append one executed round and persist the ledger atomically."""
+    def charge(self, server_round: int, mechanism: Mechanism) -> dict[str, Any]:
+        """Record ``mechanism`` for ``server_round`` *before* it runs, under the ledger lock.
+
+        Check and append are one atomic step, so two processes serving one platform cannot
+        both pass the check, and a round number already in the ledger is refused
+        (:class:`RoundAlreadyCharged`): no restart, replay or duplicate message trains a round
+        twice or takes the platform past its budget. A round that fails after its charge stays
+        charged: the noise it would have drawn is spent either way, which errs on the safe side.
+        """
         with self._synchronised():
+            charged = [e for e in self.entries if e["server_round"] == server_round]
+            if charged:
+                raise RoundAlreadyCharged(
+                    f"platform {self.header['platform']!r} already spent round {server_round} "
+                    f"(ledger entry {charged[0]['index']}, {charged[0]['recorded_at']}); "
+                    "a round is never trained or charged twice"
+                )
+            self._projected(mechanism)
             mechanisms = [*self.mechanisms(), mechanism]
             body = {
                 "index": len(self.entries),

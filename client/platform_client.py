@@ -7,6 +7,7 @@ round overwrites all trainable tensors from the server's message anyway.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from safetensors import safe_open
 from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
@@ -96,6 +98,7 @@ class PlatformClient:
         self.private = PrivateTensors(
             identity.state_dir, trainable_arrays(self.scorer, private_names(names, strategy))
         )
+        self.last_reply = LastReply(identity.state_dir)
         self.featurizer = TextFeaturizer(tokenizer, item_text, config.model.max_length)
         self.trainer = LocalTrainer(
             self.scorer, self.featurizer, self.task.train, config.train, config.dp
@@ -156,37 +159,49 @@ class PlatformClient:
     def train_round(
         self, server_round: int, arrays: dict[str, np.ndarray], learning_rate: float
     ) -> tuple[dict[str, np.ndarray], dict[str, float | int]]:
-        """One local round from the server's adapters; raises BudgetExhausted before training.
+        """One local round from the server's adapters.
 
-        Returns only the tensors the strategy shares; a private part stays in the state folder.
+        The round is charged to the ledger before any training (raising BudgetExhausted, or
+        RoundAlreadyCharged for a round number the ledger holds), so a crash, a restart or a
+        replayed message can never train a round the ledger did not count. A replay of the
+        round last answered gets that same answer again (re-sending a released update costs
+        no privacy), so a server that crashed after the platforms trained can resume. Returns
+        only the tensors the strategy shares; a private part stays in the state folder.
         """
+        stored = self.last_reply.load(server_round)
+        if stored is not None:
+            return stored[0], stored[1] | {"replayed": 1}
         planned = self.planned_mechanism()
+        entry = None
         if self.ledger is not None and planned is not None:
-            self.ledger.check(planned)
+            entry = self.ledger.charge(server_round, planned)
         self._load(arrays)
         result = self.trainer.run(self.steps, learning_rate, self.noise_multiplier)
+        if result.mechanism != planned:
+            raise RuntimeError(f"ran {result.mechanism}, but the ledger charged {planned}")
         if self.private.names:
             self.private.save(trainable_arrays(self.scorer, self.private.names))
         metrics: dict[str, float | int] = {
             "num-examples": self.num_examples,
             "local-steps": result.steps,
         }
-        if self.ledger is not None and result.mechanism is not None:
-            entry = self.ledger.record(server_round, result.mechanism)
+        if self.ledger is not None and entry is not None and planned is not None:
             metrics |= {
                 "epsilon": entry["epsilon_prv"],
                 "epsilon-rdp": entry["epsilon_rdp"],
                 "epsilon-budget-left": self.ledger.budget - entry["epsilon_prv"],
                 "delta": self.ledger.delta,
-                "noise-multiplier": result.mechanism.noise_multiplier,
-                "sample-rate": result.mechanism.sample_rate,
-                "max-grad-norm": result.mechanism.max_grad_norm,
+                "noise-multiplier": planned.noise_multiplier,
+                "sample-rate": planned.sample_rate,
+                "max-grad-norm": planned.max_grad_norm,
             }
         else:
             # The raw training loss is a function of the private data outside any DP
             # mechanism, so it leaves the platform only when DP is off.
             metrics |= {"train-loss": result.loss, "epsilon": math.inf}
-        return trainable_arrays(self.scorer, self.shared), metrics
+        shared = trainable_arrays(self.scorer, self.shared)
+        self.last_reply.save(server_round, shared, metrics)
+        return shared, metrics
 
     def evaluate(
         self, arrays: dict[str, np.ndarray], split: str, max_cases: int
@@ -237,4 +252,38 @@ class PrivateTensors:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_name(f".{self.FILE}.tmp")
         save_numpy(arrays, temporary)
+        os.replace(temporary, self.path)
+
+
+class LastReply:
+    """The update this platform last sent and its metrics, kept in its state folder.
+
+    A round the ledger has charged is never trained again; when the same round is asked for
+    once more (a restarted server, a duplicate message) the stored answer is sent instead.
+    Only the latest round is kept: an older round's replay is refused by the ledger.
+    """
+
+    FILE = "last_reply.safetensors"
+
+    def __init__(self, state_dir: Path) -> None:
+        self.path = state_dir / self.FILE
+
+    def load(
+        self, server_round: int
+    ) -> tuple[dict[str, np.ndarray], dict[str, float | int]] | None:
+        if not self.path.exists():
+            return None
+        with safe_open(str(self.path), framework="numpy") as stored:
+            metadata = stored.metadata() or {}
+        if int(metadata.get("server_round", -1)) != server_round:
+            return None
+        return load_numpy(self.path), json.loads(metadata["metrics"])
+
+    def save(
+        self, server_round: int, arrays: dict[str, np.ndarray], metrics: dict[str, float | int]
+    ) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = self.path.with_name(f".{self.FILE}.tmp")
+        metadata = {"server_round": str(server_round), "metrics": json.dumps(metrics)}
+        save_numpy(arrays, temporary, metadata=metadata)
         os.replace(temporary, self.path)

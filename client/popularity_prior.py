@@ -80,8 +80,7 @@ def popularity_prior(
         if path.exists():
             return read_prior(path, noise_multiplier)
         mechanism = prior_mechanism(noise_multiplier)
-        ledger.check(mechanism)
-        ledger.record(0, mechanism)
+        ledger.charge(0, mechanism)
         noise = np.random.default_rng().normal(0.0, noise_multiplier, len(items))  # OS entropy
         exact = positive_counts(task)
         noisy = np.array([exact.get(item, 0.0) for item in items]) + noise

@@ -134,17 +134,32 @@ class DPConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     enabled: bool = Field(True, description="false: same training loop without DP (baselines)")
+    # Privacy settings must be finite numbers: ε = inf would pass validation and then crash
+    # every training reply; "no DP" is ``enabled = false``, never an infinite budget.
     target_epsilon: float = Field(
-        8.0, gt=0, description="ε the noise is calibrated to reach after all planned rounds"
+        8.0,
+        gt=0,
+        allow_inf_nan=False,
+        description="ε the noise is calibrated to reach after all planned rounds",
     )
     epsilon_budget: float | None = Field(
-        None, gt=0, description="ε a platform never exceeds (default: target_epsilon)"
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="ε a platform never exceeds (default: target_epsilon)",
     )
-    delta: float = Field(1e-5, gt=0, lt=1, description="δ; must be < 1/(train examples)")
+    delta: float = Field(
+        1e-5, gt=0, lt=1, allow_inf_nan=False, description="δ; must be < 1/(train examples)"
+    )
     noise_multiplier: float | None = Field(
-        None, ge=0, description="fixed σ instead of calibrating it to target_epsilon"
+        None,
+        ge=0,
+        allow_inf_nan=False,
+        description="fixed σ instead of calibrating it to target_epsilon",
     )
-    max_grad_norm: float = Field(1.0, gt=0, description="per-example clip norm C")
+    max_grad_norm: float = Field(
+        1.0, gt=0, allow_inf_nan=False, description="per-example clip norm C"
+    )
     expected_batch_size: int = Field(
         256, ge=1, description="expected logical batch; Poisson sample rate = this / N"
     )

@@ -53,7 +53,7 @@ from common.platform_data import federation_platforms
 from common.processes import stop_processes
 from server.deploy import flower_env
 from server.run_record import CONFIG_FILE, RunRecord
-from server.simulation import finish_run, prepare_run
+from server.simulation import check_startable, finish_run, prepare_run
 
 REPO = Path(__file__).resolve().parents[1]
 CONNECTION = "fedfuse-local"
@@ -200,6 +200,7 @@ def run(args: argparse.Namespace) -> Path:
     if resume:
         record = RunRecord(resume)
         config = load_config(record.root / CONFIG_FILE)
+        check_startable(config)
     else:
         config = load_config(config_file, config_overrides)
         record = prepare_run(config, Path(args.runs).resolve(), args.name)
@@ -231,7 +232,7 @@ def run(args: argparse.Namespace) -> Path:
         raise FedFuseError(
             f"{record.root}: run status {statuses}, {done} of {planned} rounds checkpointed"
         )
-    return finish_run(record, config)
+    return finish_run(record)
 
 
 def _raise_on_sigterm(signum: int, frame: object) -> None:

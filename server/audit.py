@@ -46,7 +46,10 @@ PLD_GRID = 1e-3  # dp_accounting's value_discretization_interval
 PRIVATE_ADAPTER_FILE = "private_adapter.safetensors"  # PrivateTensors.FILE (fedsa), spelled
 # out so the audit does not import torch and the model code to read JSON files
 PRIOR_FILE = "popularity_prior.json"  # client/popularity_prior.PRIOR_FILE, likewise
+LAST_REPLY_FILE = "last_reply.safetensors"  # client/platform_client.LastReply.FILE, likewise
+FLOWER_HOME = "flwr-home"  # the folder a SuperNode's Flower creates in its state folder
 STATE_FILES = {
+    LAST_REPLY_FILE,
     LEDGER_FILE,
     f".{LEDGER_FILE}.lock",
     WIRE_LOG_FILE,
@@ -88,14 +91,17 @@ def _agree(recorded: float, recomputed: float) -> bool:
 # --- platform state folders -------------------------------------------------------------------
 
 
-def state_folders(run_dir: Path, given: list[Path]) -> list[Path]:
-    """The platform state folders to audit: those handed over, else the simulation's."""
+def state_folders(run_dir: Path, given: list[Path], state_dir: str | None = None) -> list[Path]:
+    """The platform state folders to audit: those handed over, else the simulation's (in the
+    run folder, or else where the run's ``dp.state_dir`` put them)."""
     if given:
         missing = [p for p in given if not p.is_dir()]
         if missing:
             raise FedFuseError(f"{missing[0]}: platform state folder not found")
         return given
     root = run_dir / PLATFORM_STATE
+    if not root.is_dir() and state_dir:
+        root = Path(state_dir)
     folders = sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []
     if not folders:
         raise FedFuseError(
@@ -107,6 +113,8 @@ def state_folders(run_dir: Path, given: list[Path]) -> list[Path]:
 def _check_state_folder(folder: Path) -> None:
     """Only files FedFuse writes may be there: anything else means the copy is not authentic."""
     for child in sorted(folder.iterdir()):
+        if child.name == FLOWER_HOME and child.is_dir():
+            continue  # Flower's own files on a deployed SuperNode, none of them FedFuse's
         if child.name not in STATE_FILES or not child.is_file():
             raise FedFuseError(f"{child}: foreign file in platform state folder {folder}")
 
@@ -513,7 +521,8 @@ def audit(run_dir: Path | str, platform_states: list[Path] | None = None) -> dic
     flags = foreign_tensors(server, set(model["shared_tensors"]), strategy, str(server_path))
 
     platforms, logs = [], {}
-    for folder in state_folders(run_dir, list(platform_states or [])):
+    state_dir = config.get("dp", {}).get("state_dir")
+    for folder in state_folders(run_dir, list(platform_states or []), state_dir):
         _check_state_folder(folder)
         ledger_path = folder / LEDGER_FILE
         log_path = folder / WIRE_LOG_FILE

@@ -13,8 +13,11 @@ round.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 ADAPTERS_DIR = "adapters"
 ROUND_PATTERN = re.compile(r"^round_(\d{3,})$")
+LOCK_FILE = ".run.lock"
 
 
 class RunRecord:
@@ -32,6 +36,20 @@ class RunRecord:
 
     def __init__(self, root: Path | str) -> None:
         self.root = Path(root)
+
+    @contextmanager
+    def owned(self) -> Iterator[None]:
+        """Hold the run folder for this process: a second ``simulate`` of the same run (two
+        ``--resume`` started at once) is refused instead of training every round twice."""
+        with open(self.root / LOCK_FILE, "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise FedFuseError(
+                    f"{self.root}: the run is in use by another fedfuse process; "
+                    "wait for it to end (one process per run folder)"
+                ) from None
+            yield  # closing the file releases the lock, even if the process dies
 
     def adapter_dir(self, server_round: int) -> Path:
         return self.root / ADAPTERS_DIR / f"round_{server_round:03d}"

@@ -14,25 +14,41 @@ import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
-from common.config import RUN_CONFIG_ENV, RunConfig, load_config, with_settings
+from common.config import RUN_CONFIG_ENV, DPConfig, RunConfig, load_config, with_settings
 from common.errors import FedFuseError
 from common.platform_data import federation_platforms
 from server.report import write_report
 from server.run_record import CONFIG_FILE, RunRecord
 
 INCOMPLETE = ".incomplete"
+PLATFORM_STATE = "platform_state"
+
+
+def check_startable(config: RunConfig) -> None:
+    """Everything that can be checked before Ray starts: a bad backbone, data folder or audit
+    setting then costs no start-up time and leaves no run folder behind."""
+    from common.model import resolve_backbone
+    from server.canary_audit import check_audit_platform
+
+    resolve_backbone(config.model.backbone)
+    federation_platforms(config.data)
+    check_audit_platform(config)
 
 
 def prepare_run(config: RunConfig, runs: Path, name: str | None) -> RunRecord:
-    """A new run folder holding the resolved configuration (platform state included)."""
-    from server.canary_audit import check_audit_platform
+    """A new run folder holding the resolved configuration (platform state included).
 
-    check_audit_platform(config)  # before anything is written
+    The platforms' state (ledgers) goes to ``RUN/platform_state`` unless ``dp.state_dir`` names
+    another folder than the default: then that folder is used as given, so a platform's budget
+    can span several runs.
+    """
+    check_startable(config)  # before anything is written
     name = name or f"{config.federation.strategy}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     root = runs / f"{name}{INCOMPLETE}"
     if root.exists() or (runs / name).exists():
         raise FedFuseError(f"{runs / name}: a run of that name exists (use --resume or --name)")
-    state = (root / "platform_state").resolve()
+    in_run = config.dp.state_dir == DPConfig.model_fields["state_dir"].default
+    state = (root / PLATFORM_STATE if in_run else Path(config.dp.state_dir)).resolve()
     config = with_settings(config, dp={"state_dir": str(state)})
     record = RunRecord(root)
     record.write_config(config.model_dump(mode="json"))
@@ -44,13 +60,20 @@ def simulate(record: RunRecord, cpus_per_client: float = 1.0, gpus_per_client: f
 
     Ray gives each platform's actor its CPUs and GPU share (e.g. 0.5: two actors per GPU) and
     hides GPUs from actors without one; ``train.device = "auto"`` then trains on what it sees.
+    The run folder is held by this process throughout (:meth:`RunRecord.owned`).
     """
+    with record.owned():
+        return _simulate(record, cpus_per_client, gpus_per_client)
+
+
+def _simulate(record: RunRecord, cpus_per_client: float, gpus_per_client: float) -> Path:
     from flwr.simulation import run_simulation
 
     from client.client_app import app as client_app
     from server.server_app import app as server_app
 
     config = load_config(record.root / CONFIG_FILE)
+    check_startable(config)  # a resumed run's backbone or data may have moved
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     os.environ[RUN_CONFIG_ENV] = json.dumps(
         {
@@ -61,7 +84,8 @@ def simulate(record: RunRecord, cpus_per_client: float = 1.0, gpus_per_client: f
     platforms = len(federation_platforms(config.data))
     print(
         f"[fedfuse] {platforms} platforms, {config.federation.rounds} rounds, "
-        f"strategy {config.federation.strategy}, run folder {record.root}",
+        f"strategy {config.federation.strategy}, run folder {record.root}, "
+        f"platform state {config.dp.state_dir}",
         flush=True,
     )
     try:
@@ -74,6 +98,10 @@ def simulate(record: RunRecord, cpus_per_client: float = 1.0, gpus_per_client: f
                 "init_args": {"num_cpus": os.cpu_count() or 1},
             },
         )
+    except FedFuseError as err:  # one line says why; the folder stays resumable
+        raise FedFuseError(
+            f"{err}; after fixing it, `fedfuse simulate --resume {record.root}`"
+        ) from None
     except Exception:
         print(
             f"[fedfuse] interrupted after round {record.last_round()}; continue with "
@@ -90,14 +118,15 @@ def simulate(record: RunRecord, cpus_per_client: float = 1.0, gpus_per_client: f
             f"{record.root}: stopped after round {done} of {config.federation.rounds}; "
             "see the log above, then `fedfuse simulate --resume` continues"
         )
-    return finish_run(record, config)
+    return finish_run(record)
 
 
-def finish_run(record: RunRecord, config: RunConfig) -> Path:
+def finish_run(record: RunRecord) -> Path:
     """After the last round: the canary audit (if asked), the report, then the folder loses its
     ``.incomplete`` suffix and the configuration points at the moved platform state."""
     from server.canary_audit import run_canary_audit
 
+    config = load_config(record.root / CONFIG_FILE)
     if config.audit.canaries:
         done = record.last_round()
         print(run_canary_audit(config, record.root, record.adapter_dir(done)), flush=True)
@@ -105,7 +134,8 @@ def finish_run(record: RunRecord, config: RunConfig) -> Path:
     final = record.root.with_name(record.root.name.removesuffix(INCOMPLETE))
     if final != record.root:
         record.root.rename(final)
-        state = str((final / "platform_state").resolve())
-        moved = with_settings(config, dp={"state_dir": state})
-        RunRecord(final).write_config(moved.model_dump(mode="json"))
+        if Path(config.dp.state_dir) == (record.root / PLATFORM_STATE).resolve():
+            state = str((final / PLATFORM_STATE).resolve())
+            config = with_settings(config, dp={"state_dir": state})
+        RunRecord(final).write_config(config.model_dump(mode="json"))
     return final

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from common.config import load_config
+from common.errors import FedFuseError
 from common.sharing import shared_scorer
 from common.wire_log import (
     RECEIVED,
@@ -48,6 +49,11 @@ def reply_event(kind: str, server_round: int, reply: Message, node: int) -> dict
         "platform": str(platform["name"]) if platform else None,
         **{key: value for key, value in metrics.items()},
     }
+
+
+class RoundFailed(FedFuseError):
+    """No platform trained in a round: the run stops there (resumable) instead of carrying
+    the old adapters forward as if the round had happened."""
 
 
 class FedFuseStrategy(FedAvg):
@@ -98,6 +104,15 @@ class FedFuseStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self._log_replies("train", server_round, replies)
+        if not any(reply.has_content() for reply in replies):
+            absolute = self._round(server_round)
+            reasons = sorted({reply.error.reason for reply in replies if reply.has_error()})
+            reason = f"round {absolute}: no platform trained ({len(replies)} replies, all errors)"
+            if reasons:
+                more = f" (+{len(reasons) - 1} more in metrics.jsonl)" if len(reasons) > 1 else ""
+                reason += f": {reasons[0]}{more}"
+            self.record.append([{"event": "round-failed", "round": absolute, "reason": reason}])
+            raise RoundFailed(reason)
         return super().aggregate_train(server_round, replies)
 
     def aggregate_evaluate(

@@ -11,11 +11,19 @@ from typing import Any
 import pytest
 
 from client.ledger import LEDGER_FILE, _digest
-from client.platform_client import PrivateTensors
+from client.platform_client import LastReply, PrivateTensors
 from common.cli import main
 from common.config import load_config
+from common.errors import FedFuseError
 from common.wire_log import WIRE_LOG_FILE
-from server.audit import AUDIT_HTML, AUDIT_JSON, CANARY_FILE, PRIVATE_ADAPTER_FILE, audit
+from server.audit import (
+    AUDIT_HTML,
+    AUDIT_JSON,
+    CANARY_FILE,
+    LAST_REPLY_FILE,
+    PRIVATE_ADAPTER_FILE,
+    audit,
+)
 from server.simulation import prepare_run, simulate
 
 
@@ -84,7 +92,7 @@ def test_a_real_run_audits_clean(copy: Path, capsys: pytest.CaptureFixture[str])
     assert model["full_model_bytes"] == model["backbone_bytes"] + model["adapter_bytes"]
     page = (copy / AUDIT_HTML).read_text()
     assert page.count("data:image/png;base64,") == 2 and "audit is clean" in page
-    assert PRIVATE_ADAPTER_FILE == PrivateTensors.FILE
+    assert PRIVATE_ADAPTER_FILE == PrivateTensors.FILE and LAST_REPLY_FILE == LastReply.FILE
 
 
 def test_an_edited_ledger_entry_breaks_the_chain(copy: Path) -> None:
@@ -180,6 +188,18 @@ def test_a_partial_deployment_audit_notes_what_it_could_not_compare(copy: Path) 
     report = audit(copy, [copy / "platform_state" / "p0"])
     assert report["flags"] == [] and [p["platform"] for p in report["platforms"]] == ["p0"]
     assert len(report["notes"]) == 1 and "(p1)" in report["notes"][0]
+
+
+def test_a_supernode_state_folder_with_flowers_home_audits(copy: Path) -> None:
+    """A deployed SuperNode's state folder holds Flower's own ``flwr-home/`` (issue 11)."""
+    state = copy / "platform_state" / "p0"
+    (state / "flwr-home").mkdir()
+    (state / "flwr-home" / "config.toml").write_text("[superlink]\n")
+    report = audit(copy, [state])
+    assert report["flags"] == [] and [p["platform"] for p in report["platforms"]] == ["p0"]
+    (state / "flwr-home.txt").write_text("not Flower's")  # only the folder is Flower's
+    with pytest.raises(FedFuseError, match="foreign file"):
+        audit(copy, [state])
 
 
 @pytest.mark.parametrize(

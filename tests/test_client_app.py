@@ -12,8 +12,9 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadat
 
 import common.sharing as sharing
 from client import client_app
-from client.client_app import BUDGET_EXHAUSTED, INVALID_INPUT, app
+from client.client_app import BUDGET_EXHAUSTED, INVALID_INPUT, ROUND_ALREADY_CHARGED, app
 from client.ledger import LEDGER_FILE
+from client.platform_client import LastReply
 from common.adapters import trainable_arrays
 from common.config import load_config
 from common.model import build_scorer, load_backbone
@@ -116,6 +117,32 @@ def test_exhausted_budget_gives_an_error_reply_and_no_training(run_config) -> No
     ledger_dir = Path(load_config(run_config["config-file"]).dp.state_dir) / "p0"
     # the prior's release and the three rounds; nothing for round 4
     assert len(json.loads((ledger_dir / LEDGER_FILE).read_text())["entries"]) == 4
+
+
+def test_a_replayed_round_is_answered_again_never_retrained(run_config, monkeypatch) -> None:
+    """After a SuperLink restart a platform trained and charged round 3 twice (issue 11)."""
+    context = _context(run_config, {"partition-id": 0, "num-partitions": 2})
+    arrays = _initial_arrays(run_config)
+    first = app(_message("train", arrays, {"server-round": 1}), context)
+    client_app._clients.clear()  # the replay reaches a restarted node process
+    trained = []
+    monkeypatch.setattr(client_app.PlatformClient, "_load", lambda *args: trained.append(args))
+    again = app(_message("train", arrays, {"server-round": 1}), context)
+    assert not again.has_error() and not trained
+    for name, array in first.content["arrays"].items():
+        np.testing.assert_array_equal(again.content["arrays"][name].numpy(), array.numpy())
+    assert dict(again.content["metrics"])["replayed"] == 1
+    state = Path(load_config(run_config["config-file"]).dp.state_dir) / "p0"
+    entries = json.loads((state / LEDGER_FILE).read_text())["entries"]
+    assert [e["server_round"] for e in entries] == [0, 1]
+
+    # charged but no answer kept (the node died mid-round): refused, never trained twice
+    (state / LastReply.FILE).unlink()
+    refused = app(_message("train", arrays, {"server-round": 1}), context)
+    assert refused.has_error() and refused.error.code == ROUND_ALREADY_CHARGED
+    assert "already spent round 1" in refused.error.reason and not trained
+    entries = json.loads((state / LEDGER_FILE).read_text())["entries"]
+    assert [e["server_round"] for e in entries] == [0, 1]
 
 
 def test_bad_data_folder_gives_an_error_reply_not_a_crash(run_config, tmp_path: Path) -> None:

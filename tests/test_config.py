@@ -53,6 +53,14 @@ def test_file_and_overrides_combine(tmp_path: Path) -> None:
             "train.batch_size: Input should be greater than or equal to 1",
         ),
         ("", ["train"], "expected section.key=value"),
+        # privacy settings must be finite: ε = inf used to crash every training reply (issue 11)
+        ("", ["dp.target_epsilon=inf"], "dp.target_epsilon: Input should be a finite number"),
+        ("[dp]\ntarget_epsilon = nan\n", [], "dp.target_epsilon: Input should be a finite"),
+        ("", ["dp.epsilon_budget=inf"], "dp.epsilon_budget: Input should be a finite number"),
+        ("", ["dp.target_epsilon=0"], "dp.target_epsilon: Input should be greater than 0"),
+        ("", ["dp.max_grad_norm=inf"], "dp.max_grad_norm: Input should be a finite number"),
+        ("", ["dp.noise_multiplier=nan"], "dp.noise_multiplier: Input should be a finite"),
+        ("", ["dp.delta=-1e-6"], "dp.delta: Input should be greater than 0"),
         ("[model\n", [], "invalid TOML"),
     ],
 )

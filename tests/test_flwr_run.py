@@ -94,3 +94,31 @@ def test_run_dir_and_unknown_flower_keys_are_refused(
     result = _flwr_run(tmp_path, *tiny_overrides, "no-such-key=1")
     assert result.returncode == 1
     assert "Invalid run configuration" in result.stdout + result.stderr
+
+
+def test_the_app_bundle_ships_only_the_apps_code_and_configuration(tmp_path: Path) -> None:
+    """The FAB used to carry every file git does not ignore, scratch folders included."""
+    import io
+    import shutil
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    app = tmp_path / "app"
+    for name in ("common", "client", "server", "simulations", "tests", "scripts", "docs"):
+        shutil.copytree(REPO / name, app / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", ".gitignore", "README.md"):
+        shutil.copy(REPO / name, app / name)
+    (app / "scratch").mkdir()
+    (app / "scratch" / "notes.py").write_text("secret = 'an untracked experiment'\n")
+    (app / "export.jsonl").write_text('{"user_id": "u1"}\n')  # a stray data export
+    names = zipfile.ZipFile(io.BytesIO(build_fab_from_disk(app))).namelist()
+    assert {name.split("/")[0] for name in names} == {
+        "common",
+        "client",
+        "server",
+        "simulations",
+        "pyproject.toml",
+        ".info",
+    }
+    assert "client/client_app.py" in names and "simulations/ml100k_default.toml" in names

@@ -18,6 +18,7 @@ from client.ledger import (
     LedgerError,
     Mechanism,
     PrivacyLedger,
+    RoundAlreadyCharged,
     epsilon,
 )
 
@@ -46,7 +47,7 @@ def _open(state: Path, budget: float = 50.0, delta: float = 1e-5) -> PrivacyLedg
 def test_every_recorded_epsilon_is_reproduced_by_dp_accounting(tmp_path: Path) -> None:
     ledger = _open(tmp_path)
     for k, mechanism in enumerate(ROUNDS, start=1):
-        ledger.record(k, mechanism)
+        ledger.charge(k, mechanism)
     stored = json.loads((tmp_path / LEDGER_FILE).read_text())
     assert stored["header"]["privacy_unit"] == PRIVACY_UNIT
     for k, entry in enumerate(stored["entries"]):
@@ -66,10 +67,10 @@ def test_every_recorded_epsilon_is_reproduced_by_dp_accounting(tmp_path: Path) -
 
 def test_ledger_survives_a_restart_and_keeps_composing(tmp_path: Path) -> None:
     first = _open(tmp_path)
-    first.record(1, ROUNDS[0])
+    first.charge(1, ROUNDS[0])
     again = _open(tmp_path)  # a new process
     assert again.spent() == first.spent() > 0
-    again.record(2, ROUNDS[1])
+    again.charge(2, ROUNDS[1])
     assert _open(tmp_path).spent() == pytest.approx(epsilon(ROUNDS[:2], 1e-5))
 
 
@@ -86,8 +87,8 @@ def test_ledger_survives_a_restart_and_keeps_composing(tmp_path: Path) -> None:
 )
 def test_tampering_is_detected(tmp_path: Path, tamper) -> None:
     ledger = _open(tmp_path)
-    ledger.record(1, ROUNDS[0])
-    ledger.record(2, ROUNDS[1])
+    ledger.charge(1, ROUNDS[0])
+    ledger.charge(2, ROUNDS[1])
     path = tmp_path / LEDGER_FILE
     document = json.loads(path.read_text())
     tamper(document)
@@ -111,7 +112,7 @@ def test_budget_is_never_exceeded(tmp_path: Path) -> None:
     two_rounds = epsilon([ROUNDS[0], ROUNDS[0]], 1e-5)
     ledger = _open(tmp_path, budget=(one_round + two_rounds) / 2)
     assert ledger.check(ROUNDS[0]) == pytest.approx(one_round)
-    ledger.record(1, ROUNDS[0])
+    ledger.charge(1, ROUNDS[0])
     with pytest.raises(BudgetExhausted, match="privacy budget exhausted"):
         ledger.check(ROUNDS[0])
     assert len(ledger.entries) == 1
@@ -123,14 +124,14 @@ def test_delta_must_be_below_one_over_n(tmp_path: Path) -> None:
 
 
 def test_a_new_budget_needs_a_new_state_folder(tmp_path: Path) -> None:
-    _open(tmp_path, budget=8.0).record(1, ROUNDS[0])
+    _open(tmp_path, budget=8.0).charge(1, ROUNDS[0])
     with pytest.raises(LedgerError, match="epsilon_budget"):
         _open(tmp_path, budget=16.0)
 
 
 def test_a_failed_write_leaves_the_previous_ledger_intact(tmp_path: Path, monkeypatch) -> None:
     ledger = _open(tmp_path)
-    ledger.record(1, ROUNDS[0])
+    ledger.charge(1, ROUNDS[0])
     before = (tmp_path / LEDGER_FILE).read_text()
 
     def crash(*_args: object) -> None:
@@ -138,7 +139,7 @@ def test_a_failed_write_leaves_the_previous_ledger_intact(tmp_path: Path, monkey
 
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError):
-        ledger.record(2, ROUNDS[1])
+        ledger.charge(2, ROUNDS[1])
     assert (tmp_path / LEDGER_FILE).read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".{LEDGER_FILE}.lock", LEDGER_FILE]
     assert len(ledger.entries) == 1
@@ -147,10 +148,61 @@ def test_a_failed_write_leaves_the_previous_ledger_intact(tmp_path: Path, monkey
 def test_two_processes_serving_one_platform_compose_each_others_rounds(tmp_path: Path) -> None:
     """Ray may hand a platform's rounds to different actor processes: none may lose an entry."""
     first, second = _open(tmp_path), _open(tmp_path)  # opened before any round, like two actors
-    first.record(1, ROUNDS[0])
-    second.record(2, ROUNDS[1])
-    first.record(3, ROUNDS[2])
+    first.charge(1, ROUNDS[0])
+    second.charge(2, ROUNDS[1])
+    first.charge(3, ROUNDS[2])
     stored = PrivacyLedger.load(tmp_path / LEDGER_FILE)
     assert [e["server_round"] for e in stored.entries] == [1, 2, 3]
     assert stored.spent() == pytest.approx(epsilon(ROUNDS, 1e-5))
     assert second.check(ROUNDS[0]) == pytest.approx(epsilon([*ROUNDS, ROUNDS[0]], 1e-5))
+
+
+def test_a_charged_round_is_never_charged_again(tmp_path: Path) -> None:
+    """A restarted SuperLink re-sent round 3 and two platforms recorded it twice (issue 11)."""
+    _open(tmp_path).charge(1, ROUNDS[0])
+    restarted = _open(tmp_path)  # a new process after the restart
+    with pytest.raises(RoundAlreadyCharged, match="already spent round 1"):
+        restarted.charge(1, ROUNDS[0])
+    assert [e["server_round"] for e in PrivacyLedger.load(tmp_path / LEDGER_FILE).entries] == [1]
+
+
+def _charge_round_two(state: str, budget: float, results: object) -> None:
+    ledger = PrivacyLedger.open(state, "kids_family", 1e-5, budget, dataset_size=20_000)
+    try:
+        ledger.charge(2, ROUNDS[1])
+        results.put("charged")  # type: ignore[attr-defined]
+    except BudgetExhausted as err:
+        results.put(type(err).__name__)  # type: ignore[attr-defined]
+
+
+def test_concurrent_processes_cannot_both_charge_past_the_budget(tmp_path: Path) -> None:
+    """Two `--resume` of one run trained round 2 twice (issue 11): check and append are one
+    locked step, so of several processes racing for a round exactly one is charged."""
+    import multiprocessing
+
+    budget = epsilon([ROUNDS[0], ROUNDS[1]], 1e-5) * 1.01
+    _open(tmp_path, budget=budget).charge(1, ROUNDS[0])
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    workers = [
+        context.Process(target=_charge_round_two, args=(str(tmp_path), budget, results))
+        for _ in range(3)
+    ]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+    outcomes = sorted(results.get(timeout=5) for _ in workers)
+    assert outcomes == ["RoundAlreadyCharged", "RoundAlreadyCharged", "charged"]
+    stored = PrivacyLedger.load(tmp_path / LEDGER_FILE)
+    assert [e["server_round"] for e in stored.entries] == [1, 2]
+    assert stored.spent() <= budget
+
+
+def test_an_over_budget_charge_writes_nothing(tmp_path: Path) -> None:
+    ledger = _open(tmp_path, budget=epsilon([ROUNDS[0]], 1e-5) * 1.01)
+    ledger.charge(1, ROUNDS[0])
+    before = (tmp_path / LEDGER_FILE).read_text()
+    with pytest.raises(BudgetExhausted, match="privacy budget exhausted"):
+        ledger.charge(2, ROUNDS[1])
+    assert (tmp_path / LEDGER_FILE).read_text() == before

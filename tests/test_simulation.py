@@ -127,10 +127,94 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(
     monkeypatch.setattr(server_app, "save_adapter", real)
     run = simulate(RunRecord(record.root))
     assert run.name == "resumed" and RunRecord(run).last_round() == 2
-    rounds = sorted({e["round"] for e in RunRecord(run).events() if e["event"] == "train"})
-    assert rounds == [1, 2]
+    trains = [e for e in RunRecord(run).events() if e["event"] == "train"]
+    assert sorted({e["round"] for e in trains}) == [1, 2]
+    # the platforms had trained round 2 before the server crashed: on resume they answer it
+    # with the same stored update, neither retrained nor charged twice (issue 11)
+    assert sorted(e.get("replayed", 0) for e in trains if e["round"] == 2) == [0, 0, 1, 1]
     ledger = json.loads((run / "platform_state" / "p0" / LEDGER_FILE).read_text())
-    # the interrupted round really trained: its privacy cost stays on the ledger
     # (the prior, released once, is not released again on resume)
-    assert [e["server_round"] for e in ledger["entries"]] == [0, 1, 2, 2]
+    assert [e["server_round"] for e in ledger["entries"]] == [0, 1, 2]
     assert np.isfinite(ledger["entries"][-1]["epsilon_prv"])
+
+
+def test_a_round_no_platform_trained_fails_the_run_and_stays_resumable(
+    tmp_path: Path, write_run_config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """All replies errors (budgets below one round at a fixed σ) used to finish the run, exit 0."""
+    from common.cli import main
+
+    config = write_run_config(
+        tmp_path / "run.toml",
+        dp={"noise_multiplier": 0.5, "epsilon_budget": 0.05},
+        prior={"enabled": False},
+    )
+    runs = tmp_path / "runs"
+    code = main(["simulate", "--config", str(config), "--runs", str(runs), "--name", "starved"])
+    assert code == 2
+    error = [line for line in capsys.readouterr().err.splitlines() if "fedfuse: error" in line]
+    assert len(error) == 1
+    assert "round 1: no platform trained" in error[0] and "budget exhausted" in error[0]
+    assert "--resume" in error[0]
+    assert not (runs / "starved").exists()  # never marked finished
+    record = RunRecord(runs / "starved.incomplete")
+    assert record.last_round() == 0  # the old adapters were not checkpointed as round 1
+    assert [e["event"] for e in record.events()][-1] == "round-failed"
+
+
+def test_a_run_folder_is_owned_by_one_process(
+    tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Two `--resume` of one run started at once both trained round 2 (issue 11)."""
+    from common.cli import main
+
+    record = prepare_run(load_config(config_file), tmp_path / "runs", "busy")
+    with record.owned():  # another fedfuse process holds the run
+        code = main(["simulate", "--resume", str(record.root)])
+    assert code == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert error == [
+        f"fedfuse: error: {record.root}: the run is in use by another fedfuse "
+        "process; wait for it to end (one process per run folder)"
+    ]
+    assert record.last_round() == 0 and not record.events()
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ("model.backbone={empty}", "is not a local Hugging Face model folder (no config.json)"),
+        ("data.path={empty}/nowhere", "nowhere"),
+    ],
+)
+def test_a_run_that_cannot_start_fails_before_ray_and_leaves_nothing(
+    tmp_path: Path,
+    config_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    setting: str,
+    message: str,
+) -> None:
+    """Such errors used to surface after ~30 s of Ray start-up, leaving NAME.incomplete/."""
+    from common.cli import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    runs = tmp_path / "runs"
+    override = setting.format(empty=empty)
+    args = ["simulate", "--config", str(config_file), "--set", override, "--runs", str(runs)]
+    assert main(args) == 2
+    error = capsys.readouterr().err.strip().splitlines()
+    assert len(error) == 1 and error[0].startswith("fedfuse: error: ") and message in error[0]
+    assert not runs.exists()
+
+
+def test_a_configured_state_dir_is_honoured(tmp_path: Path, config_file: Path) -> None:
+    """`--set dp.state_dir=…` was silently replaced by the run folder's platform_state."""
+    state = tmp_path / "ledgers"
+    config = load_config(config_file, [f"dp.state_dir={state}"])
+    record = prepare_run(config, tmp_path / "runs", "kept")
+    assert load_config(record.root / "config.json").dp.state_dir == str(state.resolve())
+    default = prepare_run(load_config(config_file), tmp_path / "runs", "inside")
+    assert load_config(default.root / "config.json").dp.state_dir == str(
+        (default.root / "platform_state").resolve()
+    )

@@ -21,7 +21,7 @@ from flwr.app import (
 from common.config import FederationConfig, RunConfig, TrainConfig
 from server.run_record import RunRecord
 from server.server_app import learning_rate_schedule
-from server.strategy import FedFuseStrategy
+from server.strategy import FedFuseStrategy, RoundFailed
 
 
 def _metadata(node: int) -> Metadata:
@@ -95,3 +95,12 @@ def test_learning_rate_decays_over_the_planned_rounds() -> None:
     assert rate(1) == pytest.approx(1e-3)
     assert rate(5) == pytest.approx(1e-4)
     assert rate(1) > rate(2) > rate(3) > rate(4) > rate(5)
+
+
+def test_a_round_without_any_successful_platform_stops_the_run(tmp_path: Path) -> None:
+    record = RunRecord(tmp_path)
+    strategy = FedFuseStrategy(record, lambda r: 0.1, round_offset=2)
+    with pytest.raises(RoundFailed, match=r"round 3: no platform trained \(2 replies") as caught:
+        strategy.aggregate_train(1, [_error_reply(1), _error_reply(2)])
+    assert "privacy budget exhausted" in str(caught.value)
+    assert record.events()[-1] == {"event": "round-failed", "round": 3, "reason": str(caught.value)}
