@@ -167,7 +167,10 @@ class DPConfig(BaseModel):
         "auto", description="Opacus per-sample gradients: auto picks the measured faster one"
     )
     state_dir: str = Field(
-        "state", description="root of each platform's state folder (ledger) on its own side"
+        "state",
+        description="root of each platform's state folder (ledger) on its own side; in "
+        "`fedfuse simulate` the default means RUN/platform_state, any other folder is used "
+        "as given (its ledgers, and budgets, then span runs)",
     )
 
     @property

@@ -54,6 +54,7 @@ def run_federation(grid: Grid, config: RunConfig, record: RunRecord) -> int:
         record,
         learning_rate_schedule(config),
         round_offset=done,
+        planned_rounds=federation.rounds,
         fraction_train=federation.fraction_train,
         fraction_evaluate=federation.fraction_evaluate,
         min_train_nodes=federation.min_nodes,

@@ -9,8 +9,11 @@ suffix is always a finished run, and an interrupted one resumes with ``--resume`
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -21,6 +24,7 @@ from server.report import write_report
 from server.run_record import CONFIG_FILE, RunRecord
 
 INCOMPLETE = ".incomplete"
+LOG_FILE = "simulation.log"
 PLATFORM_STATE = "platform_state"
 
 
@@ -66,6 +70,39 @@ def simulate(record: RunRecord, cpus_per_client: float = 1.0, gpus_per_client: f
         return _simulate(record, cpus_per_client, gpus_per_client)
 
 
+@contextmanager
+def logs_to(path: Path) -> Iterator[None]:
+    """Flower's log, and everything else written to stderr (Ray, library warnings, what Ray
+    forwards from the platforms' actors), goes to ``path`` for the duration; the console
+    keeps FedFuse's own lines on stdout, one per event."""
+    flower = logging.getLogger("flwr")
+    consoles = [
+        h
+        for h in flower.handlers
+        if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)
+    ]
+    saved = os.dup(2)
+    sys.stderr.flush()
+    with open(path, "a", encoding="utf-8") as log, redirect_stderr(log):
+        to_file = logging.StreamHandler(log)
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        propagates, flower.propagate = flower.propagate, False  # no second copy via root
+        for handler in consoles:
+            flower.removeHandler(handler)
+        flower.addHandler(to_file)
+        os.dup2(log.fileno(), 2)  # also what C code and handlers holding fd 2 write
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            flower.removeHandler(to_file)
+            for handler in consoles:
+                flower.addHandler(handler)
+            flower.propagate = propagates
+
+
 def _simulate(record: RunRecord, cpus_per_client: float, gpus_per_client: float) -> Path:
     from flwr.simulation import run_simulation
 
@@ -85,27 +122,28 @@ def _simulate(record: RunRecord, cpus_per_client: float, gpus_per_client: float)
     print(
         f"[fedfuse] {platforms} platforms, {config.federation.rounds} rounds, "
         f"strategy {config.federation.strategy}, run folder {record.root}, "
-        f"platform state {config.dp.state_dir}",
+        f"platform state {config.dp.state_dir}; full log in the run folder's {LOG_FILE}",
         flush=True,
     )
     try:
-        run_simulation(
-            server_app=server_app,
-            client_app=client_app,
-            num_supernodes=platforms,
-            backend_config={
-                "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
-                "init_args": {"num_cpus": os.cpu_count() or 1},
-            },
-        )
+        with logs_to(record.root / LOG_FILE):
+            run_simulation(
+                server_app=server_app,
+                client_app=client_app,
+                num_supernodes=platforms,
+                backend_config={
+                    "client_resources": {"num_cpus": cpus_per_client, "num_gpus": gpus_per_client},
+                    "init_args": {"num_cpus": os.cpu_count() or 1},
+                },
+            )
     except FedFuseError as err:  # one line says why; the folder stays resumable
         raise FedFuseError(
             f"{err}; after fixing it, `fedfuse simulate --resume {record.root}`"
         ) from None
     except Exception:
         print(
-            f"[fedfuse] interrupted after round {record.last_round()}; continue with "
-            f"`fedfuse simulate --resume {record.root}`",
+            f"[fedfuse] interrupted after round {record.last_round()} (see "
+            f"{record.root / LOG_FILE}); continue with `fedfuse simulate --resume {record.root}`",
             file=sys.stderr,
             flush=True,
         )

@@ -15,11 +15,11 @@ run's wire_log.jsonl (see ``common/wire_log.py``).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
-from logging import WARNING
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
-from flwr.common.logger import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -64,10 +64,12 @@ class FedFuseStrategy(FedAvg):
         record: RunRecord,
         learning_rate: Callable[[int], float],
         round_offset: int = 0,
+        planned_rounds: int | None = None,
         **fedavg: object,
     ) -> None:
         super().__init__(**fedavg)  # type: ignore[arg-type]
         self.record = record
+        self.planned_rounds = planned_rounds
         self.learning_rate = learning_rate
         self.round_offset = round_offset
         self.platforms: dict[int, str] = {}  # node id → platform, learned from its replies
@@ -140,17 +142,27 @@ class FedFuseStrategy(FedAvg):
             if event.get("platform"):
                 self.platforms[int(event["node"])] = str(event["platform"])
         self._log_wire(RECEIVED, self._round(server_round), replies)
+        self._progress(kind, self._round(server_round), events)
+        self.record.append(events)
+
+    def _progress(self, kind: str, server_round: int, events: list[dict[str, object]]) -> None:
+        """One console line per round and kind (which platforms answered, ε or NDCG@10), and
+        one per failed platform; the full Flower log goes to the run folder instead."""
+        of = f"/{self.planned_rounds}" if self.planned_rounds else ""
+        ok = [e for e in events if e["status"] == "ok"]
+        line = f"[fedfuse] round {server_round}{of} {kind}: {len(ok)}/{len(events)} platforms"
+        if kind == "train" and ok:
+            line += f", ε ≤ {max(float(e.get('epsilon', math.inf)) for e in ok):.3f}"
+        if kind == "evaluate" and ok:
+            line += f", mean NDCG@10 {np.mean([float(e.get('ndcg@10', math.nan)) for e in ok]):.4f}"
+        names = ", ".join(sorted(str(e["platform"]) for e in ok))
+        print(f"{line}{': ' + names if names else ''}", flush=True)
         for event in events:
             if event["status"] == "error":
-                log(
-                    WARNING,
-                    "round %s %s: node %s: %s",
-                    event["round"],
-                    kind,
-                    event["node"],
-                    event["reason"],
+                who = self.platforms.get(int(event["node"]), f"node {event['node']}")
+                print(
+                    f"[fedfuse] round {server_round} {kind}: {who}: {event['reason']}", flush=True
                 )
-        self.record.append(events)
 
     def _log_wire(self, direction: str, server_round: int, messages: list[Message]) -> None:
         """Messages to a node that has not replied yet carry its node id only (platform None)."""
