@@ -17,7 +17,7 @@ from common.errors import FedFuseError
 def _data_prepare(args: argparse.Namespace) -> None:
     from common.dataset_summary import describe
     from common.movielens import build_ml100k
-    from common.platform_data import read_dataset, write_dataset
+    from common.platform_data import path_error, read_dataset, write_dataset
     from common.synthetic import SyntheticConfig, generate
 
     if args.dataset == "ml100k":
@@ -34,7 +34,10 @@ def _data_prepare(args: argparse.Namespace) -> None:
                 seed=args.seed,
             )
         )
-    out = write_dataset(args.out, tables, force=args.force)
+    try:
+        out = write_dataset(args.out, tables, force=args.force)
+    except OSError as err:  # a read-only or full disk: the user's to fix, not a bug
+        raise path_error(args.out, "write", err) from None
     platforms = read_dataset(out)
     print(f"wrote {len(platforms)} platforms to {out}\n")
     print(describe(platforms, load_config(args.config, args.set).task))

@@ -5,8 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from common.config import TaskConfig
-from common.platform_data import PlatformData
-from common.task import PlatformTask, build_task
+from common.platform_data import PlatformData, distinct_codes
+from common.task import SplitSizes, split_sizes
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -15,8 +15,12 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     return "\n".join(lines)
 
 
+def distinct_users(data: PlatformData) -> set[str]:
+    return set(distinct_codes(data.users)[1])
+
+
 def platform_table(
-    platforms: Sequence[PlatformData], tasks: Sequence[PlatformTask], threshold: float
+    platforms: Sequence[PlatformData], sizes: Sequence[SplitSizes], threshold: float
 ) -> str:
     """Ratings, users, items, positives and split sizes per platform, with a total row."""
     header = [
@@ -32,10 +36,10 @@ def platform_table(
     ]
     rows = []
     totals = [0, set(), 0, 0, 0, 0, 0, 0]
-    for data, task in zip(platforms, tasks, strict=True):
-        users = set(data.users.tolist())
+    for data, size in zip(platforms, sizes, strict=True):
+        users = distinct_users(data)
         positives = int(data.positives(threshold).sum())
-        counts = [len(task.train), len(task.valid), len(task.test), len(task.test_ranking)]
+        counts = [size.train, size.valid, size.test, size.test_cases]
         rows.append(
             [
                 data.name,
@@ -67,7 +71,7 @@ def platform_table(
 
 def overlap_table(platforms: Sequence[PlatformData]) -> str:
     """Users shared by each pair of platforms (diagonal: the platform's own user count)."""
-    users = [set(p.users.tolist()) for p in platforms]
+    users = [distinct_users(p) for p in platforms]
     names = [p.name for p in platforms]
     rows = [[name, *(len(a & b) for b in users)] for name, a in zip(names, users, strict=True)]
     return markdown_table(["shared users", *names], rows)
@@ -76,7 +80,7 @@ def overlap_table(platforms: Sequence[PlatformData]) -> str:
 def overlap_line(platforms: Sequence[PlatformData]) -> str:
     counts: dict[str, int] = {}
     for platform in platforms:
-        for user in set(platform.users.tolist()):
+        for user in distinct_users(platform):
             counts[user] = counts.get(user, 0) + 1
     multi = sum(1 for c in counts.values() if c >= 2)
     share = 100 * multi / max(len(counts), 1)
@@ -85,10 +89,10 @@ def overlap_line(platforms: Sequence[PlatformData]) -> str:
 
 def describe(platforms: Sequence[PlatformData], config: TaskConfig) -> str:
     """The full printed summary: per-platform table, overlap matrix and overlap share."""
-    tasks = [build_task(p, config) for p in platforms]
+    sizes = [split_sizes(p, config) for p in platforms]
     return "\n\n".join(
         [
-            platform_table(platforms, tasks, config.positive_threshold),
+            platform_table(platforms, sizes, config.positive_threshold),
             overlap_table(platforms),
             overlap_line(platforms),
         ]

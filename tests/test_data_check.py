@@ -7,9 +7,13 @@ root with a relative path, so the expected line is known exactly.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
+import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -204,3 +208,62 @@ def test_folder_of_valid_platforms(capsys: pytest.CaptureFixture[str]):
     assert out.splitlines()[0] == f"ok: 3 platform(s) valid under {VALID.as_posix()}"
     assert "| shared users | csv_ratings | jsonl_labels | long_description |" in out
     assert "| **all** | 16 | 7 | 12 |" in out
+
+
+# ------------------------------------------------------------------ folders the user may not use
+
+
+@pytest.fixture
+def deny(
+    monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest
+) -> Callable[[Path, int], None]:
+    """Give a folder mode 0o000 (unreadable) or 0o555 (read-only). Root ignores modes, so there
+    the first call a user would see refused (stat, or mkdir, under the folder) fails as it
+    would for them."""
+
+    def apply(folder: Path, mode: int) -> None:
+        if os.geteuid() != 0:
+            folder.chmod(mode)
+            request.addfinalizer(lambda: folder.chmod(0o755))
+            return
+        name = "stat" if mode == 0o000 else "mkdir"
+        real = getattr(os, name)
+
+        def refused(path: object, *args: object, **kwargs: object) -> object:
+            if isinstance(path, str | os.PathLike) and folder in Path(path).parents:
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(os, name, refused)
+
+    return apply
+
+
+def test_unreadable_folder_is_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], deny: Callable[[Path, int], None]
+):
+    folder = tmp_path / "locked"
+    folder.mkdir()
+    (folder / "interactions.csv").write_text("user_id,item_id,rating,timestamp\n", encoding="utf-8")
+    deny(folder, 0o000)
+    code, out, err = check(folder, capsys)
+    assert (code, out) == (2, "")
+    assert err == (
+        f"{PREFIX}{folder}: cannot read (Permission denied: {folder / 'interactions.csv'})\n"
+    )
+
+
+def test_prepare_into_read_only_folder_is_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], deny: Callable[[Path, int], None]
+):
+    deny(tmp_path, 0o555)
+    out = tmp_path / "out"
+    code = main(
+        ["data", "prepare", "--dataset", "synthetic", "--platforms", "1", "--out", str(out)]
+    )
+    stdout, err = capsys.readouterr()
+    assert (code, stdout) == (2, "")
+    staging = re.escape(str(tmp_path / ".out.")) + r"\w+"  # write_dataset's temporary folder
+    expected = rf"{re.escape(f'{PREFIX}{out}')}: cannot write \(Permission denied: {staging}\)\n"
+    assert re.fullmatch(expected, err), err
+    assert list(tmp_path.iterdir()) == []

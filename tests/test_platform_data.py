@@ -375,3 +375,124 @@ def test_an_empty_platform_is_refused_before_anything_is_written(tmp_path: Path)
     with pytest.raises(DataError, match="no items or no interactions"):
         write_dataset(tmp_path / "out", [empty])
     assert list(tmp_path.iterdir()) == []
+
+
+# ------------------------------------------------------------------ long text, large files
+
+
+def test_a_one_megabyte_title_is_truncated_not_rejected(tmp_path: Path):
+    # csv's default field limit (128 KiB) used to reject it before it could be truncated.
+    folder = write(
+        tmp_path / "p",
+        {
+            "items.csv": f"item_id,title\nm1,{'x' * 1_000_000}\n",
+            "interactions.csv": "user_id,item_id,rating,timestamp\nu1,m1,5,1\n",
+        },
+    )
+    data = read_platform(folder)
+    assert data.item_text == {"m1": "x" * platform_data.MAX_TEXT_CHARS}
+    assert data.warnings == [
+        f"{folder / 'items.csv'}, row 2, column 'title': text of 1000000 characters "
+        "truncated to 1000"
+    ]
+
+
+ITEMS_CSV = "item_id,title\nm1,One\nm2,Two\nm3,Three\n7,Seven\n"
+HEADER = "user_id,item_id,rating,timestamp\n"
+
+# Interactions files both readers must read alike: value forms pyarrow converts itself, forms
+# left to the row reader's functions, blank rows, quoted line breaks, ids written as numbers.
+SAME_RESULT = {
+    "csv_forms": HEADER + '" u1 ",m1, 4 ,1700000000\nu1,"m2",4.5,2024-01-05T10:00:00Z\n,,,\n'
+    "u2,m3,1e0,2024-01-05 10:00\nu2,m1,+2,2024-01-05T10:00:00.5+01:00\n"
+    "u3,m2,1_0,1600-01-01\nu3,7,.5,2024-01-05T10\n",
+    "tsv_quoted_line_break": "user_id\titem_id\tlabel\ttimestamp\tnote\r\n"
+    'u1\tm1\t1\t10\t"two\r\nlines"\r\nu1\tm2\t0\t11\t\r\n',
+    "jsonl_numbers": jsonl(
+        {"user_id": 1, "item_id": "m1", "label": 1, "timestamp": "2024-01-05T10:00:00Z"},
+        {"user_id": 2.0, "item_id": "m2", "label": 0.0, "timestamp": "2024-01-06"},
+    )
+    + "\n",
+}
+
+# Bad files: each error must name the row and column the row reader names.
+SAME_ERROR = {
+    "csv_row_after_quoted_line_break": "user_id,item_id,rating,timestamp,note\n"
+    'u1,m1,4,1,"a\nb"\nu1,m2,x,2,\n',
+    "csv_unknown_item_after_blank_lines": HEADER + "u1,m1,4,1\n\n\nu1,m9,4,2\n",
+    "csv_duplicate_after_blank_rows": HEADER + "u1,m1,4,1\n,,,\nu2,m1,4,1\n u1 ,m1,5,1.0\n",
+    "csv_thirtieth_of_february": HEADER + "u1,m1,4,2024-01-05\nu1,m2,4,2023-02-30\n",
+    "csv_first_of_two_problems": HEADER + "u1,m1,4,1\nu1,m1,4,1\nu2,,4,3\n",
+    "csv_label_two": "user_id,item_id,label,timestamp\nu1,m1,1,1\nu1,m2,2,2\n",
+    "jsonl_object_over_lines": '{"user_id": "u1", "item_id": "m1", "rating": 4,\n"timestamp": 1}\n',
+    "jsonl_two_objects_on_a_line": jsonl(
+        {"user_id": "u1", "item_id": "m1", "rating": 4, "timestamp": 1}
+    ).strip()
+    + jsonl({"user_id": "u1", "item_id": "m2", "rating": 4, "timestamp": 2}),
+    "jsonl_nan_rating": '{"user_id": "u1", "item_id": "m1", "rating": NaN, "timestamp": 1}\n',
+    "jsonl_fractional_user": jsonl(
+        {"user_id": 1, "item_id": "m1", "rating": 4, "timestamp": 1},
+        {"user_id": 1.5, "item_id": "m1", "rating": 4, "timestamp": 2},
+    ),
+    "jsonl_bad_utf8_in_value": b'{"user_id": "u\xe9", "item_id": "m1", "rating": 4, '
+    b'"timestamp": 1}\n',
+}
+
+
+def platform(tmp_path: Path, case: str, interactions: str | bytes) -> Path:
+    suffix = "." + case.split("_")[0]
+    return write(tmp_path / case, {"items.csv": ITEMS_CSV, f"interactions{suffix}": interactions})
+
+
+def read_by_rows(folder: Path, monkeypatch: pytest.MonkeyPatch) -> platform_data.PlatformData:
+    """read_platform with the columnar reader switched off: the reference behaviour."""
+    with monkeypatch.context() as patch:
+        patch.setattr(platform_data, "_columnar_interactions", lambda path, item_text: None)
+        return read_platform(folder)
+
+
+@pytest.mark.parametrize("case", sorted(SAME_RESULT))
+def test_columnar_reader_reads_valid_files_like_the_row_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+):
+    folder = platform(tmp_path, case, SAME_RESULT[case])
+    expected = read_by_rows(folder, monkeypatch)
+
+    def not_expected(path: Path, item_text: dict[str, str]) -> None:
+        raise AssertionError(f"{path} left the columnar reader")
+
+    monkeypatch.setattr(platform_data, "_row_interactions", not_expected)
+    data = read_platform(folder)
+    for name in ("users", "items", "labels", "timestamps"):
+        assert getattr(data, name).tolist() == getattr(expected, name).tolist(), name
+        assert getattr(data, name).dtype == getattr(expected, name).dtype, name
+    np.testing.assert_array_equal(data.ratings, expected.ratings)
+    assert data.label_kind == expected.label_kind
+
+
+@pytest.mark.parametrize("case", sorted(SAME_ERROR))
+def test_columnar_reader_names_the_row_readers_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, case: str
+):
+    folder = platform(tmp_path, case, SAME_ERROR[case])
+    with pytest.raises(DataError) as expected:
+        read_by_rows(folder, monkeypatch)
+    with pytest.raises(DataError) as caught:
+        read_platform(folder)
+    assert str(caught.value) == str(expected.value)
+    assert caught.value.row is not None
+
+
+def test_error_deep_in_a_large_file_names_its_row(tmp_path: Path):
+    # Far past pyarrow's first block (1 MiB), behind blank lines that shift line numbers.
+    lines = [f"u{k % 97},m{1 + k % 3},{1 + k % 5},{k}" for k in range(120_000)]
+    lines[60_000] = ""
+    lines[110_000] = "u1,m1,five,110000"
+    folder = write(
+        tmp_path / "p", {"items.csv": ITEMS_CSV, "interactions.csv": HEADER + "\n".join(lines)}
+    )
+    with pytest.raises(DataError) as caught:
+        read_platform(folder)
+    assert str(caught.value) == (
+        f"{folder / 'interactions.csv'}, row 110002, column 'rating': expected a number, got 'five'"
+    )

@@ -7,7 +7,7 @@ import pytest
 
 from common.config import TaskConfig
 from common.platform_data import PlatformData
-from common.task import Example, PlatformTask, build_task
+from common.task import Example, PlatformTask, SplitSizes, build_task, split_sizes
 
 # (user, item, rating, timestamp), deliberately not in time order.
 ROWS = [
@@ -216,3 +216,30 @@ def test_threshold_and_label_platforms():
     labelled.ratings = np.full(len(ROWS), np.nan)
     labelled.label_kind = "label"
     assert build_task(labelled, CONFIG) == build_task(platform(), CONFIG)
+
+
+def _random_platform(seed: int) -> PlatformData:
+    """Random users, items, ratings and timestamps with ties and a small catalogue, so every
+    branch of the split counts: users never held out, too few unseen items, none at all."""
+    rng = np.random.default_rng(seed)
+    size = int(rng.integers(1, 400))
+    rows = [
+        (f"u{rng.integers(0, 25)}", f"i{rng.integers(1, 13)}", int(rng.integers(1, 6)), int(t))
+        for t in rng.integers(0, 40, size)
+    ]
+    return platform(rows, catalogue=int(rng.integers(12, 20)), name=f"p{seed}")
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_split_sizes_count_what_build_task_builds(seed: int) -> None:
+    data = _random_platform(seed)
+    for config in (CONFIG, TaskConfig(negatives_per_positive=4, eval_negatives=5)):
+        task = build_task(data, config)
+        assert split_sizes(data, config) == SplitSizes(
+            len(task.train), len(task.valid), len(task.test), len(task.test_ranking)
+        )
+
+
+def test_split_sizes_of_the_hand_checked_platform(task: PlatformTask) -> None:
+    expected = (len(task.train), len(task.valid), len(task.test), len(task.test_ranking))
+    assert split_sizes(platform(), CONFIG) == SplitSizes(*expected)
