@@ -1,4 +1,5 @@
-"""Canaries for the empirical privacy check (``[audit]``; the bound is ``server/canary_audit.py``).
+"""Canaries for the empirical privacy check (``[audit]``; the bound is
+``server/audit/canary_audit.py``).
 
 A canary is one labelled example, the privacy unit of DP training: a made-up user whose history
 is one item and whose candidate is another, each titled with one random word, and whose label

@@ -215,7 +215,7 @@ class FederationConfig(BaseModel):
 
 class AuditConfig(BaseModel):
     """Empirical privacy check (the ``[audit]`` section): canaries on one platform, then an ε
-    lower bound (see client/canaries.py and server/canary_audit.py). Off by default."""
+    lower bound (see client/canaries.py and server/audit/canary_audit.py). Off by default."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 

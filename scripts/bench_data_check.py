@@ -38,7 +38,7 @@ STAGES = {
         "-c",
         "import sys; from common.platform_data import read_dataset; read_dataset(sys.argv[1])",
     ],
-    "fedfuse data check": ["-m", "common.cli", "data", "check"],
+    "fedfuse data check": ["-m", "server.cli", "data", "check"],
 }
 
 

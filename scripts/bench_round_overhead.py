@@ -9,8 +9,8 @@ client-side evaluation) in a subprocess of their own:
 - ``plain``: one process; each round calls ``PlatformClient.train_round`` for every platform in
   turn, averages the shared tensors weighted by training examples (FedAvg's rule) and saves the
   global adapter, as the ServerApp's checkpoint does.
-- ``flower``: ``server.simulation.simulate`` (what ``fedfuse simulate`` runs): the ServerApp in
-  this process, the ClientApps in Ray actors.
+- ``flower``: ``server.simulation.simulation.simulate`` (what ``fedfuse simulate`` runs): the
+  ServerApp in this process, the ClientApps in Ray actors.
 
 Fairness on a small machine: Flower gets ``--threads`` CPUs per client, so Ray's pool holds one
 actor (``floor(CPUs / threads)``; one at a time when threads = CPUs) and serves the platforms one
@@ -100,7 +100,7 @@ def _plain(config_path: Path, out: Path, threads: int) -> list[tuple[float, floa
     from common.config import load_config
     from common.platform_data import federation_platforms
     from common.sharing import shared_names, shared_scorer
-    from server.server_app import learning_rate_schedule
+    from server.federation.server_app import learning_rate_schedule
 
     torch.set_num_threads(threads)
     stamps = [_stamp()]
@@ -132,8 +132,8 @@ def _plain(config_path: Path, out: Path, threads: int) -> list[tuple[float, floa
 def _flower(config_path: Path, out: Path, threads: int) -> list[tuple[float, float]]:
     """The same rounds through ``fedfuse simulate``; stamps taken at each checkpoint."""
     from common.config import load_config
-    from server import server_app
-    from server.simulation import prepare_run, simulate
+    from server.federation import server_app
+    from server.simulation.simulation import prepare_run, simulate
 
     stamps = [_stamp()]
     real_save = server_app.save_adapter

@@ -51,9 +51,9 @@ from common.config import load_config
 from common.errors import FedFuseError
 from common.platform_data import federation_platforms
 from common.processes import stop_processes
-from server.deploy import flower_env
-from server.run_record import CONFIG_FILE, RunRecord
-from server.simulation import check_startable, finish_run, prepare_run
+from server.deployment.deploy import flower_env
+from server.federation.run_record import CONFIG_FILE, RunRecord
+from server.simulation.simulation import check_startable, finish_run, prepare_run
 
 REPO = Path(__file__).resolve().parents[1]
 CONNECTION = "fedfuse-local"

@@ -26,7 +26,7 @@ from common.config import load_config, with_settings
 from common.dataset_summary import markdown_table
 from common.evaluation import CountScorer
 from common.sharing import seeded_arrays
-from server.baselines import platform_clients, train_rounds
+from server.simulation.baselines import platform_clients, train_rounds
 
 
 def main() -> None:

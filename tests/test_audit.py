@@ -12,11 +12,10 @@ import pytest
 
 from client.ledger import LEDGER_FILE, _digest
 from client.platform_client import LastReply, PrivateTensors
-from common.cli import main
 from common.config import load_config
 from common.errors import FedFuseError
 from common.wire_log import WIRE_LOG_FILE
-from server.audit import (
+from server.audit.audit import (
     AUDIT_HTML,
     AUDIT_JSON,
     CANARY_FILE,
@@ -24,7 +23,8 @@ from server.audit import (
     PRIVATE_ADAPTER_FILE,
     audit,
 )
-from server.simulation import prepare_run, simulate
+from server.cli import main
+from server.simulation.simulation import prepare_run, simulate
 
 
 @pytest.fixture(scope="module")

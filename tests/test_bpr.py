@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-import server.bpr as bpr
+import server.simulation.bpr as bpr
 from client.popularity_prior import positive_counts
-from common.cli import main
 from common.evaluation import CountScorer, evaluate
 from common.task import Example, PlatformTask, RankingCase
-from server.baselines import pooled_task
-from server.compare import DEFAULT_METHODS, Cell, parse_levels
+from server.cli import main
+from server.simulation.baselines import pooled_task
+from server.simulation.compare import DEFAULT_METHODS, Cell, parse_levels
 
 torch.set_num_threads(1)
 SMALL_GRID = ((8, 1e-3), (8, 1e-2))

@@ -21,7 +21,7 @@ from common.model import build_scorer, load_backbone
 from common.platform_data import read_platform, write_dataset
 from common.synthetic import SyntheticConfig, generate
 from common.task import PlatformTask, build_task
-from server.canary_audit import (
+from server.audit.canary_audit import (
     AUDIT_FILE,
     audit_scores,
     check_audit_platform,
@@ -30,8 +30,8 @@ from server.canary_audit import (
     p_value,
     run_canary_audit,
 )
-from server.run_record import RunRecord
-from server.simulation import prepare_run, simulate
+from server.federation.run_record import RunRecord
+from server.simulation.simulation import prepare_run, simulate
 
 # --- the bound -----------------------------------------------------------------------------
 

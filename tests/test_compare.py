@@ -11,14 +11,14 @@ import pytest
 
 from client.ledger import LEDGER_FILE, PrivacyLedger
 from client.popularity_prior import positive_counts
-from common.cli import main
 from common.config import load_config
 from common.errors import ConfigError
 from common.evaluation import CountScorer, evaluate
 from common.sharing import seeded_arrays, shared_scorer
 from common.task import Example, PlatformTask, RankingCase
-from server.baselines import evaluation_clients, pooled_task, train_local
-from server.compare import Cell, parse_levels, target_statements
+from server.cli import main
+from server.simulation.baselines import evaluation_clients, pooled_task, train_local
+from server.simulation.compare import Cell, parse_levels, target_statements
 
 
 @pytest.fixture

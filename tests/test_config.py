@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from common.cli import main
 from common.config import RunConfig, config_reference, load_config
 from common.errors import ConfigError
+from server.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 

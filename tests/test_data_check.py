@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from common.cli import main
 from common.errors import DataError
 from common.platform_data import read_dataset
+from server.cli import main
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = Path("tests") / "fixtures"  # relative to REPO, as a user would type it
@@ -138,7 +138,7 @@ def subprocess_results() -> dict[str, tuple[int, str, str]]:
     """Run the CLI as real processes, all at once (each pays the full import time)."""
     processes = {
         case: subprocess.Popen(
-            [sys.executable, "-m", "common.cli", "data", "check", str(MALFORMED / case)],
+            [sys.executable, "-m", "server.cli", "data", "check", str(MALFORMED / case)],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

@@ -31,13 +31,13 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from client.ledger import LEDGER_FILE
 from common.errors import FedFuseError
 from common.processes import stop_processes
-from server.deploy import node_config, superlink_command
-from server.deploy_keys import write_certificates, write_node_keys
+from server.deployment.deploy import node_config, superlink_command
+from server.deployment.deploy_keys import write_certificates, write_node_keys
 
 PLATFORMS = ("p0", "p1", "p2")
 VICTIM = "p2"  # stopped during round 1, restarted for round 2
 NODE_UNAVAILABLE = 5  # flwr ErrorCode: the SuperLink answers for a node that went away
-FEDFUSE = [sys.executable, "-m", "common.cli", "deploy"]
+FEDFUSE = [sys.executable, "-m", "server.cli", "deploy"]
 
 
 # ---- key material and command lines (fast) ----------------------------------------------

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from server.run_record import RunRecord
+from server.federation.run_record import RunRecord
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "flwr_run.py"

@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from common.cli import main
 from common.errors import DataError
 from common.movielens import GENRE_GROUPS, build_ml100k, primary_group
 from common.platform_data import PlatformTables, read_dataset, write_dataset
 from common.synthetic import SyntheticConfig, generate
+from server.cli import main
 
 ML_PLATFORMS = ["kids_family", "action_scifi", "thriller_crime", "comedy", "drama_romance"]
 

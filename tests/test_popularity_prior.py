@@ -21,7 +21,7 @@ from client.popularity_prior import (
 from common.config import DPConfig, load_config, with_settings
 from common.platform_data import read_dataset
 from common.task import build_task
-from server.audit import audit_ledger
+from server.audit.audit import audit_ledger
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from server.report import summary_table
+from server.federation.report import summary_table
 
 
 def _evaluate(platform: str, server_round: int, ndcg: float, prior: float) -> dict[str, object]:

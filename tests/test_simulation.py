@@ -17,10 +17,10 @@ from client.ledger import LEDGER_FILE
 from common.config import RUN_CONFIG_ENV, RunConfig, load_config
 from common.platform_data import federation_platforms, read_platform
 from common.task import build_task
-from server import server_app
-from server.run_record import RunRecord
-from server.simulation import prepare_run, simulate
-from server.strategy import FedFuseStrategy
+from server.federation import server_app
+from server.federation.run_record import RunRecord
+from server.federation.strategy import FedFuseStrategy
+from server.simulation.simulation import prepare_run, simulate
 
 
 @pytest.fixture
@@ -142,7 +142,7 @@ def test_a_round_no_platform_trained_fails_the_run_and_stays_resumable(
     tmp_path: Path, write_run_config, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """All replies errors (budgets below one round at a fixed σ) used to finish the run, exit 0."""
-    from common.cli import main
+    from server.cli import main
 
     config = write_run_config(
         tmp_path / "run.toml",
@@ -166,7 +166,7 @@ def test_a_run_folder_is_owned_by_one_process(
     tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Two `--resume` of one run started at once both trained round 2 (issue 11)."""
-    from common.cli import main
+    from server.cli import main
 
     record = prepare_run(load_config(config_file), tmp_path / "runs", "busy")
     with record.owned():  # another fedfuse process holds the run
@@ -195,7 +195,7 @@ def test_a_run_that_cannot_start_fails_before_ray_and_leaves_nothing(
     message: str,
 ) -> None:
     """Such errors used to surface after ~30 s of Ray start-up, leaving NAME.incomplete/."""
-    from common.cli import main
+    from server.cli import main
 
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -19,9 +19,9 @@ from flwr.app import (
 )
 
 from common.config import FederationConfig, RunConfig, TrainConfig
-from server.run_record import RunRecord
-from server.server_app import learning_rate_schedule
-from server.strategy import FedFuseStrategy, RoundFailed
+from server.federation.run_record import RunRecord
+from server.federation.server_app import learning_rate_schedule
+from server.federation.strategy import FedFuseStrategy, RoundFailed
 
 
 def _metadata(node: int) -> Metadata:

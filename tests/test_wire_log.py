@@ -39,8 +39,8 @@ from common.wire_log import (
     message_record,
     read_records,
 )
-from server.run_record import RunRecord
-from server.strategy import FedFuseStrategy
+from server.federation.run_record import RunRecord
+from server.federation.strategy import FedFuseStrategy
 
 NAMES = ["enc.layer.0.q.lora_A.default.weight", "head.weight"]
 

@@ -15,7 +15,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from common.atomic import atomic_write  # noqa: E402
 from common.dataset_summary import markdown_table  # noqa: E402
-from server.run_record import RunRecord  # noqa: E402
+from server.federation.run_record import RunRecord  # noqa: E402
 
 SUMMARY_FILE = "summary.md"
 METRIC_COLUMNS = ("hr@10", "ndcg@10", "mrr", "auc", "prior-ndcg@10")

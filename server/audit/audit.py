@@ -32,7 +32,7 @@ from common.atomic import atomic_write
 from common.errors import FedFuseError
 from common.sharing import shares
 from common.wire_log import RECEIVED, SENT, WIRE_LOG_FILE, read_records
-from server.run_record import METRICS_FILE, RunRecord
+from server.federation.run_record import METRICS_FILE, RunRecord
 
 AUDIT_JSON = "audit.json"
 AUDIT_HTML = "audit.html"
@@ -570,7 +570,7 @@ def audit(run_dir: Path | str, platform_states: list[Path] | None = None) -> dic
 
 def write_audit(report: dict[str, Any], run_dir: Path | str) -> tuple[Path, Path]:
     """audit.json and the self-contained audit.html, each replaced atomically."""
-    from server.audit_report import render_html
+    from server.audit.audit_report import render_html
 
     run_dir = Path(run_dir)
     json_path, html_path = run_dir / AUDIT_JSON, run_dir / AUDIT_HTML

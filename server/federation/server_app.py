@@ -1,8 +1,8 @@
 """FedFuse's Flower ServerApp: rounds of adapter aggregation, checkpoints, resumable runs.
 
 The run configuration comes from the run config (``config-file`` plus ``section.key``
-overrides); ``run-dir`` names the run folder (see ``server/run_record.py``). A run folder that
-already holds checkpoints is resumed from its last complete round.
+overrides); ``run-dir`` names the run folder (see ``server/federation/run_record.py``). A run
+folder that already holds checkpoints is resumed from its last complete round.
 """
 
 from __future__ import annotations
@@ -17,8 +17,8 @@ from flwr.serverapp import Grid, ServerApp
 from common.adapters import load_adapter, load_trainable_arrays, save_adapter, trainable_arrays
 from common.config import RunConfig, flower_run_config, run_configuration
 from common.sharing import seeded_arrays, shared_names, shared_scorer
-from server.run_record import RunRecord
-from server.strategy import FedFuseStrategy
+from server.federation.run_record import RunRecord
+from server.federation.strategy import FedFuseStrategy
 
 app = ServerApp()
 

@@ -2,12 +2,12 @@
 
 A comparison is a grid of cells, each a (method, privacy level) pair: ``popularity``,
 ``local``, ``centralized``, ``prior`` (the DP popularity prior alone; see
-``server/baselines.py``), ``bpr_local``, ``bpr_pooled`` (BPR matrix factorisation,
-``server/bpr.py``), a federated strategy (``fedavg``, ``ffa``, ``fedsa``, run with ``fedfuse
-simulate``) or an ablation of the default one (``ffa_text``: no prior; ``ffa_private``: with
-private item factors), at a target ε or non-private (``inf``). ``popularity`` and the BPR
-methods are never private: they ignore the level, their ε is ∞. A level without names runs
-the first six.
+``server/simulation/baselines.py``), ``bpr_local``, ``bpr_pooled`` (BPR matrix factorisation,
+``server/simulation/bpr.py``), a federated strategy (``fedavg``, ``ffa``, ``fedsa``, run with
+``fedfuse simulate``) or an ablation of the default one (``ffa_text``: no prior;
+``ffa_private``: with private item factors), at a target ε or non-private (``inf``).
+``popularity`` and the BPR methods are never private: they ignore the level, their ε is ∞.
+A level without names runs the first six.
 Every cell starts from the same seeded adapters, trains for the same rounds and local steps
 and is scored on every platform's test split by the same code. Finished cells are cached in
 ``OUT/cells/``, so an interrupted comparison continues where it stopped.
@@ -37,7 +37,8 @@ from common.config import RunConfig, load_config, with_settings  # noqa: E402
 from common.dataset_summary import markdown_table  # noqa: E402
 from common.errors import ConfigError  # noqa: E402
 from common.sharing import seeded_arrays, shared_scorer  # noqa: E402
-from server.baselines import (  # noqa: E402
+from server.federation.run_record import CONFIG_FILE, RunRecord  # noqa: E402
+from server.simulation.baselines import (  # noqa: E402
     Arrays,
     Metrics,
     dp_prior,
@@ -47,9 +48,8 @@ from server.baselines import (  # noqa: E402
     train_centralized,
     train_local,
 )
-from server.bpr import bpr_local, bpr_pooled  # noqa: E402
-from server.run_record import CONFIG_FILE, RunRecord  # noqa: E402
-from server.simulation import INCOMPLETE, prepare_run, simulate  # noqa: E402
+from server.simulation.bpr import bpr_local, bpr_pooled  # noqa: E402
+from server.simulation.simulation import INCOMPLETE, prepare_run, simulate  # noqa: E402
 
 FEDERATED = ("fedavg", "ffa", "fedsa")
 # Ablations of the default federation: (strategy, settings changed), run like the strategy.

@@ -34,7 +34,7 @@ from common.wire_log import (
     message_record,
     model_record,
 )
-from server.run_record import CONFIG_FILE, RunRecord
+from server.federation.run_record import CONFIG_FILE, RunRecord
 
 
 def reply_event(kind: str, server_round: int, reply: Message, node: int) -> dict[str, object]:

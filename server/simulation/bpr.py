@@ -7,7 +7,7 @@ BPR pairwise loss on (user, positive, unseen item) triples of the TRAIN split on
 - ``bpr_local``: one model per platform on its own train positives.
 - ``bpr_pooled``: one model on every platform's train positives; a user id is the same person on
   every platform (true of the ML-100K platforms), item ids get their platform as a prefix (the
-  ``platform\\x1fitem`` convention of ``server.baselines.pooled_task``).
+  ``platform\\x1fitem`` convention of ``server.simulation.baselines.pooled_task``).
 
 Hyper-parameters are chosen on the validation ranking cases only (NDCG@10 by the protocol's
 ``common.evaluation.evaluate``), never on test: every (dim, reg) of ``GRID`` is trained with Adam
@@ -34,7 +34,7 @@ from torch import nn
 from common.config import RunConfig
 from common.evaluation import evaluate
 from common.task import Example, PlatformTask, RankingCase
-from server.baselines import Metrics, evaluation_clients, pooled_item
+from server.simulation.baselines import Metrics, evaluation_clients, pooled_item
 
 # The documented search space, 12 points: both methods tune on ML-100K in about a minute on
 # 2 CPU cores. reg spans the optimum found there (1e-2 to 3e-2) with a point either side.

@@ -25,7 +25,7 @@ from common.config import RunConfig, with_settings
 from common.evaluation import CountScorer
 from common.platform_data import federation_platforms
 from common.task import Example, PlatformTask
-from server.server_app import learning_rate_schedule
+from server.federation.server_app import learning_rate_schedule
 
 Arrays = dict[str, np.ndarray]
 Metrics = dict[str, float]

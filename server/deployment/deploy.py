@@ -30,7 +30,7 @@ from common.errors import FedFuseError
 CONNECTION = "fedfuse"
 DEFAULT_PORT = 9093
 SUPERNODE_RUNTIME_PORT = 9094
-APP_DIR = Path(__file__).resolve().parents[1]
+APP_DIR = Path(__file__).resolve().parents[2]  # the repository root (server/deployment/..)
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def superlink_command(certs: Path, state: Path, host: str, port: int) -> FlowerC
 
 def node_config(platform: str, data_dir: Path, state_dir: Path, overrides: list[str]) -> str:
     """The SuperNode's node config: who it is, where its private files are, its DP settings."""
-    from server.deploy_keys import check_name
+    from server.deployment.deploy_keys import check_name
 
     pairs = [
         f"platform={_toml_string(check_name(platform), 'platform')}",
@@ -230,7 +230,7 @@ def _flwr_home(args: argparse.Namespace) -> Path:
 
 
 def _certs(args: argparse.Namespace) -> None:
-    from server.deploy_keys import write_certificates
+    from server.deployment.deploy_keys import write_certificates
 
     files = write_certificates(Path(args.out), args.host, args.days, args.force)
     print(f"CA certificate (give to every platform and to flwr): {files.ca_cert}")
@@ -239,7 +239,7 @@ def _certs(args: argparse.Namespace) -> None:
 
 
 def _keys(args: argparse.Namespace) -> None:
-    from server.deploy_keys import write_node_keys
+    from server.deployment.deploy_keys import write_node_keys
 
     keys = write_node_keys(Path(args.out), args.platform, args.force)
     print(f"private key (0600, never leaves the platform): {keys.private_key}")
@@ -290,7 +290,7 @@ def _supernode(args: argparse.Namespace) -> None:
 def _run(args: argparse.Namespace) -> None:
     """Submit, stream the run's log, then fail unless Flower reports it completed
     (``flwr run --stream`` exits 0 even when the ServerApp failed)."""
-    from server.deploy_keys import check_name
+    from server.deployment.deploy_keys import check_name
 
     home = _flwr_home(args)
     run_dir = Path(args.runs) / check_name(args.name, "run name")
@@ -342,7 +342,7 @@ def _add_home(parser: argparse.ArgumentParser) -> None:
 
 
 def add_deploy_parser(commands: argparse._SubParsersAction) -> None:
-    """``fedfuse deploy ...`` subcommands (registered by common/cli.py)."""
+    """``fedfuse deploy ...`` subcommands (registered by server/cli.py)."""
     deploy = commands.add_parser(
         "deploy", help="deploy the federation: TLS SuperLink, one SuperNode per platform"
     ).add_subparsers(dest="action", required=True)

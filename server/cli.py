@@ -58,8 +58,8 @@ def _data_check(args: argparse.Namespace) -> None:
 def _simulate(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from server.run_record import RunRecord
-    from server.simulation import prepare_run, simulate
+    from server.federation.run_record import RunRecord
+    from server.simulation.simulation import prepare_run, simulate
 
     if args.resume:
         record = RunRecord(args.resume)
@@ -73,7 +73,7 @@ def _compare(args: argparse.Namespace) -> None:
     import shlex
     from pathlib import Path
 
-    from server.compare import compare, parse_levels
+    from server.simulation.compare import compare, parse_levels
 
     cells = parse_levels(args.epsilon or ["8"])
     command = shlex.join(["fedfuse", *sys.argv[1:]])
@@ -86,8 +86,8 @@ def _compare(args: argparse.Namespace) -> None:
 def _audit(args: argparse.Namespace) -> None:
     from pathlib import Path
 
-    from server.audit import audit, write_audit
-    from server.audit_report import summary_text
+    from server.audit.audit import audit, write_audit
+    from server.audit.audit_report import summary_text
 
     report = audit(Path(args.run_dir), [Path(p) for p in args.platform_state])
     written = write_audit(report, args.run_dir)
@@ -194,7 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_options(show)
     show.set_defaults(run=_config_show)
 
-    from server.deploy import add_deploy_parser  # its handlers import their own needs lazily
+    from server.deployment.deploy import (
+        add_deploy_parser,  # its handlers import their own needs lazily
+    )
 
     add_deploy_parser(commands)
     return parser

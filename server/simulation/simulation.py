@@ -20,8 +20,8 @@ from pathlib import Path
 from common.config import RUN_CONFIG_ENV, DPConfig, RunConfig, load_config, with_settings
 from common.errors import FedFuseError
 from common.platform_data import federation_platforms
-from server.report import write_report
-from server.run_record import CONFIG_FILE, RunRecord
+from server.federation.report import write_report
+from server.federation.run_record import CONFIG_FILE, RunRecord
 
 INCOMPLETE = ".incomplete"
 LOG_FILE = "simulation.log"
@@ -32,7 +32,7 @@ def check_startable(config: RunConfig) -> None:
     """Everything that can be checked before Ray starts: a bad backbone, data folder or audit
     setting then costs no start-up time and leaves no run folder behind."""
     from common.model import resolve_backbone
-    from server.canary_audit import check_audit_platform
+    from server.audit.canary_audit import check_audit_platform
 
     resolve_backbone(config.model.backbone)
     federation_platforms(config.data)
@@ -107,7 +107,7 @@ def _simulate(record: RunRecord, cpus_per_client: float, gpus_per_client: float)
     from flwr.simulation import run_simulation
 
     from client.client_app import app as client_app
-    from server.server_app import app as server_app
+    from server.federation.server_app import app as server_app
 
     config = load_config(record.root / CONFIG_FILE)
     check_startable(config)  # a resumed run's backbone or data may have moved
@@ -162,7 +162,7 @@ def _simulate(record: RunRecord, cpus_per_client: float, gpus_per_client: float)
 def finish_run(record: RunRecord) -> Path:
     """After the last round: the canary audit (if asked), the report, then the folder loses its
     ``.incomplete`` suffix and the configuration points at the moved platform state."""
-    from server.canary_audit import run_canary_audit
+    from server.audit.canary_audit import run_canary_audit
 
     config = load_config(record.root / CONFIG_FILE)
     if config.audit.canaries:

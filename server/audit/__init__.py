@@ -1,0 +1,1 @@
+"""``fedfuse audit``: ε recomputed from the ledgers, wire contents listed, the canary bound."""

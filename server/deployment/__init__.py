@@ -1,0 +1,1 @@
+"""``fedfuse deploy``: a SuperLink and one SuperNode per platform, TLS and node keys."""
