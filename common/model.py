@@ -367,6 +367,44 @@ class ItemTowerHead(nn.Module):
             logits = logits + (taste * self.private_items(item_rows % slots)).sum(dim=-1)
         return logits
 
+    @torch.no_grad()
+    def contributions(
+        self,
+        history: torch.Tensor,
+        history_mask: torch.Tensor,
+        history_rows: torch.Tensor,
+        item: torch.Tensor,
+        item_rows: torch.Tensor,
+        prior: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """:meth:`logits` of one user (``history`` (H, D), newest first; a row of -1 is an item
+        from another platform) for N candidates, split into parts that add up to it.
+
+        The user vector is linear in the history vectors (a weighted mean, then a linear map),
+        and the cosine is linear in the user vector, so each history item's share of the
+        cosine term is exact: ``w * a_j * (g_j . v) / (|u| |v|)`` with ``g_j`` the mapped item
+        vector. Private factors split the same way. Returns ``history`` (N, H), ``prior``,
+        ``text`` (the item-score term) and ``bias`` (N,).
+        """
+        weights = self.weights(history_mask[None])[0]  # (H,)
+        mapped = history + self.user_up(self.user_down(history))  # (H, D)
+        user = (weights[:, None] * mapped).sum(dim=0)
+        scale = (user.norm() * item.norm(dim=-1)).clamp(min=1e-6)  # (N,)
+        cosine_weight, prior_weight = self.mix.weight[0]
+        shares = cosine_weight * weights[None, :] * (item @ mapped.T) / scale[:, None]
+        if self.private_items is not None:
+            slots = self.private_items.num_embeddings
+            factors = self.private_items(history_rows.clamp(min=0) % slots)
+            factors = factors * (history_rows >= 0)[:, None]  # no factor for a foreign item
+            item_factors = self.private_items(item_rows % slots)
+            shares = shares + weights[None, :] * (item_factors @ factors.T)
+        return {
+            "history": shares,
+            "prior": prior_weight * prior.to(item.dtype),
+            "text": self.item_score(item).squeeze(-1),
+            "bias": self.mix.bias.detach().expand(len(item)),
+        }
+
 
 class ItemTowerScorer(Scorer):
     """Users as pooled item vectors, items through the top LoRA layers from a frozen cache.
@@ -435,6 +473,15 @@ class ItemTowerScorer(Scorer):
                 )
             )
         featurizer.item_vectors = torch.cat(parts)
+
+    @torch.no_grad()
+    def text_vectors(self, featurizer: TextFeaturizer, texts: Sequence[str]) -> torch.Tensor:
+        """Item vectors of texts outside the catalogue (an item liked on another platform),
+        by a full pass of the encoder: what the cached path computes for catalogue items."""
+        if not texts:
+            return torch.zeros(0, self.encoder.config.hidden_size, device=self.device())
+        tokens = {k: v.to(self.device()) for k, v in featurizer.encode(list(texts)).items()}
+        return self.embed(tokens["input_ids"], tokens["attention_mask"])
 
     def _history(
         self, featurizer: TextFeaturizer, histories: Sequence[tuple[str, ...]]

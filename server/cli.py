@@ -97,6 +97,38 @@ def _audit(args: argparse.Namespace) -> None:
         raise SystemExit(1)  # flags are findings, not bad input: exit 1, distinct from 2
 
 
+def _recommend(args: argparse.Namespace) -> None:
+    import json
+
+    from server.serving.recommender import Recommender
+
+    if bool(args.user) == bool(args.history):
+        raise FedFuseError("give either --user or --history")
+    recommender = Recommender(args.run_dir, args.platform, args.platform_state)
+    if args.json:
+        document = recommender.document(args.user, args.history, args.k)
+        print(json.dumps(document, indent=2, ensure_ascii=False))
+        return
+    shown, recommendations = recommender.request(args.user, args.history, args.k)
+    who = f"user {args.user}" if args.user else "the liked titles given"
+    print(f"Top {len(recommendations)} on {args.platform} for {who}")
+    liked = "; ".join(h.text + ("" if h.row is not None else " (from elsewhere)") for h in shown)
+    print(f"history, newest first: {liked or '(none: popularity only)'}\n")
+    for rank, item in enumerate(recommendations, start=1):
+        print(f"{rank:2d}. {item.title}  [score {item.score:.3f}]")
+        print(f"    {item.explanation()}")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    from server.serving.http_app import serve
+    from server.serving.recommender import Recommender
+
+    recommender = Recommender(args.run_dir, args.platform, args.platform_state)
+    size = f"{len(recommender.data.item_text)} items, {len(recommender.users)} users"
+    print(f"serving {args.platform} ({size}) at http://{args.host}:{args.port}/")
+    serve(recommender, args.host, args.port)
+
+
 def _config_show(args: argparse.Namespace) -> None:
     print(load_config(args.config, args.set).model_dump_json(indent=2))
 
@@ -186,6 +218,42 @@ def build_parser() -> argparse.ArgumentParser:
         help="a platform's state folder (deployment; repeatable); default RUN_DIR/platform_state/*",
     )
     audit.set_defaults(run=_audit)
+
+    recommend = commands.add_parser(
+        "recommend", help="top-K items for a user of one platform from a finished run, explained"
+    )
+    recommend.add_argument("run_dir", metavar="RUN_DIR")
+    recommend.add_argument("--platform", required=True, help="the platform to recommend on")
+    recommend.add_argument("--user", help="a user of that platform (their history is its data)")
+    recommend.add_argument(
+        "--history",
+        nargs="+",
+        metavar="TITLE_OR_ID",
+        help="liked items, newest first: this platform's ids or titles, or titles liked on "
+        "another platform (cold start; used as text, stored nowhere)",
+    )
+    recommend.add_argument("--k", type=int, default=10, help="how many items (default 10)")
+    recommend.add_argument("--json", action="store_true", help="print JSON instead of text")
+    recommend.add_argument(
+        "--platform-state",
+        metavar="DIR",
+        help="the platform's state folder (default: the run's dp.state_dir/PLATFORM)",
+    )
+    recommend.set_defaults(run=_recommend)
+
+    serve = commands.add_parser(
+        "serve", help="one platform's recommendations over HTTP: a JSON API and a page at /"
+    )
+    serve.add_argument("run_dir", metavar="RUN_DIR")
+    serve.add_argument("--platform", required=True, help="the platform to serve")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    serve.add_argument(
+        "--platform-state",
+        metavar="DIR",
+        help="the platform's state folder (default: the run's dp.state_dir/PLATFORM)",
+    )
+    serve.set_defaults(run=_serve)
 
     config = commands.add_parser("config", help="inspect the run configuration").add_subparsers(
         dest="action", required=True

@@ -59,3 +59,20 @@ def write_run_config(tiny_bert_dir: Path, synthetic_dir: Path) -> Callable[..., 
         return path
 
     return write
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, write_run_config) -> Path:
+    """One finished tiny run (FFA, item tower with private item factors) for the tests that
+    read a run's results: recommendations, the service, cold start."""
+    from common.config import load_config
+    from server.simulation.simulation import prepare_run, simulate
+
+    root = tmp_path_factory.mktemp("finished")
+    config = write_run_config(
+        root / "run.toml",
+        model={"max_length": 32, "private_factors": 8},
+        train={"batch_size": 16, "local_steps": 2, "eval_max_cases": 5},
+        federation={"rounds": 2, "min_nodes": 2, "strategy": "ffa"},
+    )
+    return simulate(prepare_run(load_config(config), root / "runs", "tiny"))

@@ -34,6 +34,6 @@ def test_lower_layers_never_import_higher_ones(package: str) -> None:
 
 def test_server_jobs_each_have_a_folder() -> None:
     jobs = {p.name for p in (REPO / "server").iterdir() if (p / "__init__.py").is_file()}
-    assert jobs == {"federation", "simulation", "audit", "deployment"}
+    assert jobs == {"federation", "simulation", "audit", "deployment", "serving"}
     loose = {p.name for p in (REPO / "server").glob("*.py")}
     assert loose == {"__init__.py", "cli.py"}  # the command line over all jobs
