@@ -4,7 +4,7 @@ Usage: python scripts/page_screenshot.py [--run runs/ml100k-default] [--platform
        [--user 1] [--k 5] [--out docs/img/serve_page.png]
 
 Starts the service on the run, opens its page in headless Chromium (Debian's, which
-scripts/setup.sh installs), asks for the user's top K and saves the whole page.
+scripts/test.sh installs), asks for the user's top K and saves the whole page.
 """
 
 from __future__ import annotations

