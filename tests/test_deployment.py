@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from client.ledger import LEDGER_FILE
 from common.errors import FedFuseError
 from common.processes import stop_processes
-from server.deployment.deploy import node_config, superlink_command
+from server.deployment.deploy import drop_partial_apps, node_config, superlink_command
 from server.deployment.deploy_keys import write_certificates, write_node_keys
 
 PLATFORMS = ("p0", "p1", "p2")
@@ -90,6 +90,18 @@ def test_commands_use_absolute_paths_and_refuse_unsafe_values(tmp_path: Path) ->
             node_config("p0", tmp_path, tmp_path, [bad])
     with pytest.raises(FedFuseError, match="quotes"):
         node_config("p0", tmp_path / 'a"b', tmp_path, [])
+
+
+def test_a_partly_installed_app_is_removed_before_a_supernode_starts(tmp_path: Path) -> None:
+    """A SuperNode stopped while its ClientApp unpacked the app left a folder without
+    pyproject.toml; Flower never reinstalled it and every later round failed to load."""
+    apps = tmp_path / "flwr-home" / "apps"
+    (apps / "fedfuse.fedfuse.0.1.0.partial" / "server").mkdir(parents=True)
+    (apps / "fedfuse.fedfuse.0.1.0.whole").mkdir(parents=True)
+    (apps / "fedfuse.fedfuse.0.1.0.whole" / "pyproject.toml").write_text("[project]\n")
+    assert drop_partial_apps(tmp_path / "flwr-home") == [apps / "fedfuse.fedfuse.0.1.0.partial"]
+    assert [p.name for p in apps.iterdir()] == ["fedfuse.fedfuse.0.1.0.whole"]
+    assert drop_partial_apps(tmp_path / "missing") == []
 
 
 # ---- the deployed federation (real processes) -------------------------------------------

@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -271,6 +272,19 @@ def _register(args: argparse.Namespace) -> None:
         raise FedFuseError(f"{args.public_key}: registration failed (see the message above)")
 
 
+def drop_partial_apps(flwr_home: Path) -> list[Path]:
+    """Remove installed app folders that lack their ``pyproject.toml``: a SuperNode stopped
+    while its ClientApp was unpacking the app leaves one, and Flower, finding the folder, never
+    installs it again, so the platform's every later round fails to load its ClientApp."""
+    apps = flwr_home / "apps"
+    partial = [
+        p for p in sorted(apps.glob("*")) if p.is_dir() and not (p / "pyproject.toml").is_file()
+    ]
+    for folder in partial:
+        shutil.rmtree(folder)
+    return partial
+
+
 def _supernode(args: argparse.Namespace) -> None:
     command = supernode_command(
         args.platform,
@@ -284,6 +298,8 @@ def _supernode(args: argparse.Namespace) -> None:
     )
     if not args.dry_run:
         Path(args.state_dir).mkdir(parents=True, exist_ok=True)
+        for folder in drop_partial_apps(Path(args.state_dir) / "flwr-home"):
+            print(f"[fedfuse] removed a partly installed app (an interrupted start): {folder}")
     _exec(command, args.dry_run)
 
 
