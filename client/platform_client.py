@@ -185,15 +185,15 @@ class PlatformClient:
             "num-examples": self.num_examples,
             "local-steps": result.steps,
         }
-        if self.ledger is not None and entry is not None and planned is not None:
+        if entry is not None:  # the ledger entry holds the mechanism as charged and run
             metrics |= {
                 "epsilon": entry["epsilon_prv"],
                 "epsilon-rdp": entry["epsilon_rdp"],
-                "epsilon-budget-left": self.ledger.budget - entry["epsilon_prv"],
-                "delta": self.ledger.delta,
-                "noise-multiplier": planned.noise_multiplier,
-                "sample-rate": planned.sample_rate,
-                "max-grad-norm": planned.max_grad_norm,
+                "epsilon-budget-left": self.config.dp.budget - entry["epsilon_prv"],
+                "delta": entry["delta"],
+                "noise-multiplier": entry["noise_multiplier"],
+                "sample-rate": entry["sample_rate"],
+                "max-grad-norm": entry["max_grad_norm"],
             }
         else:
             # The raw training loss is a function of the private data outside any DP
