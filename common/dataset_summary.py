@@ -15,12 +15,11 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> s
     return "\n".join(lines)
 
 
-def distinct_users(data: PlatformData) -> set[str]:
-    return set(distinct_codes(data.users)[1])
-
-
 def platform_table(
-    platforms: Sequence[PlatformData], sizes: Sequence[SplitSizes], threshold: float
+    platforms: Sequence[PlatformData],
+    users: Sequence[set[str]],
+    sizes: Sequence[SplitSizes],
+    threshold: float,
 ) -> str:
     """Ratings, users, items, positives and split sizes per platform, with a total row."""
     header = [
@@ -36,22 +35,21 @@ def platform_table(
     ]
     rows = []
     totals = [0, set(), 0, 0, 0, 0, 0, 0]
-    for data, size in zip(platforms, sizes, strict=True):
-        users = distinct_users(data)
+    for data, platform_users, size in zip(platforms, users, sizes, strict=True):
         positives = int(data.positives(threshold).sum())
         counts = [size.train, size.valid, size.test, size.test_cases]
         rows.append(
             [
                 data.name,
                 data.num_interactions,
-                len(users),
+                len(platform_users),
                 len(data.item_text),
                 f"{100 * positives / data.num_interactions:.1f}",
                 *counts,
             ]
         )
         totals[0] += data.num_interactions
-        totals[1] |= users
+        totals[1] |= platform_users
         totals[2] += len(data.item_text)
         totals[3] += positives
         for k, count in enumerate(counts):
@@ -69,18 +67,17 @@ def platform_table(
     return markdown_table(header, rows)
 
 
-def overlap_table(platforms: Sequence[PlatformData]) -> str:
+def overlap_table(platforms: Sequence[PlatformData], users: Sequence[set[str]]) -> str:
     """Users shared by each pair of platforms (diagonal: the platform's own user count)."""
-    users = [distinct_users(p) for p in platforms]
     names = [p.name for p in platforms]
     rows = [[name, *(len(a & b) for b in users)] for name, a in zip(names, users, strict=True)]
     return markdown_table(["shared users", *names], rows)
 
 
-def overlap_line(platforms: Sequence[PlatformData]) -> str:
+def overlap_line(users: Sequence[set[str]]) -> str:
     counts: dict[str, int] = {}
-    for platform in platforms:
-        for user in distinct_users(platform):
+    for platform_users in users:
+        for user in platform_users:
             counts[user] = counts.get(user, 0) + 1
     multi = sum(1 for c in counts.values() if c >= 2)
     share = 100 * multi / max(len(counts), 1)
@@ -90,10 +87,12 @@ def overlap_line(platforms: Sequence[PlatformData]) -> str:
 def describe(platforms: Sequence[PlatformData], config: TaskConfig) -> str:
     """The full printed summary: per-platform table, overlap matrix and overlap share."""
     sizes = [split_sizes(p, config) for p in platforms]
+    # each platform's distinct users, once: hashing 10⁷ ids is the summary's costly part
+    users = [set(distinct_codes(p.users)[1]) for p in platforms]
     return "\n\n".join(
         [
-            platform_table(platforms, sizes, config.positive_threshold),
-            overlap_table(platforms),
-            overlap_line(platforms),
+            platform_table(platforms, users, sizes, config.positive_threshold),
+            overlap_table(platforms, users),
+            overlap_line(users),
         ]
     )

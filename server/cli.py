@@ -133,6 +133,17 @@ def _config_show(args: argparse.Namespace) -> None:
     print(load_config(args.config, args.set).model_dump_json(indent=2))
 
 
+def _add_served_platform(parser: argparse.ArgumentParser) -> None:
+    """A finished run and the platform whose recommendations it gives (recommend, serve)."""
+    parser.add_argument("run_dir", metavar="RUN_DIR")
+    parser.add_argument("--platform", required=True, help="the platform to recommend on")
+    parser.add_argument(
+        "--platform-state",
+        metavar="DIR",
+        help="the platform's state folder (default: the run's dp.state_dir/PLATFORM)",
+    )
+
+
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", help="run configuration TOML (defaults apply without one)")
     parser.add_argument(
@@ -222,8 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     recommend = commands.add_parser(
         "recommend", help="top-K items for a user of one platform from a finished run, explained"
     )
-    recommend.add_argument("run_dir", metavar="RUN_DIR")
-    recommend.add_argument("--platform", required=True, help="the platform to recommend on")
+    _add_served_platform(recommend)
     recommend.add_argument("--user", help="a user of that platform (their history is its data)")
     recommend.add_argument(
         "--history",
@@ -234,25 +244,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     recommend.add_argument("--k", type=int, default=10, help="how many items (default 10)")
     recommend.add_argument("--json", action="store_true", help="print JSON instead of text")
-    recommend.add_argument(
-        "--platform-state",
-        metavar="DIR",
-        help="the platform's state folder (default: the run's dp.state_dir/PLATFORM)",
-    )
     recommend.set_defaults(run=_recommend)
 
     serve = commands.add_parser(
         "serve", help="one platform's recommendations over HTTP: a JSON API and a page at /"
     )
-    serve.add_argument("run_dir", metavar="RUN_DIR")
-    serve.add_argument("--platform", required=True, help="the platform to serve")
+    _add_served_platform(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
-    serve.add_argument(
-        "--platform-state",
-        metavar="DIR",
-        help="the platform's state folder (default: the run's dp.state_dir/PLATFORM)",
-    )
     serve.set_defaults(run=_serve)
 
     config = commands.add_parser("config", help="inspect the run configuration").add_subparsers(
