@@ -10,8 +10,10 @@ rate, steps), the ε per round and cumulative as recorded (Opacus PRV and RDP) a
 recomputed independently with Google's ``dp_accounting`` (PLD and RDP), the budget left, and
 whether the ledger's hash chain holds. On the wire it reports bytes per round against the full
 model and checks that only shared adapter tensors moved and that server and platforms logged
-the same bytes. Anything wrong becomes a *flag*; a folder that cannot be audited at all (a
-missing or unreadable file, a foreign file in a state folder) is a one-line FedFuseError.
+the same bytes. Across platforms it reports a person's ε: for a person on any k of the audited
+platforms, the worst case over every k-subset (``person_epsilon.py``). Anything wrong becomes a
+*flag*; a folder that cannot be audited at all (a missing or unreadable file, a foreign file in
+a state folder) is a one-line FedFuseError.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from common.atomic import atomic_write
 from common.errors import FedFuseError
 from common.sharing import shares
 from common.wire_log import RECEIVED, SENT, WIRE_LOG_FILE, read_records
+from server.audit.person_epsilon import person_epsilon, unit_of
 from server.federation.run_record import METRICS_FILE, RunRecord
 
 AUDIT_JSON = "audit.json"
@@ -203,6 +206,15 @@ def audit_ledger(ledger: PrivacyLedger) -> tuple[dict[str, Any], list[dict[str, 
     except LedgerError as err:
         chain = False
         flags.append(_flag("broken-chain", platform, str(err)))
+    if unit_of(str(header["privacy_unit"])) is None:
+        flags.append(
+            _flag(
+                "unknown-privacy-unit",
+                platform,
+                f"{ledger.path}: privacy unit {header['privacy_unit']!r} is neither 'example' "
+                "nor 'user': what its ε protects cannot be stated",
+            )
+        )
     recomputed, skipped_orders = recompute(entries, delta)
     rounds = []
     for index, (entry, again) in enumerate(zip(entries, recomputed, strict=True)):
@@ -269,6 +281,20 @@ def audit_ledger(ledger: PrivacyLedger) -> tuple[dict[str, Any], list[dict[str, 
         "rounds": rounds,
     }
     return summary, flags
+
+
+def person_flags(person: dict[str, Any]) -> list[dict[str, Any]]:
+    """A person's composed ε must come out the same with FedFuse's accountant and PLD."""
+    return [
+        _flag(
+            "epsilon-mismatch",
+            None,
+            f"a person on {row['k']} platform(s) ({', '.join(row['platforms'])}): ε PRV "
+            f"{row['epsilon_prv']:.4f} ≠ dp_accounting PLD {row['epsilon_pld']:.4f}",
+        )
+        for row in person["rows"]
+        if not _agree(row["epsilon_prv"], row["epsilon_pld"])
+    ]
 
 
 # --- wire logs --------------------------------------------------------------------------------
@@ -520,14 +546,15 @@ def audit(run_dir: Path | str, platform_states: list[Path] | None = None) -> dic
     server = [r for r in records if r["kind"] == "message"]
     flags = foreign_tensors(server, set(model["shared_tensors"]), strategy, str(server_path))
 
-    platforms, logs = [], {}
+    platforms, logs, ledgers = [], {}, []
     state_dir = config.get("dp", {}).get("state_dir")
     for folder in state_folders(run_dir, list(platform_states or []), state_dir):
         _check_state_folder(folder)
         ledger_path = folder / LEDGER_FILE
         log_path = folder / WIRE_LOG_FILE
         if ledger_path.exists() or dp_claimed:
-            summary, found = audit_ledger(_load_ledger(ledger_path))
+            ledgers.append(_load_ledger(ledger_path))
+            summary, found = audit_ledger(ledgers[-1])
         else:
             summary, found = {"platform": folder.name, "dp": False, "rounds": []}, []
         name = summary["platform"]
@@ -544,6 +571,9 @@ def audit(run_dir: Path | str, platform_states: list[Path] | None = None) -> dic
     for summary in platforms:
         if summary.get("dp") is not False:
             flags += unrecorded_uploads(summary, server, nodes)
+    person = person_epsilon(ledgers, config["dp"]["delta"], PLD_GRID) if dp_claimed else None
+    if person:
+        flags += person_flags(person)
     canaries = read_canaries(run_dir / CANARY_FILE)
     if canaries:
         flags += canary_flags(canaries)
@@ -555,6 +585,7 @@ def audit(run_dir: Path | str, platform_states: list[Path] | None = None) -> dic
         "dp_claimed": dp_claimed,
         "tolerance": {"relative": RELATIVE_TOLERANCE, "absolute": ABSOLUTE_TOLERANCE},
         "platforms": platforms,
+        "person_epsilon": person,
         "model": {k: v for k, v in model.items() if k != "kind"},
         "nodes": {str(node): name for node, name in sorted(nodes.items())},
         "wire": {

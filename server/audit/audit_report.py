@@ -12,6 +12,7 @@ import io
 from typing import Any
 
 from common.dataset_summary import markdown_table
+from server.audit.person_epsilon import MAX_EXACT
 
 FLAG_MARK = "!!"
 
@@ -85,6 +86,46 @@ def platform_rows(report: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+PERSON_HEADER = [
+    "k",
+    "worst-case platforms",
+    "ε PRV (FedFuse)",
+    "ε PLD (dp_accounting)",
+    "ε bounds",
+]
+
+
+def person_heading(report: dict[str, Any]) -> str:
+    """How to read the person-level table: who, which subsets, at which δ, by what."""
+    person = report["person_epsilon"]
+    n = person["platforms"]
+    scope = (
+        f"the worst case over every set of k of the {n} platforms"
+        if person["every_subset"]
+        else f"k = 1 and k = {n} only (more than {MAX_EXACT} platforms: the worst set of k "
+        "platforms for 1 < k < n lies between those two figures)"
+    )
+    return (
+        f"A person's ε across the federation, for a person present on k platforms: {scope}, "
+        f"at δ = {_number(person['delta'])}, composing every ledger entry of those platforms "
+        "(DP-SGD rounds and released statistics); worst case found with dp_accounting PLD, "
+        "ε computed with FedFuse's PRV accountant and PLD"
+    )
+
+
+def person_rows(report: dict[str, Any]) -> list[list[str]]:
+    return [
+        [
+            str(row["k"]),
+            ", ".join(row["platforms"]),
+            _number(row["epsilon_prv"]),
+            _number(row["epsilon_pld"]),
+            row["bounds"],
+        ]
+        for row in report["person_epsilon"]["rows"]
+    ]
+
+
 BYTES_HEADER = [
     "round",
     "train sent B",
@@ -140,11 +181,16 @@ def preamble(report: dict[str, Any]) -> str:
 
 
 def summary_text(report: dict[str, Any]) -> str:
-    """The printed summary: platforms, bytes on the wire, canaries, flags."""
+    """The printed summary: platforms, a person's ε, bytes on the wire, canaries, flags."""
     model = report["model"]
     parts = [
         preamble(report),
         markdown_table(PLATFORM_HEADER, platform_rows(report)),
+    ]
+    if report["person_epsilon"]:
+        parts.append(f"{person_heading(report)}:\n")
+        parts[-1] += markdown_table(PERSON_HEADER, person_rows(report))
+    parts += [
         f"full model (fp32): {model['full_model_bytes']:,} B; shared tensors "
         f"{len(model['shared_tensors'])} ({model['shared_bytes']:,} B raw); bytes below are "
         "serialised payloads as sent",
@@ -271,6 +317,12 @@ def render_html(report: dict[str, Any]) -> str:
         f"<p>{e(preamble(report))}.</p>",
         _html_table(PLATFORM_HEADER, platform_rows(report)),
     ]
+    if report["person_epsilon"]:
+        parts += [
+            "<h2>A person's ε across the federation</h2>",
+            f"<p>{e(person_heading(report))}.</p>",
+            _html_table(PERSON_HEADER, person_rows(report)),
+        ]
     for p in report["platforms"]:
         if p.get("rounds"):
             header = [
