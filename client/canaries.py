@@ -1,12 +1,14 @@
 """Canaries for the empirical privacy check (``[audit]``; the bound is
 ``server/audit/canary_audit.py``).
 
-A canary is one labelled example, the privacy unit of DP training: a made-up user whose history
-is one item and whose candidate is another, each titled with one random word, and whose label
-is a fair coin. Random words make every canary unlike any real item and unlike the other
-canaries; short titles keep them distinct after pooling; random labels leave the model nothing
-to generalise from canary to canary, so only memorising a canary moves its score (a shared
-shift cancels between the two labels). Each canary joins the platform's train split
+A canary is one training unit, the privacy unit of DP training: a made-up user whose history
+is one item, a candidate item with a fair-coin label and a decoy item, each titled with one
+random word. The pointwise objective trains on (candidate, label); the ranking objective on
+the liked one of the pair against the other. Random words make every canary unlike any real
+item and unlike the other canaries; short titles keep them distinct after pooling; random
+labels leave nothing to generalise from canary to canary. Its score is the candidate's logit
+minus the decoy's, signed by the label: only memorising the canary moves it, and a shift
+shared by all unseen words cancels. Each canary joins the platform's train split
 independently with probability ½.
 
 Canaries, labels and inclusion bits are a pure function of (``audit.canary_seed``, count): the
@@ -17,7 +19,7 @@ written to the audit file.
 from __future__ import annotations
 
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -39,8 +41,18 @@ class Canaries:
     item_text: dict[str, str]
     included: np.ndarray  # bool, one per example
 
-    def members(self) -> list[Example]:
-        return [e for e, keep in zip(self.examples, self.included, strict=True) if keep]
+    def members(self, objective: str) -> list[Example]:
+        """The included canaries as training units of ``objective``: under ``softmax`` a
+        label-0 canary's decoy is the liked item and its candidate the negative."""
+        kept = [e for e, keep in zip(self.examples, self.included, strict=True) if keep]
+        if objective == "bce":
+            return [replace(e, negatives=()) for e in kept]
+        return [
+            e
+            if e.label
+            else replace(e, candidate=e.negatives[0], label=1, negatives=(e.candidate,))
+            for e in kept
+        ]
 
 
 def make_canaries(count: int, seed: int) -> Canaries:
@@ -50,10 +62,10 @@ def make_canaries(count: int, seed: int) -> Canaries:
     labels = rng.integers(0, 2, size=count)
     examples, item_text = [], {}
     for k in range(count):
-        history, candidate = f"{PREFIX}{k}:history", f"{PREFIX}{k}:candidate"
-        for item in (history, candidate):
+        history, candidate, decoy = (f"{PREFIX}{k}:{part}" for part in ("history", "item", "decoy"))
+        for item in (history, candidate, decoy):
             item_text[item] = "".join(rng.choice(LETTERS, size=rng.integers(4, 9)))
-        examples.append(Example(f"{PREFIX}{k}", (history,), candidate, int(labels[k])))
+        examples.append(Example(f"{PREFIX}{k}", (history,), candidate, int(labels[k]), (decoy,)))
     return Canaries(seed, tuple(examples), item_text, included)
 
 
@@ -66,7 +78,7 @@ def canaries_for(config: RunConfig, platform: str) -> Canaries | None:
 
 
 def insert_canaries(
-    task: PlatformTask, item_text: dict[str, str], canaries: Canaries | None
+    task: PlatformTask, item_text: dict[str, str], canaries: Canaries | None, objective: str
 ) -> dict[str, str]:
     """Append the included canaries to ``task.train``; returns the item texts the model reads.
 
@@ -78,20 +90,21 @@ def insert_canaries(
     clash = sorted(set(canaries.item_text) & set(item_text))
     if clash:
         raise DataError(task.platform, f"item id {clash[0]!r} is reserved for audit canaries")
-    task.train.extend(canaries.members())
+    task.train.extend(canaries.members(objective))
     return item_text | canaries.item_text
 
 
 def score_canaries(
     scorer: Scorer, featurizer: TextFeaturizer, canaries: Canaries, batch_size: int
 ) -> np.ndarray:
-    """Each canary's logit signed by its label (+ for 1, - for 0): high = low loss on its own
-    label = likely trained on."""
+    """Each canary's candidate logit minus its decoy's, signed by its label (+ for 1, - for 0):
+    high = the canary's own label is the likely one = likely trained on."""
     was_training = scorer.training
     scorer.eval()
     try:
-        logits = scorer.score_examples(featurizer, canaries.examples, batch_size)
+        decoys = [replace(e, candidate=e.negatives[0]) for e in canaries.examples]
+        logits = scorer.score_examples(featurizer, [*canaries.examples, *decoys], batch_size)
     finally:
         scorer.train(was_training)
     signs = np.asarray([2 * e.label - 1 for e in canaries.examples], dtype=np.float32)
-    return logits * signs
+    return (logits[: len(decoys)] - logits[len(decoys) :]) * signs

@@ -8,8 +8,15 @@ This is FedFuse's DP training step. Per round:
    from the operating system's entropy each round, never from ``train.seed``: that seed is in
    the run configuration the server sends, and amplification by subsampling holds only if
    nobody outside the platform can predict which examples were drawn.
-2. Per-example gradients of the trainable tensors only (LoRA + head; the backbone is frozen),
-   each clipped to L2 norm ``max_grad_norm`` (Opacus hooks, or ghost clipping).
+2. Per-unit gradients of the trainable tensors only (LoRA + head; the backbone is frozen),
+   each clipped to L2 norm ``max_grad_norm`` (Opacus hooks, or ghost clipping). A unit is one
+   labelled example, or under the ranking objective one positive with its own sampled
+   negatives: its W candidates run through the adapters as W rows, and their per-row
+   gradients are summed into the unit's before clipping (:func:`_fold_candidates`).
+   The item tower trains its adapters on every ``train.adapter_every``-th step only; the
+   steps between update the head alone on the current item vectors (no encoder pass, about
+   100x cheaper). Every step is the same Gaussian mechanism (σ, q, C) over the tensors it
+   updates, so the accounting is unchanged.
 3. Gaussian noise N(0, σ²C²) added to the summed clipped gradients, then the optimiser step.
    A logical batch is run as physical chunks of similar text length (memory, padding); the
    chunks only clip and accumulate, and noise is added once per logical batch.
@@ -23,12 +30,13 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from opacus import PrivacyEngine
+from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -37,7 +45,7 @@ from common.config import DPConfig, TrainConfig
 from common.errors import ConfigError
 from common.model import Scorer, TextFeaturizer
 from common.task import Example
-from common.training import loss_on, make_optimizer
+from common.training import batch_inputs, loss_on, make_optimizer, unit_loss
 
 # Faster per-sample gradient method per device. CPU: measured by scripts/bench_dp.py (hooks
 # 1.42x faster than ghost, see README). CUDA: not yet measured in this project (no GPU was
@@ -118,7 +126,11 @@ class LocalTrainer:
         examples: Sequence[Example],
         train: TrainConfig,
         dp: DPConfig,
+        probe: Callable[[DPOptimizer], None] | None = None,
     ) -> None:
+        """``probe``: handed each round's DP optimiser once Opacus has made it, before the
+        first step; only the white-box audit passes one (``server/audit/gradient_audit.py``),
+        training never does."""
         if not examples:
             raise ConfigError("the platform has no training examples")
         self.scorer = scorer
@@ -126,8 +138,20 @@ class LocalTrainer:
         self.examples = list(examples)
         self.train = train
         self.dp = dp
+        self.probe = probe
         # shuffling of the non-private loop only: reproducible from train.seed
         self.generator = torch.Generator().manual_seed(train.seed)
+        self.first_step = 0
+        # the item tower's adapters, frozen on its head-only steps
+        self.adapters = (
+            [
+                p
+                for n, p in scorer.named_parameters()
+                if p.requires_grad and n.startswith("encoder.")
+            ]
+            if scorer.kind == "item_tower"
+            else []
+        )
 
     @property
     def sample_rate(self) -> float:
@@ -158,18 +182,39 @@ class LocalTrainer:
             generator=generator,
         )
 
-    def _labels(self, batch: list[Example]) -> torch.Tensor:
-        return torch.tensor(
-            [e.label for e in batch], dtype=torch.float32, device=self.scorer.device()
-        )
+    def _through_adapters(self, step: int) -> bool:
+        """Whether optimiser step ``step`` (counted over the whole run) trains the adapters
+        (and then leaves them trainable) or the head alone (adapters frozen, so DP-SGD neither
+        clips nor noises them)."""
+        adapters = not self.adapters or step % self.train.adapter_every == 0
+        for param in self.adapters:
+            param.requires_grad_(adapters)
+        return adapters
 
-    def run(self, steps: int, learning_rate: float, noise_multiplier: float | None) -> RoundResult:
-        """Run ``steps`` optimiser steps; DP when ``noise_multiplier`` is not None."""
+    def _after_step(self, through_adapters: bool) -> None:
+        """Head-only steps read the item vectors: recompute them once the adapters moved."""
+        if through_adapters and self.adapters and self.train.adapter_every > 1:
+            self.scorer.prepare(self.featurizer)
+
+    def run(
+        self,
+        steps: int,
+        learning_rate: float,
+        noise_multiplier: float | None,
+        first_step: int = 0,
+    ) -> RoundResult:
+        """Run ``steps`` optimiser steps; DP when ``noise_multiplier`` is not None.
+        ``first_step``: how many steps earlier rounds ran (the adapter schedule's phase)."""
+        self.first_step = first_step
         self.scorer.prepare(self.featurizer)
         self.scorer.train()
-        if noise_multiplier is None:
-            return self._run_plain(steps, learning_rate)
-        return self._run_private(steps, learning_rate, noise_multiplier)
+        try:
+            if noise_multiplier is None:
+                return self._run_plain(steps, learning_rate)
+            return self._run_private(steps, learning_rate, noise_multiplier)
+        finally:
+            for param in self.adapters:
+                param.requires_grad_(True)
 
     def _run_plain(self, steps: int, learning_rate: float) -> RoundResult:
         """Non-private baseline: shuffled fixed-size batches, same chunks, no clipping or noise."""
@@ -179,12 +224,15 @@ class LocalTrainer:
             for (indices,) in self._loader(self.generator):
                 batch = [self.examples[int(k)] for k in indices]
                 optimizer.zero_grad(set_to_none=True)
+                adapters = self._through_adapters(self.first_step + len(losses))
                 total = 0.0
                 for chunk in self._physical(batch):
-                    loss = loss_on(self.scorer, self.featurizer, chunk) * (len(chunk) / len(batch))
+                    loss = loss_on(self.scorer, self.featurizer, chunk, adapters)
+                    loss = loss * (len(chunk) / len(batch))
                     loss.backward()
                     total += float(loss.detach())
                 optimizer.step()
+                self._after_step(adapters)
                 losses.append(total)
                 if len(losses) == steps:
                     break
@@ -205,22 +253,31 @@ class LocalTrainer:
             poisson_sampling=True,
             grad_sample_mode=mode,
         )
+        criterion = None  # the loss is unit_loss, except under ghost clipping (BCE only)
         if mode == "ghost":
             model, optimizer, criterion, loader = made
         else:
-            (model, optimizer, loader), criterion = made, nn.BCEWithLogitsLoss()
+            model, optimizer, loader = made
+        if self.probe is not None:
+            self.probe(optimizer)
         losses: list[float] = []
         try:
             while _steps_taken(engine) < steps:
                 for (indices,) in loader:
                     batch = [self.examples[int(k)] for k in indices]
                     chunks = list(self._physical(batch))
+                    adapters = self._through_adapters(self.first_step + _steps_taken(engine))
                     for number, chunk in enumerate(chunks, start=1):
-                        inputs = self.scorer.batch(self.featurizer, chunk)
-                        device = self.scorer.device()
-                        logits = model(**{k: v.to(device) for k, v in inputs.items()})
-                        loss = criterion(logits, self._labels(chunk))
+                        inputs = batch_inputs(self.scorer, self.featurizer, chunk, adapters)
+                        logits = model(**inputs)
+                        if criterion is not None:
+                            labels = torch.tensor([e.label for e in chunk], dtype=torch.float32)
+                            loss = criterion(logits, labels.to(logits.device))
+                        else:
+                            loss = unit_loss(logits, inputs, chunk)
                         loss.backward()
+                        if logits.dim() == 2 and adapters:
+                            _fold_candidates(model, len(chunk), logits.shape[1])
                         losses.append(float(loss.detach()))
                         # Noise and the step once per logical batch: the other chunks only
                         # clip and accumulate (what Opacus' BatchMemoryManager signals).
@@ -231,6 +288,7 @@ class LocalTrainer:
                         _zero_grads(model, mode)
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
+                    self._after_step(adapters)
                     if _steps_taken(engine) == steps:
                         break
         finally:
@@ -259,6 +317,18 @@ def secret_generator() -> torch.Generator:
 def _chunks(batch: list[Example], size: int) -> Iterator[list[Example]]:
     for start in range(0, len(batch), size):
         yield batch[start : start + size]
+
+
+def _fold_candidates(model: nn.Module, units: int, width: int) -> None:
+    """Sum the per-row gradients of each unit's ``width`` candidate rows into one per unit.
+
+    The encoder saw ``units * width`` rows and Opacus scaled each row's gradient by that
+    count (mean loss over its rows); the loss is a mean over ``units``, hence the division.
+    Nothing is clipped yet: clipping then bounds each unit's whole contribution."""
+    for param in model.parameters():
+        sample = getattr(param, "grad_sample", None)
+        if param.requires_grad and sample is not None and sample.shape[0] == units * width:
+            param.grad_sample = sample.view(units, width, *param.shape).sum(dim=1) / width
 
 
 def _zero_grads(model: nn.Module, mode: str) -> None:

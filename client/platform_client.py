@@ -30,7 +30,7 @@ from common.evaluation import CountScorer, evaluate
 from common.model import Scorer, TextFeaturizer
 from common.platform_data import federation_platforms, read_platform
 from common.sharing import private_names, shared_names, shared_scorer
-from common.task import PlatformTask, build_task
+from common.task import PlatformTask, build_task, training_units
 from common.training import resolve_device
 
 
@@ -89,7 +89,9 @@ class PlatformClient:
             task, item_text = build_task(data, config.task), data.item_text
         self.task = task
         # audit mode: the audited platform trains on its canaries too (client/canaries.py)
-        item_text = insert_canaries(task, item_text, canaries_for(config, identity.name))
+        item_text = insert_canaries(
+            task, item_text, canaries_for(config, identity.name), config.objective
+        )
         strategy = config.federation.strategy
         self.scorer, tokenizer = shared_scorer(config.model, config.lora, strategy)
         self.scorer.to(resolve_device(config.train.device))
@@ -101,9 +103,13 @@ class PlatformClient:
         self.last_reply = LastReply(identity.state_dir)
         self.featurizer = TextFeaturizer(tokenizer, item_text, config.model.max_length)
         self.trainer = LocalTrainer(
-            self.scorer, self.featurizer, self.task.train, config.train, config.dp
+            self.scorer,
+            self.featurizer,
+            training_units(self.task.train, config.objective),
+            config.train,
+            config.dp,
         )
-        examples = len(self.task.train)
+        examples = len(self.trainer.examples)
         self.steps = steps_per_round(examples, config.train, config.dp)
         self.ledger: PrivacyLedger | None = None
         self.noise_multiplier: float | None = None
@@ -138,7 +144,8 @@ class PlatformClient:
 
     @property
     def num_examples(self) -> int:
-        return len(self.task.train)
+        """Training units: the DP unit count behind the sample rate (and FedAvg's weight)."""
+        return len(self.trainer.examples)
 
     def planned_mechanism(self) -> Mechanism | None:
         if self.noise_multiplier is None:
@@ -176,7 +183,8 @@ class PlatformClient:
         if self.ledger is not None and planned is not None:
             entry = self.ledger.charge(server_round, planned)
         self._load(arrays)
-        result = self.trainer.run(self.steps, learning_rate, self.noise_multiplier)
+        first_step = (server_round - 1) * self.steps
+        result = self.trainer.run(self.steps, learning_rate, self.noise_multiplier, first_step)
         if result.mechanism != planned:
             raise RuntimeError(f"ran {result.mechanism}, but the ledger charged {planned}")
         if self.private.names:

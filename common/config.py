@@ -71,6 +71,11 @@ class ModelConfig(BaseModel):
     prior_weight: float = Field(
         3.0, description="item_tower: initial weight of the DP popularity prior in the logit"
     )
+    item_score: bool = Field(
+        True,
+        description="item_tower: learn a score of each item from its text alone "
+        "(under DP it random-walks: see docs/results.md)",
+    )
 
 
 class LoraSettings(BaseModel):
@@ -108,7 +113,26 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     batch_size: int = Field(32, ge=1, description="examples per optimiser step")
-    learning_rate: float = Field(5e-4, gt=0, description="AdamW learning rate of LoRA + head")
+    learning_rate: float = Field(5e-4, gt=0, description="learning rate of the LoRA adapters")
+    head_learning_rate: float | None = Field(
+        None, gt=0, description="item_tower: of the head's user map (none = learning_rate)"
+    )
+    mix_learning_rate: float | None = Field(
+        None,
+        gt=0,
+        description="item_tower: of the head's cosine and prior weights (none = learning_rate)",
+    )
+    adapter_every: int = Field(
+        1,
+        ge=1,
+        description="item_tower: the adapters train on every n-th step; the steps between "
+        "update the head alone on the current item vectors (no encoder pass)",
+    )
+    objective: Literal["auto", "softmax", "bce"] = Field(
+        "auto",
+        description="softmax: each positive against its own sampled negatives (item_tower); "
+        "bce: pointwise on every labelled example; auto: softmax for item_tower",
+    )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     eval_batch_size: int = Field(128, ge=1, description="sequences per encoder call in evaluation")
     eval_max_cases: int = Field(
@@ -249,6 +273,21 @@ class RunConfig(BaseModel):
     prior: PriorConfig = Field(default_factory=PriorConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+
+    @model_validator(mode="after")
+    def _trainable(self) -> RunConfig:
+        if self.train.objective == "softmax" and self.model.scorer != "item_tower":
+            raise ValueError("train.objective = 'softmax' needs model.scorer = 'item_tower'")
+        if self.objective == "softmax" and self.task.negatives_per_positive == 0:
+            raise ValueError("train.objective 'softmax' needs task.negatives_per_positive >= 1")
+        return self
+
+    @property
+    def objective(self) -> str:
+        """The training objective in force (``auto`` resolved by scorer)."""
+        if self.train.objective != "auto":
+            return self.train.objective
+        return "softmax" if self.model.scorer == "item_tower" else "bce"
 
 
 def _describe(error: ValidationError, source: str) -> str:

@@ -302,13 +302,17 @@ class ItemTowerHead(nn.Module):
     - ``recency``: one slope over history positions (0 = newest), so a user is a softmax-
       weighted mean of their history item vectors; it starts uniform.
     - ``user_down``/``user_up``: a low-rank residual map of that mean (starts as identity).
-    - ``item_score``: a linear score of the item vector alone (what the text says about how
-      likely any user is to like the item: age, kind, fame), starting at 0.
+    - ``item_score`` (optional): a linear score of the item vector alone (what the text says
+      about how likely any user is to like the item: age, kind, fame), starting at 0.
     - ``private_items`` (optional): collaborative item factors of the platform's own items,
       never shared (a private part, see common/sharing.py); the user's factor is the same
       recency-weighted mean over their history, and its dot product with the candidate's
       factor joins the logit. Rows are the platform's item rows modulo the table size.
-    - ``mix``: logit = w * cos(user, item) + beta * prior + item_score [+ factors] + b.
+    - ``mix``: logit = w * cos(user, item) + beta * prior [+ item_score] [+ factors] + b; a
+      platform's own weighting of content against its own prior (private, common/sharing.py).
+
+    Candidates come as (B, D) vectors (one per example) or (B, W, D) (W per example: the
+    ranking objective's positive and negatives); the logits then have shape (B,) or (B, W).
     """
 
     def __init__(
@@ -319,6 +323,7 @@ class ItemTowerHead(nn.Module):
         prior_weight: float,
         factors: int = 0,
         slots: int = 0,
+        item_score: bool = True,
     ):
         super().__init__()
         self.private_items = nn.Embedding(slots, factors) if factors else None
@@ -329,8 +334,9 @@ class ItemTowerHead(nn.Module):
         self.user_down = nn.Linear(hidden, rank, bias=False)
         self.user_up = nn.Linear(rank, hidden, bias=False)
         nn.init.zeros_(self.user_up.weight)
-        self.item_score = nn.Linear(hidden, 1, bias=False)
-        nn.init.zeros_(self.item_score.weight)
+        self.item_score = nn.Linear(hidden, 1, bias=False) if item_score else None
+        if self.item_score is not None:
+            nn.init.zeros_(self.item_score.weight)
         self.mix = nn.Linear(2, 1)
         with torch.no_grad():
             self.mix.weight.copy_(torch.tensor([[1.0 / temperature, prior_weight]]))
@@ -354,16 +360,22 @@ class ItemTowerHead(nn.Module):
         prior: torch.Tensor,
     ) -> torch.Tensor:
         """Logits from (B, H, D) history item vectors (newest first), their mask and item rows,
-        and the candidates' (B, D) vectors, rows and prior values."""
+        and the candidates' (B, D) or (B, W, D) vectors with their rows and prior values."""
         weights = self.weights(history_mask)
         mean = (weights.unsqueeze(-1) * history).sum(dim=1)
         user = mean + self.user_up(self.user_down(mean))
+        if item.dim() == 3:
+            user = user.unsqueeze(1)
         cosine = nn.functional.cosine_similarity(user, item, dim=-1, eps=1e-6)
         features = torch.stack([cosine, prior.to(cosine.dtype)], dim=-1)
-        logits = (self.mix(features) + self.item_score(item)).squeeze(-1)
+        logits = self.mix(features).squeeze(-1)
+        if self.item_score is not None:
+            logits = logits + self.item_score(item).squeeze(-1)
         if self.private_items is not None:
             slots = self.private_items.num_embeddings
             taste = (weights.unsqueeze(-1) * self.private_items(history_rows % slots)).sum(dim=1)
+            if item.dim() == 3:
+                taste = taste.unsqueeze(1)
             logits = logits + (taste * self.private_items(item_rows % slots)).sum(dim=-1)
         return logits
 
@@ -401,7 +413,11 @@ class ItemTowerHead(nn.Module):
         return {
             "history": shares,
             "prior": prior_weight * prior.to(item.dtype),
-            "text": self.item_score(item).squeeze(-1),
+            "text": (
+                self.item_score(item).squeeze(-1)
+                if self.item_score is not None
+                else torch.zeros(len(item), device=item.device)
+            ),
             "bias": self.mix.bias.detach().expand(len(item)),
         }
 
@@ -449,7 +465,15 @@ class ItemTowerScorer(Scorer):
         return pool(hidden.last_hidden_state, attention_mask, self.pooling)
 
     def forward(self, **batch: torch.Tensor) -> torch.Tensor:
-        item = self.encode_items(batch["item_ids"], batch["item_mask"], batch["item_states"])
+        """(B,) logits of one candidate per example, or (B, W) of each example's candidates.
+
+        A batch without ``item_states`` is a head-only step: the candidates' vectors come
+        precomputed (``item_vectors``) and the adapters get no gradient."""
+        if "item_states" in batch:
+            item = self.encode_items(batch["item_ids"], batch["item_mask"], batch["item_states"])
+            item = item.view(*batch["item_rows"].shape, -1)
+        else:
+            item = batch["item_vectors"]
         return self.head.logits(
             batch["history"],
             batch["history_mask"],
@@ -500,20 +524,46 @@ class ItemTowerScorer(Scorer):
         return featurizer.item_vectors[rows], mask.to(rows.device), rows
 
     def batch(
-        self, featurizer: TextFeaturizer, examples: Sequence[Example]
+        self,
+        featurizer: TextFeaturizer,
+        examples: Sequence[Example],
+        through_adapters: bool = True,
     ) -> dict[str, torch.Tensor]:
+        """Examples with ``negatives`` give (B, W) candidates (positive first; a shorter list
+        is padded with its positive and ``candidate_mask`` = 0); others one candidate each.
+        Without ``through_adapters`` the candidates' current vectors replace their tokens."""
         cache = self._cache(featurizer)
         if featurizer.item_vectors is None:
             self.prepare(featurizer)
-        rows = torch.tensor([featurizer.item_row[e.candidate] for e in examples], dtype=torch.long)
+        if any(e.negatives for e in examples):
+            width = 1 + max(len(e.negatives) for e in examples)
+            ids = [(e.candidate, *e.negatives) for e in examples]
+            mask = torch.tensor([[k < len(c) for k in range(width)] for c in ids])
+            rows = torch.tensor(
+                [
+                    [featurizer.item_row[c[k if k < len(c) else 0]] for k in range(width)]
+                    for c in ids
+                ]
+            )
+        else:
+            rows = torch.tensor([featurizer.item_row[e.candidate] for e in examples])
+            mask = torch.ones_like(rows, dtype=torch.bool)
         history, history_mask, history_rows = self._history(
             featurizer, [e.history for e in examples]
         )
-        return {
-            "item_ids": cache.input_ids[rows],
-            "item_mask": cache.attention_mask[rows],
-            "item_states": cache.states[rows],
+        flat = rows.reshape(-1)
+        candidates = (
+            {
+                "item_ids": cache.input_ids[flat],
+                "item_mask": cache.attention_mask[flat],
+                "item_states": cache.states[flat],
+            }
+            if through_adapters
+            else {"item_vectors": featurizer.item_vectors[rows.to(featurizer.item_vectors.device)]}
+        )
+        return candidates | {
             "item_rows": rows,
+            "candidate_mask": mask,
             "history": history,
             "history_mask": history_mask,
             "history_rows": history_rows,
@@ -593,6 +643,7 @@ def build_scorer(backbone: PreTrainedModel, model: ModelConfig, lora: LoraSettin
                 model.prior_weight,
                 model.private_factors,
                 model.private_item_slots,
+                model.item_score,
             )
         elif model.scorer == "cross":
             head = nn.Linear(hidden, 1)

@@ -3,9 +3,11 @@
 - ``fedavg`` (FedIT): LoRA A, LoRA B and the head are trained and all averaged; A and B are
   averaged separately, so the aggregate of the products B·A is only approximated.
 - ``ffa`` (FFA-LoRA): A stays frozen at the shared random initialisation (``lora.seed``); only
-  B and the head are trained and averaged (the item tower's user map is a low-rank product
-  too: its down-projection is frozen like A). The average of B·A is then exact (A is common), no
-  product of two noisy factors arises under DP, and half the LoRA tensors are uploaded.
+  B and the head are trained and averaged. The average of B·A is then exact (A is common), no
+  product of two noisy factors arises under DP, and half the LoRA tensors are uploaded. The
+  item tower's user map is a low-rank product too, but both its factors train: with its
+  down-projection frozen at random, the map reads 8 random directions of the history vector,
+  and ffa lost to local-only training on every ML-100K platform (docs/results.md).
 - ``fedsa``: A is shared and averaged; B and the head stay on each platform (a personalised
   model: one shared adapter, a private part per platform).
 """
@@ -26,14 +28,15 @@ Arrays = dict[str, np.ndarray]
 
 
 def _is_lora_a(name: str) -> bool:
-    """LoRA's down-projection A, and the item tower's user map ``user_down``, the A of the same
-    low-rank product: averaging both factors of a product is not the product of averages."""
-    return ".lora_A." in name or name.endswith("user_down.weight")
+    """LoRA's down-projection A."""
+    return ".lora_A." in name
 
 
 def _is_platform_private(name: str) -> bool:
-    """The item tower's item factors: rows of one platform's own items, never shared."""
-    return ".private_items." in name
+    """The item tower's item factors (rows of one platform's own items) and its mixing
+    weights (how much this platform's users follow its own popularity prior against content
+    similarity: measured to differ by platform, docs/results.md): never shared."""
+    return ".private_items." in name or ".mix." in name
 
 
 def trains(name: str, strategy: str) -> bool:

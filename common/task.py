@@ -2,7 +2,10 @@
 
 Example: the user's most recent positively rated items on the platform before the target
 interaction (up to ``history_len`` item ids, newest first) and a candidate item -> label 1 if
-the target is positive, else 0. Training adds sampled never-interacted items as negatives.
+the target is positive, else 0. Training adds sampled never-interacted items as negatives:
+as labelled examples of their own (the pointwise objective) and, on the positive train example,
+as its ``negatives`` (the ranking objective: the positive against its own negatives, so one
+positive stays one privacy unit; see :func:`training_units`).
 
 Split, per user and platform, by time: the last positive and everything after it -> test, the
 second-to-last positive up to the last -> validation, the rest -> train. A user with fewer than
@@ -14,7 +17,7 @@ generator that depends only on the data and the seed, so every method sees the s
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -30,6 +33,7 @@ class Example:
     history: tuple[str, ...]  # item ids, newest first
     candidate: str
     label: int
+    negatives: tuple[str, ...] = ()  # a positive train example's own sampled negatives
 
 
 @dataclass(frozen=True)
@@ -117,12 +121,14 @@ def build_task(data: PlatformData, config: TaskConfig | None = None) -> Platform
             recent = tuple(reversed(history[-config.history_len :]))
             example = Example(user=user, history=recent, candidate=item, label=label)
             if k < valid_start:
-                task.train.append(example)
                 if label:
-                    for negative in _sample_unseen(
+                    negatives = _sample_unseen(
                         train_rng, catalogue, seen, config.negatives_per_positive
-                    ):
-                        task.train.append(Example(user, recent, negative, 0))
+                    )
+                    task.train.append(Example(user, recent, item, 1, negatives))
+                    task.train += [Example(user, recent, n, 0) for n in negatives]
+                else:
+                    task.train.append(example)
             else:
                 split_examples, ranking = (
                     (task.valid, task.valid_ranking)
@@ -137,6 +143,15 @@ def build_task(data: PlatformData, config: TaskConfig | None = None) -> Platform
             if label:
                 history.append(item)
     return task
+
+
+def training_units(train: list[Example], objective: str) -> list[Example]:
+    """What one DP-SGD privacy unit is under ``objective``: every labelled example (``bce``),
+    or each positive with its own sampled negatives (``softmax``: rated negatives, which have
+    no positive to be ranked below, are left out)."""
+    if objective == "bce":
+        return [replace(e, negatives=()) if e.negatives else e for e in train]
+    return [e for e in train if e.label and e.negatives]
 
 
 @dataclass(frozen=True)

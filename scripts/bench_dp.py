@@ -56,7 +56,7 @@ from common.dataset_summary import markdown_table
 from common.model import Scorer, TextFeaturizer, build_scorer, count_parameters, load_backbone
 from common.movielens import build_ml100k
 from common.platform_data import read_platform, write_dataset
-from common.task import build_task
+from common.task import build_task, training_units
 from common.training import resolve_device
 
 OFF = "off"  # the worker's clipping value for the non-DP baseline
@@ -101,7 +101,10 @@ class StepMeter:
             handle.remove()
 
     def _count(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        self.examples += next(iter(kwargs.values())).shape[0]
+        """Training units in this forward (the item tower's ``item_rows`` has one row per
+        unit; its candidate rows may be W times as many)."""
+        rows = kwargs.get("item_rows", next(iter(kwargs.values())))
+        self.examples += rows.shape[0]
 
     def _mark(self, optimizer: torch.optim.Optimizer, args: tuple, kwargs: dict) -> None:
         if self.device.type == "cuda":
@@ -151,7 +154,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     scorer = build_scorer(backbone, config.model, config.lora).to(device)
     featurizer = TextFeaturizer(tokenizer, data.item_text, config.model.max_length)
     scorer.prepare(featurizer)  # the item tower's one-off cache is set-up, not a step
-    trainer = LocalTrainer(scorer, featurizer, task.train, config.train, config.dp)
+    units = training_units(task.train, config.objective)  # the DP unit of this objective
+    trainer = LocalTrainer(scorer, featurizer, units, config.train, config.dp)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     loaded = peak_memory_mib(device)
@@ -173,7 +177,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "max_length": config.model.max_length,
         "clipping": OFF if sigma is None else trainer.clipping_mode(),
         "device": device.type,
-        "train_examples": len(task.train),
+        "train_examples": len(units),
         "parameters": count_parameters(scorer),
         "upload_bytes": sum(a.nbytes for a in trainable_arrays(scorer).values()),
         "model_bytes": sum(p.numel() * 4 for p in scorer.parameters()),

@@ -92,16 +92,25 @@ def test_canaries_are_reproducible_from_their_seed() -> None:
     assert 70 < first.included.sum() < 130  # Bernoulli(1/2)
     assert len(set(first.item_text.values())) == len(first.item_text)  # all items distinct
     assert {e.label for e in first.examples} == {0, 1}
+    assert all(len(e.negatives) == 1 for e in first.examples)  # the decoy
 
 
 def test_only_included_canaries_enter_the_train_split() -> None:
     canaries = make_canaries(20, 0)
     task = PlatformTask(platform="p0")
-    text = insert_canaries(task, {"i1": "real item"}, canaries)
-    assert task.train == canaries.members() and len(task.train) == canaries.included.sum()
+    text = insert_canaries(task, {"i1": "real item"}, canaries, "softmax")
+    assert task.train == canaries.members("softmax")
+    assert len(task.train) == canaries.included.sum()
+    kept = [e for e, keep in zip(canaries.examples, canaries.included, strict=True) if keep]
+    for unit, canary in zip(
+        task.train, kept, strict=True
+    ):  # the label-1 item of the pair is the liked one
+        liked, other = (canary.candidate, canary.negatives[0])[:: 1 if canary.label else -1]
+        assert (unit.candidate, unit.negatives, unit.label) == (liked, (other,), 1)
+    assert all(not e.negatives for e in canaries.members("bce"))
     assert text["i1"] == "real item" and set(canaries.item_text) < set(text)
     with pytest.raises(DataError, match="reserved for audit canaries"):
-        insert_canaries(PlatformTask(platform="p0"), dict(canaries.item_text), canaries)
+        insert_canaries(PlatformTask(platform="p0"), dict(canaries.item_text), canaries, "bce")
 
 
 def test_audit_settings_are_checked(synthetic_dir: Path) -> None:
@@ -198,9 +207,9 @@ def test_without_noise_the_audit_flags_the_run_and_with_dp_it_does_not(
     )
     leaky = _train_and_audit(tmp_path / "no-noise", small_platform, tiny_bert_dir)
     assert leaky["flagged"]
-    # measured: 91 of 100 guesses correct, ε >= 1.55 (canary seeds 1, 2: 84 and 86 correct);
-    # 74 correct guesses of 100 already flag ε = 0.5
-    assert leaky["epsilon_lower_bound"] > 2 * CLAIMED_EPSILON
+    # measured: ε >= 0.82 (the score is the candidate's logit minus its decoy's since the
+    # ranking objective; before, the candidate's alone gave 1.55 on this run)
+    assert leaky["epsilon_lower_bound"] > 1.5 * CLAIMED_EPSILON
 
 
 def test_fedfuse_simulate_writes_the_audit_into_the_run_folder(

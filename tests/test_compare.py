@@ -106,7 +106,7 @@ def test_compare_writes_one_report_and_resumes_from_cached_cells(
     assert max(by_key["fedsa", 4.0]["epsilon"].values()) <= 4.0
     pooled = PrivacyLedger.load(out / "runs" / "centralized@eps4" / "centralized" / LEDGER_FILE)
     clients = evaluation_clients(load_config(config_file), tmp_path / "state")
-    assert pooled.header["dataset_size"] == sum(len(c.task.train) for c in clients)
+    assert pooled.header["dataset_size"] == sum(c.num_examples for c in clients)
     # the pooled prior's one release, then local_steps × platforms per round
     assert [e["steps"] for e in pooled.entries] == [1, 2 * 2, 2 * 2]
     report = (out / "comparison.md").read_text()

@@ -62,6 +62,12 @@ def test_file_and_overrides_combine(tmp_path: Path) -> None:
         ("", ["dp.noise_multiplier=nan"], "dp.noise_multiplier: Input should be a finite"),
         ("", ["dp.delta=-1e-6"], "dp.delta: Input should be greater than 0"),
         ("[model\n", [], "invalid TOML"),
+        (
+            "",
+            ["model.scorer='cross'", "train.objective='softmax'"],
+            "train.objective = 'softmax' needs model.scorer = 'item_tower'",
+        ),
+        ("", ["task.negatives_per_positive=0"], "needs task.negatives_per_positive >= 1"),
     ],
 )
 def test_bad_configs_give_one_clear_line(
@@ -73,6 +79,13 @@ def test_bad_configs_give_one_clear_line(
         load_config(path, overrides)
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_the_objective_follows_the_scorer_unless_chosen() -> None:
+    assert load_config(None).objective == "softmax"
+    assert load_config(None, ["model.scorer='cross'"]).objective == "bce"
+    chosen = load_config(None, ["train.objective='bce'", "task.negatives_per_positive=0"])
+    assert chosen.objective == "bce"
 
 
 def test_cli_config_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

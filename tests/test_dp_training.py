@@ -12,12 +12,12 @@ from torch import nn
 
 from client.dp_training import LocalTrainer, calibrate_noise, sample_rate, steps_per_round
 from client.ledger import Mechanism, epsilon
-from common.adapters import trainable_arrays
+from common.adapters import load_trainable_arrays, trainable_arrays
 from common.config import DPConfig, LoraSettings, ModelConfig, TrainConfig
 from common.errors import ConfigError
 from common.model import TextFeaturizer, build_scorer, load_backbone
 from common.platform_data import read_dataset
-from common.task import build_task
+from common.task import build_task, training_units
 from common.training import loss_on
 
 HUGE_CLIP = 1e9
@@ -29,8 +29,17 @@ def platform(synthetic_dir: Path):
     return data, build_task(data)
 
 
-def _setup(backbone: Path, platform, kind: str, examples: int, dp: DPConfig, **train: object):
-    """A scorer with dropout off (so two forward passes are comparable) and its trainer."""
+def _setup(
+    backbone: Path,
+    platform,
+    kind: str,
+    examples: int,
+    dp: DPConfig,
+    objective: str = "",
+    **train: object,
+):
+    """A scorer with dropout off (so two forward passes are comparable) and its trainer, on
+    the training units of ``objective`` (softmax for the item tower, by default)."""
     data, task = platform
     model, tokenizer = load_backbone(str(backbone))
     # the item tower with its private item factors, so every trainable part is exercised
@@ -44,21 +53,29 @@ def _setup(backbone: Path, platform, kind: str, examples: int, dp: DPConfig, **t
             if "lora_B" in name:
                 param.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
     featurizer = TextFeaturizer(tokenizer, data.item_text, max_length=40)
-    chosen = task.train[:examples]
+    objective = objective or ("softmax" if kind == "item_tower" else "bce")
+    chosen = training_units(task.train, objective)[:examples]
     trainer = LocalTrainer(scorer, featurizer, chosen, TrainConfig(**train), dp)
     return scorer, featurizer, chosen, trainer
 
 
 def _reference_update(
-    scorer, featurizer, examples, clip: float, lr: float
+    scorer, featurizer, examples, clip: float, lr: float, through_adapters: bool = True
 ) -> dict[str, np.ndarray]:
-    """Plain PyTorch: per-example gradients, each clipped to ``clip``, averaged, one SGD step."""
+    """Plain PyTorch: per-unit gradients (one unit at a time, so the candidates' rows are
+    summed by autograd, not folded), each clipped to ``clip``, averaged, one SGD step.
+    ``through_adapters`` = False: the item tower's head-only step."""
     reference = copy.deepcopy(scorer)
-    params = {n: p for n, p in reference.named_parameters() if p.requires_grad}
+    reference.prepare(featurizer)
+    params = {
+        n: p
+        for n, p in reference.named_parameters()
+        if p.requires_grad and (through_adapters or n.startswith("head."))
+    }
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     for example in examples:
         reference.zero_grad(set_to_none=True)
-        loss_on(reference, featurizer, [example]).backward()
+        loss_on(reference, featurizer, [example], through_adapters).backward()
         norm = torch.sqrt(sum((p.grad**2).sum() for p in params.values()))
         factor = min(1.0, clip / (float(norm) + 1e-6))
         for name, p in params.items():
@@ -70,17 +87,24 @@ def _reference_update(
 
 
 @pytest.mark.parametrize(
-    ("kind", "mode"),
-    [("item_tower", "hooks"), ("two_tower", "hooks"), ("cross", "hooks"), ("cross", "ghost")],
+    ("kind", "mode", "objective"),
+    [
+        ("item_tower", "hooks", "softmax"),
+        ("item_tower", "hooks", "bce"),
+        ("two_tower", "hooks", ""),
+        ("cross", "hooks", ""),
+        ("cross", "ghost", ""),
+    ],
 )
 def test_dp_step_without_noise_equals_the_plain_step(
-    tiny_bert_dir: Path, platform, kind: str, mode: str
+    tiny_bert_dir: Path, platform, kind: str, mode: str, objective: str
 ) -> None:
-    """σ = 0, huge clip, q = 1: DP-SGD must be exactly plain full-batch SGD (peft + Opacus)."""
+    """σ = 0, huge clip, q = 1: DP-SGD must be exactly plain full-batch SGD (peft + Opacus).
+    Under the softmax objective this checks the folding of each unit's candidate rows."""
     examples = 12
     dp = DPConfig(expected_batch_size=examples, max_grad_norm=HUGE_CLIP, clipping=mode)
     scorer, featurizer, chosen, trainer = _setup(
-        tiny_bert_dir, platform, kind, examples, dp, optimizer="sgd", batch_size=5
+        tiny_bert_dir, platform, kind, examples, dp, objective, optimizer="sgd", batch_size=5
     )
     assert trainer.sample_rate == 1.0
     expected = _reference_update(scorer, featurizer, chosen, HUGE_CLIP, lr=0.5)
@@ -118,6 +142,39 @@ def test_each_example_is_clipped_to_the_bound(
     assert step_norm(after) <= lr * clip * (1 + 1e-4)  # mean of vectors of norm <= C
     for name in before:
         np.testing.assert_allclose(after[name], expected[name], rtol=1e-3, atol=1e-7, err_msg=name)
+
+
+def test_head_only_steps_match_the_reference_and_leave_the_adapters_untouched(
+    tiny_bert_dir: Path, platform
+) -> None:
+    """``train.adapter_every = 2``: step 0 trains adapters and head, step 1 the head alone on
+    the item vectors recomputed after step 0 — each exactly the plain reference step (σ = 0,
+    huge clip, q = 1) — and a noisy head-only step adds no noise to the adapters."""
+    examples, lr = 10, 0.5
+    dp = DPConfig(expected_batch_size=examples, max_grad_norm=HUGE_CLIP, clipping="hooks")
+    scorer, featurizer, chosen, trainer = _setup(
+        tiny_bert_dir, platform, "item_tower", examples, dp, optimizer="sgd", adapter_every=2
+    )
+    first = _reference_update(scorer, featurizer, chosen, HUGE_CLIP, lr)
+    midway = copy.deepcopy(scorer)
+    load_trainable_arrays(midway, first)
+    expected = _reference_update(midway, featurizer, chosen, HUGE_CLIP, lr, through_adapters=False)
+    before = trainable_arrays(scorer)
+    trainer.run(steps=2, learning_rate=lr, noise_multiplier=0.0)
+    after = trainable_arrays(scorer)
+    adapters = [n for n in before if n.startswith("encoder.")]
+    assert adapters and any(not np.allclose(before[n], first[n]) for n in adapters)
+    for name in before:
+        np.testing.assert_allclose(after[name], expected[name], rtol=1e-4, atol=1e-6, err_msg=name)
+        if name in adapters:  # the second step left them as the first step made them
+            np.testing.assert_allclose(after[name], first[name], rtol=1e-4, atol=1e-6, err_msg=name)
+    assert all(p.requires_grad for n, p in scorer.named_parameters() if n in adapters)
+
+    # a noisy step at an odd position of the run's schedule is head-only: adapters unchanged
+    trainer.run(steps=1, learning_rate=lr, noise_multiplier=1.0, first_step=3)
+    noisy = trainable_arrays(scorer)
+    assert all(np.array_equal(noisy[n], after[n]) for n in adapters)
+    assert all(not np.array_equal(noisy[n], after[n]) for n in after if n not in adapters)
 
 
 def test_noisy_dp_training_changes_the_adapters_and_runs_empty_batches(

@@ -21,7 +21,7 @@ from common.model import (
 )
 from common.platform_data import read_dataset
 from common.sharing import private_names, shared_names, trains
-from common.task import Example, build_task
+from common.task import Example, build_task, training_units
 from common.tiny_model import write_tiny_model
 
 
@@ -106,7 +106,7 @@ def test_each_example_is_scored_independently(
     """A row's training logit must not depend on the other rows (the DP-SGD unit)."""
     data, task = platform_task
     scorer, featurizer = _eval_scorer(tiny_bert_dir, kind, data.item_text)
-    examples = task.train[:6]
+    examples = training_units(task.train, "bce")[:6]
     together = scorer(**scorer.batch(featurizer, examples))
     alone = torch.cat([scorer(**scorer.batch(featurizer, [e])) for e in examples])
     assert together.shape == (6,)
@@ -114,6 +114,29 @@ def test_each_example_is_scored_independently(
     # the evaluation path (deduplicated encodings for two_tower) gives the same logits
     fast = scorer.score_examples(featurizer, examples, batch_size=4)
     torch.testing.assert_close(torch.from_numpy(fast), alone.detach(), atol=1e-5, rtol=1e-4)
+
+
+def test_a_ranking_unit_is_scored_alone_and_as_pointwise_examples(
+    tiny_bert_dir: Path, platform_task
+) -> None:
+    """Under the softmax objective a unit's (W,) logits depend on that unit alone, equal the
+    pointwise logits of its candidates, and the head-only step (precomputed item vectors)
+    computes the same logits as the pass through the adapters."""
+    data, task = platform_task
+    scorer, featurizer = _eval_scorer(tiny_bert_dir, "item_tower", data.item_text)
+    units = training_units(task.train, "softmax")[:5]
+    assert units and all(e.label == 1 and e.negatives for e in units)
+    together = scorer(**scorer.batch(featurizer, units))
+    head_only = scorer(**scorer.batch(featurizer, units, through_adapters=False))
+    torch.testing.assert_close(together, head_only, atol=1e-5, rtol=1e-4)
+    for row, unit in enumerate(units):
+        alone = scorer(**scorer.batch(featurizer, [unit]))[0]
+        candidates = [unit.candidate, *unit.negatives]
+        pointwise = scorer.score_examples(
+            featurizer, [Example(unit.user, unit.history, c, 0) for c in candidates], 8
+        )
+        torch.testing.assert_close(together[row, : len(candidates)], alone, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(alone, torch.from_numpy(pointwise), atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("kind", ["item_tower", "cross", "two_tower"])
@@ -206,5 +229,8 @@ def test_item_tower_private_factors_are_never_shared(tiny_bert_dir: Path) -> Non
     for strategy in ("fedavg", "ffa", "fedsa"):
         assert "head.private_items.weight" not in shared_names(names, strategy)
         assert "head.private_items.weight" in private_names(names, strategy)
-    # the user map is a low-rank product: FFA freezes its down-projection like LoRA's A
-    assert not trains("head.user_down.weight", "ffa") and trains("head.user_up.weight", "ffa")
+        # the mixing weights are each platform's own
+        assert "head.mix.weight" in private_names(names, strategy)
+    # FFA freezes LoRA's A, but both factors of the user map train and are averaged
+    assert not trains(next(n for n in names if ".lora_A." in n), "ffa")
+    assert {"head.user_down.weight", "head.user_up.weight"} <= set(shared_names(names, "ffa"))

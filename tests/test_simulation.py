@@ -16,7 +16,7 @@ from transformers import AutoModel
 from client.ledger import LEDGER_FILE
 from common.config import RUN_CONFIG_ENV, RunConfig, load_config
 from common.platform_data import federation_platforms, read_platform
-from common.task import build_task
+from common.task import build_task, training_units
 from server.federation import server_app
 from server.federation.run_record import RunRecord
 from server.federation.strategy import FedFuseStrategy
@@ -35,9 +35,14 @@ def _lora(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _train_examples(config: RunConfig) -> dict[str, int]:
-    """Each platform's number of training examples, counted here from its data folder."""
+    """Each platform's number of training units (its liked train examples under the ranking
+    objective), counted here from its data folder."""
     return {
-        name: len(build_task(read_platform(folder, name), config.task).train)
+        name: len(
+            training_units(
+                build_task(read_platform(folder, name), config.task).train, config.objective
+            )
+        )
         for name, folder in federation_platforms(config.data)
     }
 

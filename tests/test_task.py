@@ -7,7 +7,14 @@ import pytest
 
 from common.config import TaskConfig
 from common.platform_data import PlatformData
-from common.task import Example, PlatformTask, SplitSizes, build_task, split_sizes
+from common.task import (
+    Example,
+    PlatformTask,
+    SplitSizes,
+    build_task,
+    split_sizes,
+    training_units,
+)
 
 # (user, item, rating, timestamp), deliberately not in time order.
 ROWS = [
@@ -144,6 +151,26 @@ def test_train_negatives_are_unseen_and_counted(task: PlatformTask):
     assert all(e.history == () for e in group)
     assert len({e.candidate for e in group}) == 3
     assert train_a[4].candidate == "i2"
+
+
+def test_each_train_positive_carries_its_own_negatives_as_a_ranking_unit(task: PlatformTask):
+    units = training_units(task.train, "softmax")
+    positives = [e for e in task.train if e.label]
+    assert [(e.user, e.candidate) for e in units] == [(e.user, e.candidate) for e in positives]
+    for unit in units:
+        pointwise = [
+            e.candidate
+            for e in task.train
+            if e.user == unit.user and e.history == unit.history and not e.label
+        ]
+        assert set(unit.negatives) <= set(pointwise) and len(unit.negatives) == 3
+        assert not set(unit.negatives) & SEEN[unit.user]
+    # the pointwise objective trains on every labelled example, negatives not attached
+    bce = training_units(task.train, "bce")
+    assert len(bce) == len(task.train) and not any(e.negatives for e in bce)
+    assert [(e.user, e.candidate, e.label) for e in bce] == [
+        (e.user, e.candidate, e.label) for e in task.train
+    ]
 
 
 def test_no_negatives_when_negatives_per_positive_is_zero():

@@ -30,7 +30,7 @@ from client.platform_client import PlatformIdentity
 from common.adapters import trainable_arrays
 from common.config import LoraSettings, ModelConfig, RunConfig
 from common.errors import FedFuseError
-from common.sharing import shared_scorer
+from common.sharing import shared_names, shared_scorer
 from common.wire_log import (
     RECEIVED,
     SENT,
@@ -125,7 +125,8 @@ def test_the_server_logs_every_message_and_names_platforms_once_they_replied(
     record.write_config(config.model_dump(mode="json"))
     strategy = FedFuseStrategy(record, lambda r: 0.1, round_offset=2, min_available_nodes=2)
     scorer, _ = shared_scorer(config.model, config.lora, "fedavg")
-    initial = ArrayRecord({k: Array(v) for k, v in trainable_arrays(scorer).items()})
+    arrays = trainable_arrays(scorer)
+    initial = ArrayRecord({k: Array(arrays[k]) for k in shared_names(arrays, "fedavg")})
     sent = strategy.configure_train(1, initial, ConfigRecord(), _Grid([11, 12]))
     strategy.aggregate_train(1, [_reply(11, "a"), _reply(12, "b")])
     strategy.configure_evaluate(1, initial, ConfigRecord(), _Grid([11, 12]))

@@ -101,6 +101,7 @@ def pooled_task(clients: Sequence[PlatformClient]) -> tuple[PlatformTask, dict[s
                 history=tuple(pooled_item(name, i) for i in e.history),
                 candidate=pooled_item(name, e.candidate),
                 label=e.label,
+                negatives=tuple(pooled_item(name, i) for i in e.negatives),
             )
             for e in client.task.train
         ]
@@ -131,6 +132,8 @@ def train_centralized(
                     if k.startswith(prefix)
                 }
             )
+    for client in clients:  # one model: its private part (the mixing weights) too
+        client.private.save(pooled.private.load())
     metrics = test_metrics(clients, arrays, max_cases)
     return metrics, dict.fromkeys(metrics, epsilon)
 
