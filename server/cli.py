@@ -89,7 +89,7 @@ def _audit(args: argparse.Namespace) -> None:
     from server.audit.audit import audit, write_audit
     from server.audit.audit_report import summary_text
 
-    report = audit(Path(args.run_dir), [Path(p) for p in args.platform_state])
+    report = audit(Path(args.run_dir), [Path(p) for p in args.platform_state], args.white_box)
     written = write_audit(report, args.run_dir)
     print(summary_text(report))
     print(f"\nwritten: {written[0]}, {written[1]}")
@@ -227,6 +227,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=[],
         metavar="DIR",
         help="a platform's state folder (deployment; repeatable); default RUN_DIR/platform_state/*",
+    )
+    audit.add_argument(
+        "--no-white-box",
+        dest="white_box",
+        action="store_false",
+        help="skip the audit of the DP step itself (gradient canaries through FedFuse's "
+        "DP-SGD step at each platform's recorded σ and C, an ε lower bound per platform; "
+        "about a second per platform)",
     )
     audit.set_defaults(run=_audit)
 

@@ -1,1 +1,1 @@
-"""``fedfuse audit``: ε recomputed from the ledgers, wire contents listed, the canary bound."""
+"""``fedfuse audit``: ε recomputed from the ledgers, wire contents listed, the canary bounds."""

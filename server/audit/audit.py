@@ -11,9 +11,12 @@ recomputed independently with Google's ``dp_accounting`` (PLD and RDP), the budg
 whether the ledger's hash chain holds. On the wire it reports bytes per round against the full
 model and checks that only shared adapter tensors moved and that server and platforms logged
 the same bytes. Across platforms it reports a person's ε: for a person on any k of the audited
-platforms, the worst case over every k-subset (``person_epsilon.py``). Anything wrong becomes a
-*flag*; a folder that cannot be audited at all (a missing or unreadable file, a foreign file in
-a state folder) is a one-line FedFuseError.
+platforms, the worst case over every k-subset (``person_epsilon.py``). Asked for
+(``fedfuse audit --white-box``), it also runs FedFuse's DP step on this machine at each
+platform's recorded σ and C with gradient canaries, and bounds that step's ε from below
+(``gradient_audit.py``): the one check that is not from the files alone. Anything wrong becomes
+a *flag*; a folder that cannot be audited at all (a missing or unreadable file, a foreign file
+in a state folder) is a one-line FedFuseError.
 """
 
 from __future__ import annotations
@@ -31,11 +34,12 @@ from dp_accounting.rdp import RdpAccountant
 
 from client.ledger import LEDGER_FILE, LedgerError, PrivacyLedger
 from common.atomic import atomic_write
+from common.config import load_config
 from common.errors import FedFuseError
 from common.sharing import shares
 from common.wire_log import RECEIVED, SENT, WIRE_LOG_FILE, read_records
 from server.audit.person_epsilon import person_epsilon, unit_of
-from server.federation.run_record import METRICS_FILE, RunRecord
+from server.federation.run_record import CONFIG_FILE, METRICS_FILE, RunRecord
 
 AUDIT_JSON = "audit.json"
 AUDIT_HTML = "audit.html"
@@ -524,6 +528,42 @@ def canary_flags(canaries: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+# --- the DP step itself (white box) -----------------------------------------------------------
+
+
+def white_box(run_dir: Path, ledgers: list[PrivacyLedger]) -> dict[str, Any]:
+    """The white-box audit of the DP step at every DP-SGD mechanism the ledgers record, with
+    the run's scorer, objective and audit confidence. It runs FedFuse's DP step here (torch,
+    about half a second per mechanism), hence imported only when asked for."""
+    from server.audit.gradient_audit import CANARY_NORM, TRIALS, audit_ledger_steps
+
+    config = load_config(run_dir / CONFIG_FILE)
+    return {
+        "confidence": config.audit.confidence,
+        "trials": TRIALS,
+        "canary_norm": CANARY_NORM,
+        "rows": [row for ledger in ledgers for row in audit_ledger_steps(ledger, config)],
+    }
+
+
+def white_box_flags(section: dict[str, Any]) -> list[dict[str, Any]]:
+    """A bound above the step's theoretical ε: the DP step leaks more than the ledger records."""
+    return [
+        _flag(
+            "white-box-exceeds-theory",
+            row["platform"],
+            f"white-box audit of the DP step at σ = {row['noise_multiplier']:.4g}, "
+            f"C = {row['max_grad_norm']:.4g}: ε lower bound {row['epsilon_lower_bound']:.4f} "
+            f"> theoretical ε {row['epsilon_theoretical']:.4f} of one Gaussian step at "
+            f"δ = {row['delta']:g} (μ ≥ {row['mu_lower_bound']:.4f} > 1/σ = "
+            f"{row['mu_theoretical']:.4f}, confidence {section['confidence']}): clipping or "
+            "noise is not what the ledger records",
+        )
+        for row in section["rows"]
+        if row["flagged"]
+    ]
+
+
 # --- the whole audit --------------------------------------------------------------------------
 
 
@@ -534,8 +574,11 @@ def _model_record(server: list[dict[str, Any]], path: Path) -> dict[str, Any]:
     return models[0]
 
 
-def audit(run_dir: Path | str, platform_states: list[Path] | None = None) -> dict[str, Any]:
-    """The audit report of a run folder (nothing written)."""
+def audit(
+    run_dir: Path | str, platform_states: list[Path] | None = None, white_box_audit: bool = True
+) -> dict[str, Any]:
+    """The audit report of a run folder (nothing written); ``white_box_audit``: with the
+    white-box audit of the DP step."""
     run_dir = Path(run_dir)
     config = RunRecord(run_dir).read_config()
     strategy = config["federation"]["strategy"]
@@ -577,6 +620,9 @@ def audit(run_dir: Path | str, platform_states: list[Path] | None = None) -> dic
     canaries = read_canaries(run_dir / CANARY_FILE)
     if canaries:
         flags += canary_flags(canaries)
+    steps = white_box(run_dir, ledgers) if white_box_audit else None
+    if steps:
+        flags += white_box_flags(steps)
     for summary in platforms:
         summary["flags"] = sum(f["platform"] == summary["platform"] for f in flags)
     return {
@@ -594,6 +640,7 @@ def audit(run_dir: Path | str, platform_states: list[Path] | None = None) -> dic
             "bytes_per_round": bytes_per_round(server, model["full_model_bytes"]),
         },
         "canary": canaries,
+        "white_box": steps,
         "notes": notes,
         "flags": flags,
     }

@@ -169,6 +169,57 @@ def canary_rows(report: dict[str, Any]) -> list[list[str]]:
     ]
 
 
+WHITE_BOX_HEADER = [
+    "platform",
+    "σ",
+    "C",
+    "δ",
+    "ε ledger (all rounds)",
+    "trials",
+    "false pos.",
+    "false neg.",
+    "μ ≥",
+    "μ theory (1/σ)",
+    "ε one step ≥",
+    "ε one step (theory)",
+    "ok",
+]
+
+
+def white_box_heading(report: dict[str, Any]) -> str:
+    """What the white-box bound is about, and why it is not compared with the ledger's ε."""
+    section = report["white_box"]
+    return (
+        f"White-box audit of the DP step (confidence {section['confidence']}): "
+        f"{section['trials']:,} Dirac canary gradients of norm {section['canary_norm']:g} C "
+        "through FedFuse's DP-SGD step at each platform's recorded σ and C. One noisy step with "
+        "the canary inserted directly is the Gaussian mechanism (sensitivity C, noise σC, no "
+        "subsampling): its bound is compared with that step's ε, not with the ledger's "
+        "ε over all rounds (shown for reference)"
+    )
+
+
+def white_box_rows(report: dict[str, Any]) -> list[list[str]]:
+    return [
+        [
+            row["platform"],
+            _number(row["noise_multiplier"]),
+            _number(row["max_grad_norm"]),
+            _number(row["delta"]),
+            _number(row["epsilon_ledger"]),
+            f"{row['trials']:,}",
+            f"{row['false_positives']:,}",
+            f"{row['false_negatives']:,}",
+            _number(row["mu_lower_bound"]),
+            _number(row["mu_theoretical"]),
+            _number(row["epsilon_lower_bound"]),
+            _number(row["epsilon_theoretical"]),
+            FLAG_MARK if row["flagged"] else "ok",
+        ]
+        for row in report["white_box"]["rows"]
+    ]
+
+
 def preamble(report: dict[str, Any]) -> str:
     """Privacy unit, strategy and recomputation tolerance: how to read the figures."""
     units = sorted({p["privacy_unit"] for p in report["platforms"] if "privacy_unit" in p})
@@ -181,7 +232,8 @@ def preamble(report: dict[str, Any]) -> str:
 
 
 def summary_text(report: dict[str, Any]) -> str:
-    """The printed summary: platforms, a person's ε, bytes on the wire, canaries, flags."""
+    """The printed summary: platforms, a person's ε, bytes on the wire, canaries, the
+    white-box audit, flags."""
     model = report["model"]
     parts = [
         preamble(report),
@@ -200,6 +252,9 @@ def summary_text(report: dict[str, Any]) -> str:
         confidence = report["canary"]["confidence"]
         parts.append(f"canary audit (confidence {confidence}):\n")
         parts[-1] += markdown_table(CANARY_HEADER, canary_rows(report))
+    if report.get("white_box"):
+        parts.append(f"{white_box_heading(report)}:\n")
+        parts[-1] += markdown_table(WHITE_BOX_HEADER, white_box_rows(report))
     flags = report["flags"]
     lines = [f"note: {note}" for note in report["notes"]]
     lines.append(f"flags: {len(flags)}" if flags else "flags: 0 (audit clean)")
@@ -375,6 +430,12 @@ def render_html(report: dict[str, Any]) -> str:
         parts += [
             f"<h2>Canary audit (confidence {e(str(report['canary']['confidence']))})</h2>",
             _html_table(CANARY_HEADER, canary_rows(report)),
+        ]
+    if report.get("white_box"):
+        parts += [
+            "<h2>White-box audit of the DP step</h2>",
+            f"<p>{e(white_box_heading(report))}.</p>",
+            _html_table(WHITE_BOX_HEADER, white_box_rows(report)),
         ]
     if report["notes"]:
         parts.append(
