@@ -22,7 +22,7 @@ from common.evaluation import evaluate
 from common.model import TextFeaturizer, build_scorer, load_backbone
 from common.movielens import build_ml100k
 from common.platform_data import read_platform, write_dataset
-from common.task import build_task
+from common.task import build_task, training_units
 
 
 def main() -> None:
@@ -51,7 +51,7 @@ def main() -> None:
         trainer = LocalTrainer(
             scorer,
             featurizer,
-            task.train,
+            training_units(task.train, "bce"),  # these scorers train pointwise
             config.train,
             DPConfig(enabled=False, expected_batch_size=config.train.batch_size),
         )

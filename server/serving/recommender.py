@@ -74,7 +74,8 @@ class Recommendation:
             words.append(f"you liked {names}")
         popular = "popular" if self.prior >= 0 else "less watched"
         words.append(f"{popular} on this platform ({self.prior:+.2f})")
-        words.append(f"its description ({self.text:+.2f})")
+        if self.text:  # zero when the model learns no item-text score (model.item_score)
+            words.append(f"its description ({self.text:+.2f})")
         return "Because " + "; ".join(words) + f"; base {self.bias:+.2f}."
 
     def as_dict(self) -> dict[str, object]:
