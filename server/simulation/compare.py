@@ -4,8 +4,9 @@ A comparison is a grid of cells, each a (method, privacy level) pair: ``populari
 ``local``, ``centralized``, ``prior`` (the DP popularity prior alone; see
 ``server/simulation/baselines.py``), ``bpr_local``, ``bpr_pooled`` (BPR matrix factorisation,
 ``server/simulation/bpr.py``), a federated strategy (``fedavg``, ``ffa``, ``fedsa``, run with
-``fedfuse simulate``) or an ablation of the default one (``ffa_text``: no prior;
-``ffa_private``: with private item factors), at a target ε or non-private (``inf``).
+``fedfuse simulate``) or an ablation of the default one (``ffa_text``: the text model
+alone, no prior and no private item factors; ``ffa_shared``: no private item factors), at a
+target ε or non-private (``inf``).
 ``popularity`` and the BPR methods are never private: they ignore the level, their ε is ∞.
 A level without names runs the first six.
 Every cell starts from the same seeded adapters, trains for the same rounds and local steps
@@ -54,8 +55,9 @@ from server.simulation.simulation import INCOMPLETE, prepare_run, simulate  # no
 FEDERATED = ("fedavg", "ffa", "fedsa")
 # Ablations of the default federation: (strategy, settings changed), run like the strategy.
 VARIANTS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
-    "ffa_text": ("ffa", {"prior": {"enabled": False}}),  # the text model alone
-    "ffa_private": ("ffa", {"model": {"private_factors": 32}}),  # + private item factors
+    # the text model alone: no prior, nothing private but the mixing weights
+    "ffa_text": ("ffa", {"prior": {"enabled": False}, "model": {"private_factors": 0}}),
+    "ffa_shared": ("ffa", {"model": {"private_factors": 0}}),  # no private item factors
 }
 DEFAULT_METHODS = ("popularity", "local", "centralized", *FEDERATED)  # a level without names
 BPR = {"bpr_local": bpr_local, "bpr_pooled": bpr_pooled}  # non-private, tuned on valid
