@@ -1,9 +1,10 @@
 """Canaries for the empirical privacy check (``[audit]``; the bound is
 ``server/audit/canary_audit.py``).
 
-A canary is one training unit, the privacy unit of DP training: a made-up user whose history
-is one item, a candidate item with a fair-coin label and a decoy item, each titled with one
-random word. The pointwise objective trains on (candidate, label); the ranking objective on
+A canary is one training unit of a made-up user of its own, so it is one privacy unit under
+either ``dp.unit`` (a user-level step sums nothing into it): a history of one item, a
+candidate item with a fair-coin label and a decoy item, each titled with one random word.
+The pointwise objective trains on (candidate, label); the ranking objective on
 the liked one of the pair against the other. Random words make every canary unlike any real
 item and unlike the other canaries; short titles keep them distinct after pooling; random
 labels leave nothing to generalise from canary to canary. Its score is the candidate's logit
@@ -87,9 +88,13 @@ def insert_canaries(
     """
     if canaries is None:
         return item_text
-    clash = sorted(set(canaries.item_text) & set(item_text))
-    if clash:
-        raise DataError(task.platform, f"item id {clash[0]!r} is reserved for audit canaries")
+    for kind, reserved, taken in (
+        ("item", set(canaries.item_text), set(item_text)),
+        ("user", {e.user for e in canaries.examples}, {e.user for e in task.train}),
+    ):
+        clash = sorted(reserved & taken)
+        if clash:
+            raise DataError(task.platform, f"{kind} id {clash[0]!r} is reserved for audit canaries")
     task.train.extend(canaries.members(objective))
     return item_text | canaries.item_text
 

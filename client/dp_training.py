@@ -1,25 +1,32 @@
 """One round of local training on a platform: DP-SGD with Opacus, or the same loop without DP.
 
-This is FedFuse's DP training step. Per round:
+This is FedFuse's DP training step, for either privacy unit (``dp.unit``): ``example``, one
+training unit, or ``user``, all of one user's training units. Per round:
 
-1. Poisson sampling: every train example joins each logical batch independently with
-   probability q = expected_batch_size / N (Opacus' ``DPDataLoader``), so the batch size varies
-   and can be 0 — that is what the privacy analysis assumes. The sampling generator is seeded
-   from the operating system's entropy each round, never from ``train.seed``: that seed is in
-   the run configuration the server sends, and amplification by subsampling holds only if
-   nobody outside the platform can predict which examples were drawn.
+1. Poisson sampling over privacy units: every unit joins each logical batch independently with
+   probability q = expected units per batch / N (Opacus' ``DPDataLoader``), so the batch size
+   varies and can be 0 — that is what the privacy analysis assumes. Under ``user`` N counts
+   users and a batch expects ``expected_batch_size / max_examples_per_user`` of them
+   (:func:`expected_batch`), and each sampled user brings a uniformly random subset of at most
+   k = ``max_examples_per_user`` of their training units. The generator behind both draws is
+   seeded from the operating system's entropy each round, never from ``train.seed``: that seed
+   is in the run configuration the server sends, and amplification by subsampling holds only
+   if nobody outside the platform can predict which units were drawn.
 2. Per-unit gradients of the trainable tensors only (LoRA + head; the backbone is frozen),
-   each clipped to L2 norm ``max_grad_norm`` (Opacus hooks, or ghost clipping). A unit is one
-   labelled example, or under the ranking objective one positive with its own sampled
-   negatives: its W candidates run through the adapters as W rows, and their per-row
-   gradients are summed into the unit's before clipping (:func:`_fold_candidates`).
+   from Opacus (hooks, or ghost clipping under ``example``). A training unit is one labelled
+   example, or under the ranking objective one positive with its own sampled negatives: its W
+   candidates run through the adapters as W rows, and their per-row gradients are summed into
+   the unit's (:func:`_fold_candidates`). Under ``user`` each user's unit gradients are then
+   summed into one row per user (:func:`_fold_users`). Each row — a privacy unit's whole
+   gradient — is clipped to L2 norm ``max_grad_norm`` by Opacus' ``DPOptimizer``.
    The item tower trains its adapters on every ``train.adapter_every``-th step only; the
    steps between update the head alone on the current item vectors (no encoder pass, about
    100x cheaper). Every step is the same Gaussian mechanism (σ, q, C) over the tensors it
    updates, so the accounting is unchanged.
 3. Gaussian noise N(0, σ²C²) added to the summed clipped gradients, then the optimiser step.
-   A logical batch is run as physical chunks of similar text length (memory, padding); the
-   chunks only clip and accumulate, and noise is added once per logical batch.
+   A logical batch is run as physical chunks of similar text length (memory, padding), a
+   user's units always in one chunk; the chunks only clip and accumulate, and noise is added
+   once per logical batch.
 
 The mechanism actually executed (σ, q, steps, C) is read back from Opacus' own accountant and
 returned, so the caller records in the ledger exactly what ran. A fresh ``PrivacyEngine`` per
@@ -62,20 +69,31 @@ class RoundResult:
     mechanism: Mechanism | None
 
 
-def sample_rate(num_examples: int, dp: DPConfig) -> float:
-    """Poisson sampling probability q of one example per logical batch.
+def expected_batch(dp: DPConfig) -> int:
+    """Expected privacy units per logical batch. ``dp.expected_batch_size`` counts training
+    units; a user brings at most k of them, so under ``user`` a batch expects B / k users: a
+    logical batch is then no larger than under ``example``, and a platform's few hundred users
+    still make several steps per round."""
+    if dp.user_level:
+        return max(1, dp.expected_batch_size // dp.max_examples_per_user)
+    return dp.expected_batch_size
+
+
+def sample_rate(privacy_units: int, dp: DPConfig) -> float:
+    """Poisson sampling probability q of one privacy unit (training unit or user) per batch.
 
     Opacus sets q = 1 / len(data_loader) = 1 / ceil(N / B); using the same formula here keeps
     the planned mechanism (noise calibration, budget check) identical to the executed one.
     """
-    return 1.0 / math.ceil(num_examples / min(dp.expected_batch_size, num_examples))
+    return 1.0 / math.ceil(privacy_units / min(expected_batch(dp), privacy_units))
 
 
-def steps_per_round(num_examples: int, train: TrainConfig, dp: DPConfig) -> int:
-    """Optimiser steps one round runs: ``local_steps``, or ``local_epochs`` expected passes."""
+def steps_per_round(privacy_units: int, train: TrainConfig, dp: DPConfig) -> int:
+    """Optimiser steps one round runs: ``local_steps``, or ``local_epochs`` expected passes
+    over the privacy units (under ``user``: over the platform's users)."""
     if train.local_steps:
         return train.local_steps
-    return max(1, math.ceil(train.local_epochs / sample_rate(num_examples, dp)))
+    return max(1, math.ceil(train.local_epochs / sample_rate(privacy_units, dp)))
 
 
 def calibrate_noise(
@@ -93,7 +111,7 @@ def calibrate_noise(
     target = min(dp.target_epsilon, dp.budget)
 
     def eps(sigma: float) -> float:
-        planned = Mechanism(sigma, sample_rate, total_steps, dp.max_grad_norm)
+        planned = Mechanism(sigma, sample_rate, total_steps, dp.max_grad_norm, unit=dp.unit)
         return epsilon([*committed, planned], dp.delta)
 
     already = epsilon(list(committed), dp.delta)
@@ -136,6 +154,8 @@ class LocalTrainer:
         self.scorer = scorer
         self.featurizer = featurizer
         self.examples = list(examples)
+        # what Poisson sampling draws: each training unit alone, or each user with all of theirs
+        self.groups = _by_user(self.examples) if dp.user_level else [[e] for e in self.examples]
         self.train = train
         self.dp = dp
         self.probe = probe
@@ -154,15 +174,23 @@ class LocalTrainer:
         )
 
     @property
+    def privacy_units(self) -> int:
+        """N of the sample rate: training units, or users under ``dp.unit = 'user'``."""
+        return len(self.groups)
+
+    @property
     def sample_rate(self) -> float:
-        return sample_rate(len(self.examples), self.dp)
+        return sample_rate(self.privacy_units, self.dp)
 
     def clipping_mode(self) -> str:
         """Per-sample gradient method: ghost clipping cannot handle a module called twice per
-        forward (Opacus raises "parameter tying"), which is what the two_tower scorer does."""
+        forward (Opacus raises "parameter tying"), which is what the two_tower scorer does,
+        nor sum a user's rows before clipping (it never materialises them)."""
         mode = self.dp.clipping
         if mode == "auto":
-            mode = FASTER_CLIPPING[self.scorer.device().type]
+            mode = "hooks" if self.dp.user_level else FASTER_CLIPPING[self.scorer.device().type]
+        if mode == "ghost" and self.dp.user_level:  # also when set past config validation
+            raise ConfigError("dp.unit = 'user' needs dp.clipping = 'hooks' or 'auto'")
         # the item tower's layer swapping is verified with hooks only
         if mode == "ghost" and self.scorer.kind in ("two_tower", "item_tower"):
             if self.dp.clipping == "ghost":
@@ -173,14 +201,28 @@ class LocalTrainer:
         return mode
 
     def _loader(self, generator: torch.Generator) -> DataLoader:
-        """Logical batches of example indices (Poisson-sampled once Opacus wraps it, from the
-        same ``generator``: Opacus' ``DPDataLoader`` takes the wrapped loader's)."""
+        """Logical batches of privacy-unit indices (Poisson-sampled once Opacus wraps it, from
+        the same ``generator``: Opacus' ``DPDataLoader`` takes the wrapped loader's)."""
         return DataLoader(
-            TensorDataset(torch.arange(len(self.examples))),
-            batch_size=min(self.dp.expected_batch_size, len(self.examples)),
+            TensorDataset(torch.arange(self.privacy_units)),
+            batch_size=min(expected_batch(self.dp), self.privacy_units),
             shuffle=True,
             generator=generator,
         )
+
+    def _sampled(self, indices: torch.Tensor, generator: torch.Generator) -> list[list[Example]]:
+        """The training units of the drawn privacy units; a user brings at most
+        ``max_examples_per_user`` of theirs, a uniformly random subset drawn from ``generator``
+        (the round's secret one under DP), so one step reads a bounded part of each user."""
+        limit = self.dp.max_examples_per_user
+        batch = []
+        for index in indices.tolist():
+            group = self.groups[index]
+            if len(group) > limit:
+                chosen = torch.randperm(len(group), generator=generator)[:limit]
+                group = [group[k] for k in chosen.tolist()]
+            batch.append(group)
+        return batch
 
     def _through_adapters(self, step: int) -> bool:
         """Whether optimiser step ``step`` (counted over the whole run) trains the adapters
@@ -222,13 +264,15 @@ class LocalTrainer:
         losses: list[float] = []
         while len(losses) < steps:
             for (indices,) in self._loader(self.generator):
-                batch = [self.examples[int(k)] for k in indices]
+                batch = self._sampled(indices, self.generator)
+                size = sum(map(len, batch))
                 optimizer.zero_grad(set_to_none=True)
                 adapters = self._through_adapters(self.first_step + len(losses))
                 total = 0.0
                 for chunk in self._physical(batch):
-                    loss = loss_on(self.scorer, self.featurizer, chunk, adapters)
-                    loss = loss * (len(chunk) / len(batch))
+                    units = _units(chunk)
+                    loss = loss_on(self.scorer, self.featurizer, units, adapters)
+                    loss = loss * (len(units) / size)
                     loss.backward()
                     total += float(loss.detach())
                 optimizer.step()
@@ -243,11 +287,12 @@ class LocalTrainer:
     ) -> RoundResult:
         mode = self.clipping_mode()
         engine = PrivacyEngine(accountant="prv")
+        generator = secret_generator()  # the Poisson sample and each user's subset
         made = engine.make_private(
             module=self.scorer,
             optimizer=make_optimizer(self.scorer, self.train, learning_rate),
             criterion=nn.BCEWithLogitsLoss(),
-            data_loader=self._loader(secret_generator()),
+            data_loader=self._loader(generator),
             noise_multiplier=noise_multiplier,
             max_grad_norm=self.dp.max_grad_norm,
             poisson_sampling=True,
@@ -264,20 +309,22 @@ class LocalTrainer:
         try:
             while _steps_taken(engine) < steps:
                 for (indices,) in loader:
-                    batch = [self.examples[int(k)] for k in indices]
-                    chunks = list(self._physical(batch))
+                    chunks = list(self._physical(self._sampled(indices, generator)))
                     adapters = self._through_adapters(self.first_step + _steps_taken(engine))
                     for number, chunk in enumerate(chunks, start=1):
-                        inputs = batch_inputs(self.scorer, self.featurizer, chunk, adapters)
+                        units = _units(chunk)
+                        inputs = batch_inputs(self.scorer, self.featurizer, units, adapters)
                         logits = model(**inputs)
                         if criterion is not None:
-                            labels = torch.tensor([e.label for e in chunk], dtype=torch.float32)
+                            labels = torch.tensor([e.label for e in units], dtype=torch.float32)
                             loss = criterion(logits, labels.to(logits.device))
                         else:
-                            loss = unit_loss(logits, inputs, chunk)
+                            loss = unit_loss(logits, inputs, units)
                         loss.backward()
                         if logits.dim() == 2 and adapters:
-                            _fold_candidates(model, len(chunk), logits.shape[1])
+                            _fold_candidates(model, len(units), logits.shape[1])
+                        if self.dp.user_level:
+                            _fold_users(model, [len(group) for group in chunk])
                         losses.append(float(loss.detach()))
                         # Noise and the step once per logical batch: the other chunks only
                         # clip and accumulate (what Opacus' BatchMemoryManager signals).
@@ -294,15 +341,29 @@ class LocalTrainer:
         finally:
             model.to_standard_module()
         sigma, q, taken = _executed(engine)
-        mechanism = Mechanism(sigma, q, taken, self.dp.max_grad_norm)
+        mechanism = Mechanism(sigma, q, taken, self.dp.max_grad_norm, unit=self.dp.unit)
         return RoundResult(float(np.mean(losses)) if losses else math.nan, taken, mechanism)
 
-    def _physical(self, batch: list[Example]) -> Iterator[list[Example]]:
-        """A logical batch as physical chunks of at most ``train.batch_size`` examples,
-        grouped by the candidate's text length so each chunk pads little (order does not
-        matter to a sum of per-example gradients)."""
-        ordered = sorted(batch, key=lambda e: len(self.featurizer.item_text[e.candidate]))
-        return _chunks(ordered, self.train.batch_size)
+    def _physical(self, batch: list[list[Example]]) -> Iterator[list[list[Example]]]:
+        """A logical batch (each privacy unit's training units) as physical chunks of at most
+        ``train.batch_size`` training units, ordered by the candidates' text length so each
+        chunk pads little (order does not matter to a sum of per-unit gradients). A privacy
+        unit is never split: a user's rows are summed before clipping, within one chunk (a
+        user with more units than that gets a chunk of their own)."""
+
+        def length(group: list[Example]) -> int:
+            return max(len(self.featurizer.item_text[e.candidate]) for e in group)
+
+        chunk: list[list[Example]] = []
+        size = 0
+        for group in sorted(batch, key=length):
+            if chunk and size + len(group) > self.train.batch_size:
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(group)
+            size += len(group)
+        if chunk:
+            yield chunk
 
 
 def secret_generator() -> torch.Generator:
@@ -314,9 +375,15 @@ def secret_generator() -> torch.Generator:
     return torch.Generator().manual_seed(secrets.randbits(63))
 
 
-def _chunks(batch: list[Example], size: int) -> Iterator[list[Example]]:
-    for start in range(0, len(batch), size):
-        yield batch[start : start + size]
+def _by_user(examples: list[Example]) -> list[list[Example]]:
+    users: dict[str, list[Example]] = {}
+    for example in examples:
+        users.setdefault(example.user, []).append(example)
+    return list(users.values())
+
+
+def _units(chunk: list[list[Example]]) -> list[Example]:
+    return [example for group in chunk for example in group]
 
 
 def _fold_candidates(model: nn.Module, units: int, width: int) -> None:
@@ -329,6 +396,22 @@ def _fold_candidates(model: nn.Module, units: int, width: int) -> None:
         sample = getattr(param, "grad_sample", None)
         if param.requires_grad and sample is not None and sample.shape[0] == units * width:
             param.grad_sample = sample.view(units, width, *param.shape).sum(dim=1) / width
+
+
+def _fold_users(model: nn.Module, sizes: list[int]) -> None:
+    """Sum each user's per-unit gradient rows (consecutive, ``sizes[i]`` rows for user i) into
+    one row per user, before clipping: clipping then bounds the user's whole contribution.
+
+    A unit's row is its own loss's gradient, as the example-level step clips it (Opacus'
+    mean-loss scaling by the rows' count cancels the loss's mean over units; for candidate
+    rows :func:`_fold_candidates` has done so already), so a user's row is the plain sum of
+    their units' gradients."""
+    owners = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
+    for param in model.parameters():
+        sample = getattr(param, "grad_sample", None)
+        if param.requires_grad and sample is not None:
+            rows = sample.new_zeros((len(sizes), *param.shape))
+            param.grad_sample = rows.index_add_(0, owners.to(sample.device), sample)
 
 
 def _zero_grads(model: nn.Module, mode: str) -> None:

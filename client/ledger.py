@@ -11,7 +11,9 @@ Integrity: the file is replaced atomically (temporary file, then rename) and eve
 the SHA-256 of its content chained to the previous entry's hash (the first to the header's), so
 an edited, dropped or reordered entry is detected on load.
 
-Privacy unit: one labelled example (record-level DP), not a user.
+Privacy unit (fixed in the header when the ledger is created, so a run under the other unit
+is refused): ``example``, one training unit (record-level DP), or ``user``, everything one user
+contributes on the platform (user-level DP); ``dataset_size`` counts those units.
 """
 
 from __future__ import annotations
@@ -35,7 +37,15 @@ from common.errors import FedFuseError
 
 LEDGER_FILE = "privacy_ledger.json"
 FORMAT = "fedfuse-privacy-ledger/1"
-PRIVACY_UNIT = "one labelled example (record-level)"
+EXAMPLE, USER = "example", "user"
+# What each unit's ε is about, as the ledger header states it.
+PRIVACY_UNITS = {
+    EXAMPLE: "example: one training unit (record-level: a liked item with its own sampled "
+    "negatives, or one labelled example under the bce objective)",
+    USER: "user: all of one user's training units on the platform (user-level)",
+}
+# Ledgers written before the unit was configurable record this long form of ``example``.
+LEGACY_UNITS = {"one labelled example (record-level)": EXAMPLE}
 PRV_EPS_ERROR = 0.01
 PRV_RELATIVE_ERROR = 0.005
 
@@ -63,7 +73,8 @@ class Mechanism:
 
     ``kind`` says what was released: a round of DP-SGD (σ, q, C as Opacus ran them), or a
     Gaussian-mechanism histogram (q = 1, one step, ``max_grad_norm`` = its L2 sensitivity).
-    Both are the same event to an accountant.
+    Both are the same event to an accountant. ``unit``: the privacy unit its sensitivity is
+    bounded for (the ledger accepts only its own).
     """
 
     noise_multiplier: float
@@ -71,10 +82,20 @@ class Mechanism:
     steps: int
     max_grad_norm: float
     kind: str = DP_SGD
+    unit: str = EXAMPLE
 
     def history(self) -> tuple[float, float, int]:
         """Opacus accountant history entry (σ, q, steps)."""
         return (self.noise_multiplier, self.sample_rate, self.steps)
+
+
+def unit_of(recorded: str) -> str | None:
+    """``EXAMPLE`` or ``USER`` for a ledger header's privacy unit (its name, its description or
+    an older ledger's form); None if not recognised."""
+    for unit, description in PRIVACY_UNITS.items():
+        if recorded in (unit, description):
+            return unit
+    return LEGACY_UNITS.get(recorded)
 
 
 def _merged_history(mechanisms: list[Mechanism]) -> list[tuple[float, float, int]]:
@@ -146,22 +167,26 @@ class PrivacyLedger:
         delta: float,
         epsilon_budget: float,
         dataset_size: int,
+        unit: str = EXAMPLE,
     ) -> PrivacyLedger:
         """Load and verify the platform's ledger, or start an empty one (written on first round).
 
-        The header (platform, δ, budget, dataset size, privacy unit) is fixed when the ledger is
-        created: a later run with other values is refused rather than silently re-based.
+        The header (platform, δ, budget, privacy unit, ``dataset_size`` in that unit: training
+        units or users) is fixed when the ledger is created: a later run with other values is
+        refused rather than silently re-based — a budget spent per example says nothing per
+        user, and the reverse.
         """
+        noun = "users" if unit == USER else "training units"
         if not 0 < delta < 1 / dataset_size:
             raise LedgerError(
                 f"dp.delta = {delta:g} must be in (0, 1/N) = (0, {1 / dataset_size:.3g}) "
-                f"for the {dataset_size} training examples of platform {platform!r}"
+                f"for the {dataset_size} {noun} of platform {platform!r}"
             )
         path = Path(state_dir) / LEDGER_FILE
         header = {
             "format": FORMAT,
             "platform": platform,
-            "privacy_unit": PRIVACY_UNIT,
+            "privacy_unit": PRIVACY_UNITS[unit],
             "delta": delta,
             "epsilon_budget": epsilon_budget,
             "dataset_size": dataset_size,
@@ -169,8 +194,13 @@ class PrivacyLedger:
         if not path.exists():
             return cls(path, header, [])
         ledger = cls.load(path)
+        if ledger.unit != unit:
+            raise LedgerError(
+                f"{path}: ledger was created for privacy unit {ledger.unit!r}, this run has "
+                f"dp.unit = {unit!r}; use a new state folder to start a new budget"
+            )
         for key, value in header.items():
-            if ledger.header.get(key) != value:
+            if key != "privacy_unit" and ledger.header.get(key) != value:
                 raise LedgerError(
                     f"{path}: ledger was created with {key} = {ledger.header.get(key)!r}, "
                     f"this run has {value!r}; use a new state folder to start a new budget"
@@ -210,6 +240,10 @@ class PrivacyLedger:
     def budget(self) -> float:
         return float(self.header["epsilon_budget"])
 
+    @property
+    def unit(self) -> str | None:
+        return unit_of(str(self.header["privacy_unit"]))
+
     def mechanisms(self) -> list[Mechanism]:
         return [
             Mechanism(
@@ -218,6 +252,7 @@ class PrivacyLedger:
                 e["steps"],
                 e["max_grad_norm"],
                 e.get("kind", DP_SGD),
+                e.get("unit", self.unit),
             )
             for e in self.entries
         ]
@@ -270,7 +305,13 @@ class PrivacyLedger:
         (:class:`RoundAlreadyCharged`): no restart, replay or duplicate message trains a round
         twice or takes the platform past its budget. A round that fails after its charge stays
         charged: the noise it would have drawn is spent either way, which errs on the safe side.
+        A mechanism of another privacy unit than the ledger's is refused.
         """
+        if self.unit is not None and mechanism.unit != self.unit:
+            raise LedgerError(
+                f"{self.path}: a {mechanism.unit}-level mechanism cannot be charged to a ledger "
+                f"of privacy unit {self.unit!r}"
+            )
         with self._synchronised():
             charged = [e for e in self.entries if e["server_round"] == server_round]
             if charged:

@@ -109,17 +109,23 @@ class PlatformClient:
             config.train,
             config.dp,
         )
-        examples = len(self.trainer.examples)
-        self.steps = steps_per_round(examples, config.train, config.dp)
+        units = self.trainer.privacy_units
+        self.steps = steps_per_round(units, config.train, config.dp)
         self.ledger: PrivacyLedger | None = None
         self.noise_multiplier: float | None = None
         uses_prior = config.model.scorer == "item_tower" and config.prior.enabled
         self.prior_counts: dict[str, float] | None = None
         if config.dp.enabled:
             self.ledger = PrivacyLedger.open(
-                identity.state_dir, identity.name, config.dp.delta, config.dp.budget, examples
+                identity.state_dir,
+                identity.name,
+                config.dp.delta,
+                config.dp.budget,
+                units,
+                config.dp.unit,
             )
-            committed = [prior_mechanism(config.prior.noise_multiplier)] if uses_prior else []
+            prior = prior_mechanism(config.prior.noise_multiplier, config.dp.unit)
+            committed = [prior] if uses_prior else []
             self.noise_multiplier = calibrate_noise(
                 config.dp,
                 self.trainer.sample_rate,
@@ -144,7 +150,8 @@ class PlatformClient:
 
     @property
     def num_examples(self) -> int:
-        """Training units: the DP unit count behind the sample rate (and FedAvg's weight)."""
+        """Training units (FedAvg's weight; under ``dp.unit = 'user'`` the sample rate counts
+        users instead, ``trainer.privacy_units``)."""
         return len(self.trainer.examples)
 
     def planned_mechanism(self) -> Mechanism | None:
@@ -155,6 +162,7 @@ class PlatformClient:
             self.trainer.sample_rate,
             self.steps,
             self.config.dp.max_grad_norm,
+            unit=self.config.dp.unit,
         )
 
     def _load(self, arrays: dict[str, np.ndarray]) -> None:

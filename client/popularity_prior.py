@@ -2,10 +2,10 @@
 
 Item popularity ranks held-out items far better than an untrained text model, so the scorer
 adds it as a feature. Counting is a function of the platform's data, so under DP it is a
-mechanism like any other: the histogram of positive train examples per catalogue item plus
-N(0, σ²) noise per item. One labelled example — the privacy unit — adds 1 to at most one
-count, so the L2 sensitivity is 1 and the release is a Gaussian mechanism with noise
-multiplier σ, recorded in the platform's ledger (q = 1, one step) before anything is drawn and
+mechanism like any other: a histogram over catalogue items plus N(0, σ²) noise per item. Each
+privacy unit's contribution to the histogram has L2 norm at most 1 (:func:`unit_histogram`),
+so the L2 sensitivity is 1 and the release is a Gaussian mechanism with noise multiplier σ,
+recorded in the platform's ledger in its unit (q = 1, one step) before anything is drawn and
 composed with every DP-SGD round.
 
 The noisy counts are released once per platform and budget: they are kept in the state folder
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.ledger import GAUSSIAN_HISTOGRAM, LedgerError, Mechanism, PrivacyLedger
+from client.ledger import EXAMPLE, GAUSSIAN_HISTOGRAM, USER, LedgerError, Mechanism, PrivacyLedger
 from common.atomic import atomic_write
 from common.task import PlatformTask
 
@@ -38,9 +38,30 @@ def positive_counts(task: PlatformTask) -> dict[str, float]:
     }
 
 
-def prior_mechanism(noise_multiplier: float) -> Mechanism:
+def unit_histogram(task: PlatformTask, unit: str) -> dict[str, float]:
+    """The histogram the release noises, one privacy unit adding a vector of L2 norm ≤ 1.
+
+    ``example``: the positive train examples per item (one adds 1 to one count). ``user``: one
+    person likes many items, so each user adds their counts of liked items scaled to norm 1
+    — 1/√n to each of n distinct items; among contributions of norm 1 that one adds the most
+    to the histogram's total.
+    """
+    if unit != USER:
+        return positive_counts(task)
+    liked: dict[str, Counter[str]] = {}
+    for example in task.train:
+        if example.label:
+            liked.setdefault(example.user, Counter())[example.candidate] += 1
+    histogram: Counter[str] = Counter()
+    for counts in liked.values():
+        norm = math.sqrt(sum(n * n for n in counts.values()))
+        histogram.update({item: n / norm for item, n in counts.items()})
+    return dict(histogram)
+
+
+def prior_mechanism(noise_multiplier: float, unit: str = EXAMPLE) -> Mechanism:
     """The release as the ledger records it: one Gaussian step on the whole histogram."""
-    return Mechanism(noise_multiplier, 1.0, 1, 1.0, GAUSSIAN_HISTOGRAM)
+    return Mechanism(noise_multiplier, 1.0, 1, 1.0, GAUSSIAN_HISTOGRAM, unit)
 
 
 def prior_scores(counts: dict[str, float]) -> dict[str, float]:
@@ -79,16 +100,17 @@ def popularity_prior(
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.exists():
             return read_prior(path, noise_multiplier)
-        mechanism = prior_mechanism(noise_multiplier)
-        ledger.charge(0, mechanism)
+        unit = str(ledger.unit)
+        ledger.charge(0, prior_mechanism(noise_multiplier, unit))
         noise = np.random.default_rng().normal(0.0, noise_multiplier, len(items))  # OS entropy
-        exact = positive_counts(task)
+        exact = unit_histogram(task, unit)
         noisy = np.array([exact.get(item, 0.0) for item in items]) + noise
         document = {
             "format": FORMAT,
             "platform": ledger.header["platform"],
             "mechanism": GAUSSIAN_HISTOGRAM,
             "noise_multiplier": noise_multiplier,
+            "privacy_unit": unit,
             "l2_sensitivity": 1.0,
             "counts": dict(zip(items, noisy.tolist(), strict=True)),
         }

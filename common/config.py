@@ -173,7 +173,7 @@ class DPConfig(BaseModel):
         description="ε a platform never exceeds (default: target_epsilon)",
     )
     delta: float = Field(
-        1e-5, gt=0, lt=1, allow_inf_nan=False, description="δ; must be < 1/(train examples)"
+        1e-5, gt=0, lt=1, allow_inf_nan=False, description="δ; must be < 1/N (N privacy units)"
     )
     noise_multiplier: float | None = Field(
         None,
@@ -182,13 +182,29 @@ class DPConfig(BaseModel):
         description="fixed σ instead of calibrating it to target_epsilon",
     )
     max_grad_norm: float = Field(
-        1.0, gt=0, allow_inf_nan=False, description="per-example clip norm C"
+        1.0, gt=0, allow_inf_nan=False, description="clip norm C of each privacy unit's gradient"
     )
     expected_batch_size: int = Field(
-        256, ge=1, description="expected logical batch; Poisson sample rate = this / N"
+        256,
+        ge=1,
+        description="expected logical batch in training units; Poisson sample rate = this / N "
+        "(unit 'user': this / max_examples_per_user users of the N users)",
+    )
+    unit: Literal["example", "user"] = Field(
+        "example",
+        description="privacy unit: one training unit (record-level) or everything one user "
+        "contributes (user-level: users sampled, each user's summed gradient clipped)",
+    )
+    max_examples_per_user: int = Field(
+        8,
+        ge=1,
+        description="unit 'user': k, the most training units a sampled user contributes to a "
+        "step (a random subset)",
     )
     clipping: Literal["auto", "hooks", "ghost"] = Field(
-        "auto", description="Opacus per-sample gradients: auto picks the measured faster one"
+        "auto",
+        description="Opacus per-sample gradients: auto picks the measured faster one "
+        "(unit 'user': hooks)",
     )
     state_dir: str = Field(
         "state",
@@ -197,9 +213,22 @@ class DPConfig(BaseModel):
         "as given (its ledgers, and budgets, then span runs)",
     )
 
+    @model_validator(mode="after")
+    def _user_level_needs_rows(self) -> DPConfig:
+        # ghost clipping never materialises per-sample gradients, so there is nothing to sum
+        # per user before clipping
+        if self.unit == "user" and self.clipping == "ghost":
+            raise ValueError("dp.unit = 'user' needs dp.clipping = 'hooks' or 'auto', not 'ghost'")
+        return self
+
     @property
     def budget(self) -> float:
         return self.epsilon_budget if self.epsilon_budget is not None else self.target_epsilon
+
+    @property
+    def user_level(self) -> bool:
+        """Whether training protects users: only DP training has a privacy unit."""
+        return self.enabled and self.unit == "user"
 
 
 class PriorConfig(BaseModel):
@@ -212,7 +241,8 @@ class PriorConfig(BaseModel):
         10.0,
         gt=0,
         allow_inf_nan=False,
-        description="σ of the Gaussian mechanism on the item histogram (sensitivity 1)",
+        description="σ of the Gaussian mechanism on the item histogram (sensitivity 1 per "
+        "privacy unit)",
     )
 
 

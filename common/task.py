@@ -101,13 +101,15 @@ def build_task(data: PlatformData, config: TaskConfig | None = None) -> Platform
     # Stable order: by time, ties broken by file order, so the split never depends on sorting luck.
     order = np.lexsort((np.arange(data.num_interactions), data.timestamps, data.users))
     task = PlatformTask(platform=data.name)
-    train_rng = _rng(config.seed, data.name, "train-negatives")
     eval_rng = _rng(config.seed, data.name, "eval-negatives")
 
     users = data.users[order]
     boundaries = np.flatnonzero(users[1:] != users[:-1]) + 1
     for rows in np.split(order, boundaries):
         user = str(data.users[rows[0]])
+        # a generator per user: a user's training units depend on their own data alone, so
+        # adding or removing a user (the user-level DP neighbour) changes no one else's
+        train_rng = _rng(config.seed, data.name, f"train-negatives:{user}")
         seen = {str(item) for item in data.items[rows]}
         positive_positions = [k for k, row in enumerate(rows) if positive[row]]
         held_out = len(positive_positions) >= config.min_positives

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -10,10 +11,12 @@ from typing import Any
 
 import pytest
 
-from client.ledger import LEDGER_FILE, _digest
+from client.ledger import EXAMPLE, LEDGER_FILE, PRIVACY_UNITS, USER, _digest
 from client.platform_client import LastReply, PrivateTensors
 from common.config import load_config
 from common.errors import FedFuseError
+from common.platform_data import read_dataset
+from common.task import build_task, training_units
 from common.wire_log import WIRE_LOG_FILE
 from server.audit.audit import (
     AUDIT_HTML,
@@ -28,16 +31,26 @@ from server.simulation.simulation import prepare_run, simulate
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory, write_run_config) -> Path:
-    """One real two-platform, two-round DP run shared by every test (each works on a copy)."""
-    root = tmp_path_factory.mktemp("audit")
-    config = write_run_config(root / "run.toml", train={"eval_max_cases": 5})
-    return simulate(prepare_run(load_config(config), root / "runs", "tiny"))
+def run_dirs(tmp_path_factory: pytest.TempPathFactory, write_run_config) -> Callable[[str], Path]:
+    """Real two-platform, two-round DP runs, one per privacy unit, each made when first asked
+    for and shared by every test (each works on a copy)."""
+    runs: dict[str, Path] = {}
+
+    def run_dir(unit: str) -> Path:
+        if unit not in runs:
+            root = tmp_path_factory.mktemp(f"audit-{unit}")
+            config = write_run_config(
+                root / "run.toml", train={"eval_max_cases": 5}, dp={"unit": unit}
+            )
+            runs[unit] = simulate(prepare_run(load_config(config), root / "runs", "tiny"))
+        return runs[unit]
+
+    return run_dir
 
 
 @pytest.fixture
-def copy(run_dir: Path, tmp_path: Path) -> Path:
-    return Path(shutil.copytree(run_dir, tmp_path / "run"))
+def copy(run_dirs: Callable[[str], Path], tmp_path: Path) -> Path:
+    return Path(shutil.copytree(run_dirs(EXAMPLE), tmp_path / "run"))
 
 
 def _codes(report: dict[str, Any]) -> list[str]:
@@ -64,14 +77,39 @@ def _edit_wire_log(path: Path, change: Callable[[list[dict[str, Any]]], None]) -
     path.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def test_a_real_run_audits_clean(copy: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def _privacy_units(synthetic_dir: Path, unit: str) -> dict[str, int]:
+    """N per platform: its training units, or its users with any."""
+    sizes = {}
+    for data in read_dataset(synthetic_dir):
+        units = training_units(build_task(data).train, "softmax")
+        sizes[data.name] = len({e.user for e in units}) if unit == USER else len(units)
+    return sizes
+
+
+@pytest.mark.parametrize("unit", [EXAMPLE, USER])
+def test_a_real_run_audits_clean(
+    run_dirs: Callable[[str], Path],
+    synthetic_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    unit: str,
+) -> None:
+    """Either unit: ε recomputed, the unit stated (users counted, q over users), the white-box
+    audit of the step in that unit, a person's ε about the unit."""
+    copy = Path(shutil.copytree(run_dirs(unit), tmp_path / "run"))
     assert main(["audit", str(copy)]) == 0
     printed = capsys.readouterr().out
     assert "flags: 0 (audit clean)" in printed and "| p0 |" in printed and "| p1 |" in printed
+    assert f"privacy unit: {PRIVACY_UNITS[unit]};" in printed
     report = json.loads((copy / AUDIT_JSON).read_text())
     assert report["flags"] == [] and report["dp_claimed"]
+    sizes = _privacy_units(synthetic_dir, unit)
+    expected = 4 if unit == USER else 32  # TINY_RUN: 32 training units, or 32 / k = 8 users
     for platform in report["platforms"]:
-        assert platform["hash_chain_intact"] and platform["privacy_unit"].startswith("one labelled")
+        assert platform["hash_chain_intact"] and platform["privacy_unit"] == PRIVACY_UNITS[unit]
+        size = platform["dataset_size"]
+        assert size == sizes[platform["platform"]]
+        assert platform["rounds"][-1]["sample_rate"] == 1 / math.ceil(size / min(size, expected))
         # round 0: the popularity prior's one Gaussian release, composed into the same ledger
         assert [(r["round"], r["mechanism"]) for r in platform["rounds"]] == [
             (0, "gaussian-histogram"),
@@ -93,6 +131,9 @@ def test_a_real_run_audits_clean(copy: Path, capsys: pytest.CaptureFixture[str])
     page = (copy / AUDIT_HTML).read_text()
     assert page.count("data:image/png;base64,") == 2 and "audit is clean" in page
     assert PRIVATE_ADAPTER_FILE == PrivateTensors.FILE and LAST_REPLY_FILE == LastReply.FILE
+    assert {row["privacy_unit"] for row in report["white_box"]["rows"]} == {unit}
+    about = "everything that person contributed" if unit == USER else "one training example"
+    assert about in report["person_epsilon"]["rows"][-1]["bounds"]
 
 
 def test_an_edited_ledger_entry_breaks_the_chain(copy: Path) -> None:

@@ -68,6 +68,14 @@ def test_file_and_overrides_combine(tmp_path: Path) -> None:
             "train.objective = 'softmax' needs model.scorer = 'item_tower'",
         ),
         ("", ["task.negatives_per_positive=0"], "needs task.negatives_per_positive >= 1"),
+        ("", ["dp.unit='person'"], "dp.unit: Input should be 'example' or 'user'"),
+        (
+            "",
+            ["dp.max_examples_per_user=0"],
+            "dp.max_examples_per_user: Input should be greater than or equal to 1",
+        ),
+        # ghost clipping has no per-sample rows to sum per user
+        ("", ["dp.unit='user'", "dp.clipping='ghost'"], "dp.unit = 'user' needs dp.clipping"),
     ],
 )
 def test_bad_configs_give_one_clear_line(
@@ -79,6 +87,13 @@ def test_bad_configs_give_one_clear_line(
         load_config(path, overrides)
     assert message in str(caught.value)
     assert "\n" not in str(caught.value)
+
+
+def test_the_privacy_unit_is_per_example_unless_chosen() -> None:
+    assert load_config().dp.unit == "example" and load_config().dp.max_examples_per_user == 8
+    chosen = load_config(None, ["dp.unit='user'", "dp.max_examples_per_user=4"]).dp
+    assert (chosen.unit, chosen.max_examples_per_user, chosen.user_level) == ("user", 4, True)
+    assert not load_config(None, ["dp.unit='user'", "dp.enabled=false"]).dp.user_level
 
 
 def test_the_objective_follows_the_scorer_unless_chosen() -> None:

@@ -1,26 +1,56 @@
-"""DP-SGD local training: real updates, exact reference step, per-example clipping, accounting."""
+"""DP-SGD local training: real updates, exact reference step, clipping per privacy unit
+(training unit or user), accounting."""
 
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from client.dp_training import LocalTrainer, calibrate_noise, sample_rate, steps_per_round
-from client.ledger import Mechanism, epsilon
+from client.dp_training import (
+    LocalTrainer,
+    calibrate_noise,
+    expected_batch,
+    sample_rate,
+    steps_per_round,
+)
+from client.ledger import EXAMPLE, USER, Mechanism, epsilon
 from common.adapters import load_trainable_arrays, trainable_arrays
 from common.config import DPConfig, LoraSettings, ModelConfig, TrainConfig
 from common.errors import ConfigError
 from common.model import TextFeaturizer, build_scorer, load_backbone
 from common.platform_data import read_dataset
-from common.task import build_task, training_units
+from common.task import Example, build_task, training_units
 from common.training import loss_on
 
 HUGE_CLIP = 1e9
+
+
+def _full_batch(examples: int, clip: float, unit: str = EXAMPLE, **dp: object) -> DPConfig:
+    """q = 1 in either unit (the expected batch is capped at N), every unit of every user."""
+    return DPConfig(
+        expected_batch_size=examples * examples,
+        max_examples_per_user=examples,
+        max_grad_norm=clip,
+        unit=unit,
+        **dp,
+    )
+
+
+def _privacy_units(examples: list[Example], unit: str) -> list[list[Example]]:
+    """The training units of each privacy unit: one each, or every unit of one user."""
+    if unit == EXAMPLE:
+        return [[e] for e in examples]
+    users: dict[str, list[Example]] = {}
+    for example in examples:
+        users.setdefault(example.user, []).append(example)
+    return list(users.values())
 
 
 @pytest.fixture(scope="module")
@@ -60,10 +90,17 @@ def _setup(
 
 
 def _reference_update(
-    scorer, featurizer, examples, clip: float, lr: float, through_adapters: bool = True
+    scorer,
+    featurizer,
+    examples,
+    clip: float,
+    lr: float,
+    through_adapters: bool = True,
+    unit: str = EXAMPLE,
 ) -> dict[str, np.ndarray]:
-    """Plain PyTorch: per-unit gradients (one unit at a time, so the candidates' rows are
-    summed by autograd, not folded), each clipped to ``clip``, averaged, one SGD step.
+    """Plain PyTorch: per-privacy-unit gradients — of one training unit's loss, or of the sum
+    of a user's units' losses (autograd sums the candidates' rows and a user's units, nothing
+    is folded) — each clipped to ``clip``, averaged over the privacy units, one SGD step.
     ``through_adapters`` = False: the item tower's head-only step."""
     reference = copy.deepcopy(scorer)
     reference.prepare(featurizer)
@@ -73,45 +110,51 @@ def _reference_update(
         if p.requires_grad and (through_adapters or n.startswith("head."))
     }
     total = {n: torch.zeros_like(p) for n, p in params.items()}
-    for example in examples:
+    groups = _privacy_units(examples, unit)
+    for group in groups:
         reference.zero_grad(set_to_none=True)
-        loss_on(reference, featurizer, [example], through_adapters).backward()
+        (loss_on(reference, featurizer, group, through_adapters) * len(group)).backward()
         norm = torch.sqrt(sum((p.grad**2).sum() for p in params.values()))
         factor = min(1.0, clip / (float(norm) + 1e-6))
         for name, p in params.items():
             total[name] += p.grad * factor
     with torch.no_grad():
         for name, p in params.items():
-            p -= lr * total[name] / len(examples)
+            p -= lr * total[name] / len(groups)
     return trainable_arrays(reference)
 
 
 @pytest.mark.parametrize(
-    ("kind", "mode", "objective"),
+    ("kind", "mode", "objective", "unit"),
     [
-        ("item_tower", "hooks", "softmax"),
-        ("item_tower", "hooks", "bce"),
-        ("two_tower", "hooks", ""),
-        ("cross", "hooks", ""),
-        ("cross", "ghost", ""),
+        ("item_tower", "hooks", "softmax", EXAMPLE),
+        ("item_tower", "hooks", "bce", EXAMPLE),
+        ("two_tower", "hooks", "", EXAMPLE),
+        ("cross", "hooks", "", EXAMPLE),
+        ("cross", "ghost", "", EXAMPLE),
+        ("item_tower", "hooks", "softmax", USER),  # 4 users of 4, 4, 3 and 1 units
+        ("cross", "hooks", "", USER),  # one user of 12 units, over chunks of 5
     ],
 )
 def test_dp_step_without_noise_equals_the_plain_step(
-    tiny_bert_dir: Path, platform, kind: str, mode: str, objective: str
+    tiny_bert_dir: Path, platform, kind: str, mode: str, objective: str, unit: str
 ) -> None:
     """σ = 0, huge clip, q = 1: DP-SGD must be exactly plain full-batch SGD (peft + Opacus).
-    Under the softmax objective this checks the folding of each unit's candidate rows."""
+    Under the softmax objective this checks the folding of each unit's candidate rows; under
+    the user unit, that a user's gradient is the plain sum of their units' (a chunk never
+    splits a user)."""
     examples = 12
-    dp = DPConfig(expected_batch_size=examples, max_grad_norm=HUGE_CLIP, clipping=mode)
+    dp = _full_batch(examples, HUGE_CLIP, unit, clipping=mode)
     scorer, featurizer, chosen, trainer = _setup(
         tiny_bert_dir, platform, kind, examples, dp, objective, optimizer="sgd", batch_size=5
     )
     assert trainer.sample_rate == 1.0
-    expected = _reference_update(scorer, featurizer, chosen, HUGE_CLIP, lr=0.5)
+    assert trainer.privacy_units == len(_privacy_units(chosen, unit))
+    expected = _reference_update(scorer, featurizer, chosen, HUGE_CLIP, lr=0.5, unit=unit)
     before = trainable_arrays(scorer)
     result = trainer.run(steps=1, learning_rate=0.5, noise_multiplier=0.0)
     after = trainable_arrays(scorer)
-    assert result.mechanism == Mechanism(0.0, 1.0, 1, HUGE_CLIP)
+    assert result.mechanism == Mechanism(0.0, 1.0, 1, HUGE_CLIP, unit=unit)
     assert any(not np.allclose(before[n], after[n]) for n in before if "lora_A" in n)
     assert any(not np.allclose(before[n], after[n]) for n in before if "lora_B" in n)
     for name in before:
@@ -119,18 +162,24 @@ def test_dp_step_without_noise_equals_the_plain_step(
 
 
 @pytest.mark.parametrize(
-    ("kind", "mode"), [("item_tower", "hooks"), ("two_tower", "hooks"), ("cross", "ghost")]
+    ("kind", "mode", "unit"),
+    [
+        ("item_tower", "hooks", EXAMPLE),
+        ("two_tower", "hooks", EXAMPLE),
+        ("cross", "ghost", EXAMPLE),
+        ("item_tower", "hooks", USER),
+    ],
 )
-def test_each_example_is_clipped_to_the_bound(
-    tiny_bert_dir: Path, platform, kind: str, mode: str
+def test_each_privacy_unit_is_clipped_to_the_bound(
+    tiny_bert_dir: Path, platform, kind: str, mode: str, unit: str
 ) -> None:
     examples, clip, lr = 10, 1e-3, 1.0
-    dp = DPConfig(expected_batch_size=examples, max_grad_norm=clip, clipping=mode)
+    dp = _full_batch(examples, clip, unit, clipping=mode)
     scorer, featurizer, chosen, trainer = _setup(
         tiny_bert_dir, platform, kind, examples, dp, optimizer="sgd", batch_size=4
     )
-    unclipped = _reference_update(scorer, featurizer, chosen, HUGE_CLIP, lr)
-    expected = _reference_update(scorer, featurizer, chosen, clip, lr)
+    unclipped = _reference_update(scorer, featurizer, chosen, HUGE_CLIP, lr, unit=unit)
+    expected = _reference_update(scorer, featurizer, chosen, clip, lr, unit=unit)
     before = trainable_arrays(scorer)
     trainer.run(steps=1, learning_rate=lr, noise_multiplier=0.0)
     after = trainable_arrays(scorer)
@@ -144,21 +193,25 @@ def test_each_example_is_clipped_to_the_bound(
         np.testing.assert_allclose(after[name], expected[name], rtol=1e-3, atol=1e-7, err_msg=name)
 
 
+@pytest.mark.parametrize("unit", [EXAMPLE, USER])
 def test_head_only_steps_match_the_reference_and_leave_the_adapters_untouched(
-    tiny_bert_dir: Path, platform
+    tiny_bert_dir: Path, platform, unit: str
 ) -> None:
     """``train.adapter_every = 2``: step 0 trains adapters and head, step 1 the head alone on
     the item vectors recomputed after step 0 — each exactly the plain reference step (σ = 0,
-    huge clip, q = 1) — and a noisy head-only step adds no noise to the adapters."""
+    huge clip, q = 1; under the user unit both fold each user's units into one row) — and a
+    noisy head-only step adds no noise to the adapters."""
     examples, lr = 10, 0.5
-    dp = DPConfig(expected_batch_size=examples, max_grad_norm=HUGE_CLIP, clipping="hooks")
+    dp = _full_batch(examples, HUGE_CLIP, unit, clipping="hooks")
     scorer, featurizer, chosen, trainer = _setup(
         tiny_bert_dir, platform, "item_tower", examples, dp, optimizer="sgd", adapter_every=2
     )
-    first = _reference_update(scorer, featurizer, chosen, HUGE_CLIP, lr)
+    first = _reference_update(scorer, featurizer, chosen, HUGE_CLIP, lr, unit=unit)
     midway = copy.deepcopy(scorer)
     load_trainable_arrays(midway, first)
-    expected = _reference_update(midway, featurizer, chosen, HUGE_CLIP, lr, through_adapters=False)
+    expected = _reference_update(
+        midway, featurizer, chosen, HUGE_CLIP, lr, through_adapters=False, unit=unit
+    )
     before = trainable_arrays(scorer)
     trainer.run(steps=2, learning_rate=lr, noise_multiplier=0.0)
     after = trainable_arrays(scorer)
@@ -175,6 +228,118 @@ def test_head_only_steps_match_the_reference_and_leave_the_adapters_untouched(
     noisy = trainable_arrays(scorer)
     assert all(np.array_equal(noisy[n], after[n]) for n in adapters)
     assert all(not np.array_equal(noisy[n], after[n]) for n in after if n not in adapters)
+
+
+class _ClippedRows:
+    """Probe: each row Opacus clips (per privacy unit) and the clipped sum it accumulates,
+    by tensor name, for every clipping call."""
+
+    def __init__(self, scorer: nn.Module) -> None:
+        self.names = {id(p): n for n, p in scorer.named_parameters()}
+        self.rows: list[dict[str, torch.Tensor]] = []
+        self.summed: list[dict[str, torch.Tensor]] = []
+
+    def __call__(self, optimizer: DPOptimizer) -> None:
+        clip = optimizer.clip_and_accumulate
+
+        def recording() -> None:
+            params = {self.names[id(p)]: p for p in optimizer.params}
+            self.rows.append({n: p.grad_sample.detach().clone() for n, p in params.items()})
+            clip()
+            self.summed.append({n: p.summed_grad.detach().clone() for n, p in params.items()})
+
+        optimizer.clip_and_accumulate = recording
+
+
+def _norm(tensors: dict[str, torch.Tensor]) -> float:
+    return float(torch.sqrt(sum((t.double() ** 2).sum() for t in tensors.values())))
+
+
+@pytest.mark.parametrize("clip", [1e-3, HUGE_CLIP])
+def test_a_users_row_is_the_sum_of_their_units_gradients_clipped_to_c(
+    tiny_bert_dir: Path, platform, clip: float
+) -> None:
+    """One user of 4 units, σ = 0, an adapter step then a head-only step: Opacus clips one row
+    per step, the plain sum of the user's unit gradients (each as the example-level step
+    has it), and accumulates it clipped: norm C when the sum is longer, else the sum itself.
+    Chunks of 2 units: the user is kept whole in one chunk."""
+    dp = _full_batch(4, clip, USER, clipping="hooks")
+    scorer, featurizer, chosen, trainer = _setup(
+        tiny_bert_dir, platform, "item_tower", 4, dp, adapter_every=2, batch_size=2
+    )
+    assert len({e.user for e in chosen}) == 1 and trainer.privacy_units == 1
+    reference = copy.deepcopy(scorer)
+    reference.prepare(featurizer)
+    probe = _ClippedRows(scorer)
+    trainer.probe = probe
+    trainer.run(steps=2, learning_rate=0.0, noise_multiplier=0.0)  # lr 0: both see one model
+    assert len(probe.rows) == 2
+    for through_adapters, rows, summed in zip((True, False), probe.rows, probe.summed, strict=True):
+        total = {n: torch.zeros_like(r[0]) for n, r in rows.items()}
+        for unit in chosen:
+            reference.zero_grad(set_to_none=True)
+            loss_on(reference, featurizer, [unit], through_adapters).backward()
+            for name, p in reference.named_parameters():
+                if name in total:
+                    total[name] += p.grad
+        assert all(r.shape[0] == 1 for r in rows.values())  # one row: the user's
+        assert any(n.startswith("encoder.") for n in rows) == through_adapters
+        for name, row in rows.items():
+            torch.testing.assert_close(row[0], total[name], rtol=1e-4, atol=1e-7)
+        unclipped = _norm(total)
+        assert _norm(summed) == pytest.approx(min(clip, unclipped), rel=1e-4)
+        if clip < 1:
+            assert unclipped > 20 * clip  # the bound binds
+
+
+def test_a_user_brings_at_most_k_of_their_units_a_uniform_random_subset(
+    tiny_bert_dir: Path, platform
+) -> None:
+    k = 2
+    dp = DPConfig(unit=USER, expected_batch_size=2 * k, max_examples_per_user=k)  # 2 users
+    _, _, chosen, trainer = _setup(tiny_bert_dir, platform, "item_tower", 12, dp, batch_size=4)
+    largest = max(trainer.groups, key=len)
+    assert len(largest) == 4
+    generator = torch.Generator().manual_seed(0)
+    drawn: Counter[Example] = Counter()
+    for _ in range(2000):
+        (units,) = trainer._sampled(torch.tensor([trainer.groups.index(largest)]), generator)
+        assert len(set(units)) == k and set(units) <= set(largest)
+        drawn.update(units)
+    assert all(abs(drawn[unit] - 1000) < 100 for unit in largest)  # each with chance k / 4
+
+    batches: list[list[list[Example]]] = []
+    physical = trainer._physical
+
+    def recording(batch: list[list[Example]]):
+        batches.append(batch)
+        return physical(batch)
+
+    trainer._physical = recording  # type: ignore[method-assign]
+    trainer.run(steps=6, learning_rate=1e-3, noise_multiplier=1.0)
+    assert len(batches) == 6
+    for batch in batches:
+        users = [group[0].user for group in batch]
+        assert len(set(users)) == len(users)  # a user is drawn once per step
+        assert all(
+            len(group) <= k and {e.user for e in group} == {group[0].user} for group in batch
+        )
+    assert max(len(group) for batch in batches for group in batch) == k
+
+
+def test_under_the_user_unit_poisson_sampling_draws_users(tiny_bert_dir: Path, platform) -> None:
+    """q = expected users / N users; an expected batch of B training units is B / k users."""
+    default = DPConfig(unit=USER, expected_batch_size=1024, max_examples_per_user=8)
+    assert expected_batch(default) == 128
+    assert sample_rate(934, default) == 1 / 8  # ML-100K action_scifi's users: ⌈934 / 128⌉
+    assert steps_per_round(934, TrainConfig(local_epochs=0.6), default) == 5
+    assert expected_batch(default.model_copy(update={"enabled": False})) == 1024  # no unit
+    dp = DPConfig(unit=USER, expected_batch_size=4, max_examples_per_user=2, clipping="hooks")
+    _, _, chosen, trainer = _setup(tiny_bert_dir, platform, "item_tower", 12, dp, batch_size=4)
+    users = len({e.user for e in chosen})
+    assert trainer.privacy_units == users == 4 and trainer.sample_rate == 1 / 2
+    result = trainer.run(steps=2, learning_rate=1e-3, noise_multiplier=1.0)
+    assert result.mechanism == Mechanism(1.0, 1 / 2, 2, 1.0, unit=USER)  # as Opacus ran it
 
 
 def test_noisy_dp_training_changes_the_adapters_and_runs_empty_batches(
@@ -203,12 +368,19 @@ def test_plain_mode_is_the_same_loop_without_privacy(tiny_bert_dir: Path, platfo
     assert any(not np.array_equal(before[n], v) for n, v in trainable_arrays(scorer).items())
 
 
-def test_ghost_clipping_is_refused_for_two_tower(tiny_bert_dir: Path, platform) -> None:
+def test_ghost_clipping_is_refused_for_two_tower_and_the_user_unit(
+    tiny_bert_dir: Path, platform
+) -> None:
     _, _, _, trainer = _setup(tiny_bert_dir, platform, "two_tower", 10, DPConfig(clipping="ghost"))
     with pytest.raises(ConfigError, match="ghost"):
         trainer.clipping_mode()
     _, _, _, auto = _setup(tiny_bert_dir, platform, "two_tower", 10, DPConfig(clipping="auto"))
     assert auto.clipping_mode() == "hooks"
+    # nor for the user unit, whichever scorer, even set past the configuration's validation
+    user = DPConfig(unit="user").model_copy(update={"clipping": "ghost"})
+    _, _, _, trainer = _setup(tiny_bert_dir, platform, "cross", 10, user)
+    with pytest.raises(ConfigError, match="dp.unit = 'user' needs"):
+        trainer.clipping_mode()
 
 
 def test_noise_is_calibrated_for_the_whole_planned_run() -> None:

@@ -78,18 +78,31 @@ def test_mu_lower_bound() -> None:
 # --- the canaries in the real DP step ------------------------------------------------------
 
 
-def test_without_noise_each_canary_coordinate_is_its_clipped_contribution() -> None:
+def _config(unit: str, scorer: str = "item_tower") -> RunConfig:
+    return RunConfig.model_validate({"model": {"scorer": scorer}, "dp": {"unit": unit}})
+
+
+@pytest.mark.parametrize("unit", ["example", "user"])
+def test_without_noise_each_canary_coordinate_is_its_clipped_contribution(unit: str) -> None:
     """σ = 0: a canary of norm 1000 C adds exactly C to its coordinate (clipping binds), an
-    absent one nothing, and the real examples' rows add nothing there."""
-    probe = run_canaries(0.0, 0.5, trials=1_000)
+    absent one nothing, and the real rows (examples, or users of two units) add nothing
+    there."""
+    probe = run_canaries(0.0, 0.5, _config(unit), trials=1_000)
     assert probe.observed.shape == (2, 500) and 400 < probe.included.sum() < 600
     np.testing.assert_allclose(probe.observed, 0.5 * probe.included, rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("scorer", ["item_tower", "cross", "two_tower"])
-def test_the_correct_step_is_not_flagged(scorer: str) -> None:
-    config = RunConfig.model_validate({"model": {"scorer": scorer}})
-    result = audit_dp_step(SIGMA, CLIP, DELTA, config=config, trials=TRIALS)
+@pytest.mark.parametrize(
+    ("scorer", "unit"),
+    [
+        ("item_tower", "example"),
+        ("cross", "example"),
+        ("two_tower", "example"),
+        ("item_tower", "user"),
+    ],
+)
+def test_the_correct_step_is_not_flagged(scorer: str, unit: str) -> None:
+    result = audit_dp_step(SIGMA, CLIP, DELTA, config=_config(unit, scorer), trials=TRIALS)
     assert not result.flagged and result.trials == TRIALS
     assert result.epsilon_theoretical == pytest.approx(4.387, abs=1e-3)
     # measured: μ ≥ 0.89–0.92 against 1/σ = 1 (ε ≥ 3.84–3.98 of 4.39)
@@ -129,11 +142,12 @@ BUGS: dict[str, tuple[object, str, Callable[..., Any]]] = {
 
 # μ ≥ measured with TRIALS at σ = 1 (1/σ = 1; no error at all certifies 2 Φ⁻¹(1 − 3.7/2000)):
 # noise 0: 5.81; clipping off and clip norm 10⁶: 3.38 (no canary missed); noise halved: 1.81.
+@pytest.mark.parametrize("unit", ["example", "user"])
 @pytest.mark.parametrize("bug", list(BUGS))
-def test_each_injected_bug_is_flagged(bug: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_injected_bug_is_flagged(bug: str, unit: str, monkeypatch: pytest.MonkeyPatch) -> None:
     owner, name, replacement = BUGS[bug]
     monkeypatch.setattr(owner, name, replacement)
-    result = audit_dp_step(SIGMA, CLIP, DELTA, trials=TRIALS)
+    result = audit_dp_step(SIGMA, CLIP, DELTA, config=_config(unit), trials=TRIALS)
     assert result.flagged and result.epsilon_lower_bound > result.epsilon_theoretical
     assert result.mu_lower_bound > 1.5 / SIGMA
 

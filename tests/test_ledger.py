@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import dp_accounting
@@ -12,8 +13,10 @@ from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
 from client.ledger import (
+    EXAMPLE,
     LEDGER_FILE,
-    PRIVACY_UNIT,
+    PRIVACY_UNITS,
+    USER,
     BudgetExhausted,
     LedgerError,
     Mechanism,
@@ -40,8 +43,10 @@ def independent_epsilon(mechanisms: list[Mechanism], delta: float, kind: str) ->
     return accountant.get_epsilon(delta)
 
 
-def _open(state: Path, budget: float = 50.0, delta: float = 1e-5) -> PrivacyLedger:
-    return PrivacyLedger.open(state, "kids_family", delta, budget, dataset_size=20_000)
+def _open(
+    state: Path, budget: float = 50.0, delta: float = 1e-5, unit: str = EXAMPLE
+) -> PrivacyLedger:
+    return PrivacyLedger.open(state, "kids_family", delta, budget, dataset_size=20_000, unit=unit)
 
 
 def test_every_recorded_epsilon_is_reproduced_by_dp_accounting(tmp_path: Path) -> None:
@@ -49,7 +54,8 @@ def test_every_recorded_epsilon_is_reproduced_by_dp_accounting(tmp_path: Path) -
     for k, mechanism in enumerate(ROUNDS, start=1):
         ledger.charge(k, mechanism)
     stored = json.loads((tmp_path / LEDGER_FILE).read_text())
-    assert stored["header"]["privacy_unit"] == PRIVACY_UNIT
+    assert stored["header"]["privacy_unit"] == PRIVACY_UNITS[EXAMPLE]
+    assert {e["unit"] for e in stored["entries"]} == {EXAMPLE}
     for k, entry in enumerate(stored["entries"]):
         recorded = [
             Mechanism(e["noise_multiplier"], e["sample_rate"], e["steps"], e["max_grad_norm"])
@@ -123,10 +129,56 @@ def test_delta_must_be_below_one_over_n(tmp_path: Path) -> None:
         PrivacyLedger.open(tmp_path, "p", 1e-3, 8.0, dataset_size=1000)
 
 
-def test_a_new_budget_needs_a_new_state_folder(tmp_path: Path) -> None:
-    _open(tmp_path, budget=8.0).charge(1, ROUNDS[0])
-    with pytest.raises(LedgerError, match="epsilon_budget"):
-        _open(tmp_path, budget=16.0)
+@pytest.mark.parametrize(
+    ("first", "then", "message"),
+    [
+        ({"budget": 8.0}, {"budget": 16.0}, "epsilon_budget"),
+        (
+            {"unit": EXAMPLE},
+            {"unit": USER},
+            "privacy unit 'example', this run has dp.unit = 'user'",
+        ),
+        (
+            {"unit": USER},
+            {"unit": EXAMPLE},
+            "privacy unit 'user', this run has dp.unit = 'example'",
+        ),
+    ],
+    ids=["budget", "example-then-user", "user-then-example"],
+)
+def test_a_new_budget_or_unit_needs_a_new_state_folder(
+    tmp_path: Path, first: dict, then: dict, message: str
+) -> None:
+    """A budget is spent in one unit: ε per example says nothing per user, and the reverse."""
+    _open(tmp_path, **first).charge(1, replace(ROUNDS[0], unit=first.get("unit", EXAMPLE)))
+    with pytest.raises(LedgerError, match=message):
+        _open(tmp_path, **then)
+
+
+def test_a_user_ledger_records_users_and_charges_only_user_level_mechanisms(
+    tmp_path: Path,
+) -> None:
+    ledger = PrivacyLedger.open(tmp_path, "p", 1e-4, 8.0, dataset_size=900, unit=USER)
+    with pytest.raises(LedgerError, match="example-level mechanism cannot be charged"):
+        ledger.charge(1, ROUNDS[0])
+    assert not (tmp_path / LEDGER_FILE).exists()
+    ledger.charge(1, replace(ROUNDS[0], unit=USER))
+    stored = PrivacyLedger.load(tmp_path / LEDGER_FILE)
+    assert stored.unit == USER and stored.header["dataset_size"] == 900
+    assert stored.header["privacy_unit"] == PRIVACY_UNITS[USER]
+    assert stored.mechanisms() == [replace(ROUNDS[0], unit=USER)]
+    with pytest.raises(LedgerError, match=r"\(0, 0.00111\) for the 900 users"):
+        PrivacyLedger.open(tmp_path / "other", "p", 1e-2, 8.0, dataset_size=900, unit=USER)
+
+
+def test_a_ledger_from_before_the_unit_setting_continues_per_example(tmp_path: Path) -> None:
+    ledger = _open(tmp_path)
+    ledger.header["privacy_unit"] = "one labelled example (record-level)"  # then hashed in
+    ledger.charge(1, ROUNDS[0])
+    _open(tmp_path).charge(2, ROUNDS[1])
+    assert PrivacyLedger.load(tmp_path / LEDGER_FILE).mechanisms() == ROUNDS[:2]
+    with pytest.raises(LedgerError, match="privacy unit 'example'"):
+        _open(tmp_path, unit=USER)
 
 
 def test_a_failed_write_leaves_the_previous_ledger_intact(tmp_path: Path, monkeypatch) -> None:

@@ -16,7 +16,15 @@ import dp_accounting
 import pytest
 from dp_accounting.pld import PLDAccountant
 
-from client.ledger import DP_SGD, GAUSSIAN_HISTOGRAM, Mechanism, PrivacyLedger, epsilon
+from client.ledger import (
+    DP_SGD,
+    GAUSSIAN_HISTOGRAM,
+    PRIVACY_UNITS,
+    Mechanism,
+    PrivacyLedger,
+    epsilon,
+    unit_of,
+)
 from server.audit.audit import PLD_GRID, _agree, audit, audit_ledger, recompute
 from server.audit.audit_report import person_heading, render_html, summary_text
 from server.audit.person_epsilon import (
@@ -24,7 +32,6 @@ from server.audit.person_epsilon import (
     MAX_EXACT,
     USER,
     person_epsilon,
-    unit_of,
     what_it_bounds,
 )
 
@@ -151,6 +158,7 @@ def test_zero_noise_makes_every_set_with_that_platform_infinite() -> None:
 
 def test_the_unit_sentence_says_what_the_epsilon_is_about() -> None:
     assert unit_of("example") == unit_of("one labelled example (record-level)") == EXAMPLE
+    assert unit_of(PRIVACY_UNITS[EXAMPLE]) == EXAMPLE and unit_of(PRIVACY_UNITS[USER]) == USER
     assert unit_of("user") == USER and unit_of("household") is None
     assert what_it_bounds({"a": EXAMPLE}) == (
         "what the run reveals about one training example of that person on this platform "

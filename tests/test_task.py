@@ -227,6 +227,14 @@ def test_seed_and_platform_change_the_samples(task: PlatformTask):
         assert [c.negatives for c in other.test_ranking] != [c.negatives for c in task.test_ranking]
 
 
+def test_a_users_training_units_depend_on_their_own_data_only(task: PlatformTask):
+    """The user-level DP neighbour: without user b, every other user's training units,
+    sampled negatives included, are exactly as with b."""
+    without_b = build_task(platform([row for row in ROWS if row[0] != "b"]), CONFIG)
+    assert without_b.train == [e for e in task.train if e.user != "b"]
+    assert any(e.user == "c" for e in without_b.train)  # a user after b in the draw order
+
+
 def test_timestamp_ties_keep_file_order():
     rows = [("a", "i2", 5, 10), ("a", "i1", 5, 10), ("a", "i3", 5, 20), ("a", "i4", 5, 30)]
     task = build_task(platform(rows), CONFIG)

@@ -38,7 +38,7 @@ from common.config import load_config
 from common.errors import FedFuseError
 from common.sharing import shares
 from common.wire_log import RECEIVED, SENT, WIRE_LOG_FILE, read_records
-from server.audit.person_epsilon import person_epsilon, unit_of
+from server.audit.person_epsilon import person_epsilon
 from server.federation.run_record import CONFIG_FILE, METRICS_FILE, RunRecord
 
 AUDIT_JSON = "audit.json"
@@ -210,7 +210,7 @@ def audit_ledger(ledger: PrivacyLedger) -> tuple[dict[str, Any], list[dict[str, 
     except LedgerError as err:
         chain = False
         flags.append(_flag("broken-chain", platform, str(err)))
-    if unit_of(str(header["privacy_unit"])) is None:
+    if ledger.unit is None:
         flags.append(
             _flag(
                 "unknown-privacy-unit",

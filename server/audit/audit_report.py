@@ -171,6 +171,7 @@ def canary_rows(report: dict[str, Any]) -> list[list[str]]:
 
 WHITE_BOX_HEADER = [
     "platform",
+    "unit",
     "σ",
     "C",
     "δ",
@@ -192,9 +193,10 @@ def white_box_heading(report: dict[str, Any]) -> str:
     return (
         f"White-box audit of the DP step (confidence {section['confidence']}): "
         f"{section['trials']:,} Dirac canary gradients of norm {section['canary_norm']:g} C "
-        "through FedFuse's DP-SGD step at each platform's recorded σ and C. One noisy step with "
-        "the canary inserted directly is the Gaussian mechanism (sensitivity C, noise σC, no "
-        "subsampling): its bound is compared with that step's ε, not with the ledger's "
+        "through FedFuse's DP-SGD step at each platform's recorded σ, C and privacy unit (under "
+        "'user' a canary is one more user's row, after each user's units are summed). One noisy "
+        "step with the canary inserted directly is the Gaussian mechanism (sensitivity C, noise "
+        "σC, no subsampling): its bound is compared with that step's ε, not with the ledger's "
         "ε over all rounds (shown for reference)"
     )
 
@@ -203,6 +205,7 @@ def white_box_rows(report: dict[str, Any]) -> list[list[str]]:
     return [
         [
             row["platform"],
+            row["privacy_unit"],
             _number(row["noise_multiplier"]),
             _number(row["max_grad_norm"]),
             _number(row["delta"]),

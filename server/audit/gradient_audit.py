@@ -9,10 +9,12 @@ al. ("Adversary Instantiation", 2021; "Tight Auditing of DPML", 2023) does: it a
 gradients to a step and tests their presence in the noisy gradient the optimiser applies.
 
 What runs. The real step, ``LocalTrainer._run_private`` with Opacus' ``DPOptimizer`` (hooks
-mode), at a platform's recorded σ and C, on a tiny random BERT with the run's scorer and
-objective and a handful of made-up examples (the canaries live in gradient space, so the
-model's weights and the data do not matter; the auditor needs neither the platform's data nor
-its model). Each step, every one of ``CANARIES_PER_STEP`` canaries joins the per-sample
+mode), at a platform's recorded σ, C and privacy unit, on a tiny random BERT with the run's
+scorer and objective and a handful of made-up examples, two per made-up user (the canaries
+live in gradient space, so the model's weights and the data do not matter; the auditor needs
+neither the platform's data nor its model). Under the user unit the rows the canaries join
+are the per-user rows, each user's units already summed, so the audit tests the per-user
+clipping and noise. Each step, every one of ``CANARIES_PER_STEP`` canaries joins the per-sample
 gradients with probability ½ (seeded) as a row of its own: a Dirac gradient, ``CANARY_NORM``
 × C in one coordinate of a trainable tensor and 0 elsewhere, so clipping must bind and cut it
 to C. The real examples' rows get 0 in the canary coordinates (the auditor chooses the rest of
@@ -40,13 +42,14 @@ side the bound cannot exceed about μ = 2Φ⁻¹(1 − 3.7/m), which caps what i
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import tempfile
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import lru_cache
 from typing import Any
 
@@ -59,8 +62,8 @@ from torch import nn
 from transformers.utils import logging as hf_logging
 
 from client.dp_training import LocalTrainer
-from client.ledger import DP_SGD, Mechanism, PrivacyLedger, epsilon
-from common.config import DPConfig, LoraSettings, ModelConfig, RunConfig, TrainConfig
+from client.ledger import DP_SGD, EXAMPLE, Mechanism, PrivacyLedger, epsilon
+from common.config import DPConfig, LoraSettings, ModelConfig, RunConfig, TrainConfig, with_settings
 from common.errors import FedFuseError
 from common.model import Scorer, TextFeaturizer, build_scorer, load_backbone
 from common.task import Example, training_units
@@ -70,7 +73,8 @@ CANARY_NORM = 1e3  # a canary's gradient norm, in units of the recorded clip nor
 CANARIES_PER_STEP = 500
 TRIALS = 20_000  # canary trials per audited mechanism (40 steps of 500 canaries)
 SEED = 0  # canary coordinates, inclusion draws and the noise: the audit is reproducible
-AUDIT_EXAMPLES = 8  # made-up real examples the step also trains on (4 per logical batch)
+AUDIT_EXAMPLES = 8  # made-up real examples the step also trains on, 2 per made-up user
+AUDIT_DP = {"expected_batch_size": 4, "max_examples_per_user": 2}  # q = ½ in either unit
 # What the libraries say about the audit's own tiny model and step, not about the run audited:
 # Opacus' secure-RNG reminder, torch's note on backward hooks, a transformers deprecation.
 LIBRARY_NOTICES = (
@@ -259,10 +263,18 @@ def bound(
 
 @contextmanager
 def _quiet() -> Iterator[None]:
-    with warnings.catch_warnings():
-        for notice in LIBRARY_NOTICES:
-            warnings.filterwarnings("ignore", message=re.escape(notice))
-        yield
+    """Without the libraries' notices, and without Opacus' log line when the audit's own
+    Poisson draw leaves a round's first batch empty (one audit in 16 with 4 made-up users)."""
+    loader_log = logging.getLogger("opacus.data_loader")
+    level = loader_log.level
+    loader_log.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            for notice in LIBRARY_NOTICES:
+                warnings.filterwarnings("ignore", message=re.escape(notice))
+            yield
+    finally:
+        loader_log.setLevel(level)
 
 
 @lru_cache(maxsize=4)
@@ -283,12 +295,14 @@ def _audit_model(scorer: str) -> tuple[Scorer, TextFeaturizer]:
 
 
 def _audit_examples(objective: str) -> list[Example]:
-    """Made-up training units: a positive or negative with its own sampled negatives."""
+    """Made-up training units (a positive or negative with its own sampled negatives), two per
+    user, so that the user-level step sums rows before clipping."""
     examples = [
-        Example(f"u{k}", (f"i{k % 3}",), f"i{3 + k % 3}", k % 2, (f"i{(k + 1) % 3}",))
+        Example("", (f"i{k % 3}",), f"i{3 + k % 3}", k % 2, (f"i{(k + 1) % 3}",))
         for k in range(2 * AUDIT_EXAMPLES)
     ]
-    return training_units(examples, objective)[:AUDIT_EXAMPLES]
+    units = training_units(examples, objective)[:AUDIT_EXAMPLES]
+    return [replace(unit, user=f"u{k // 2}") for k, unit in enumerate(units)]
 
 
 def run_canaries(
@@ -314,7 +328,7 @@ def run_canaries(
         featurizer,
         _audit_examples(config.objective),
         TrainConfig(batch_size=2, adapter_every=1, optimizer="sgd"),
-        DPConfig(max_grad_norm=max_grad_norm, expected_batch_size=4, clipping="hooks"),
+        DPConfig(max_grad_norm=max_grad_norm, clipping="hooks", unit=config.dp.unit, **AUDIT_DP),
         probe,
     )
     threads = torch.get_num_threads()
@@ -343,7 +357,10 @@ def audit_dp_step(
 
 def audit_ledger_steps(ledger: PrivacyLedger, config: RunConfig) -> list[dict[str, Any]]:
     """The white-box audit of each distinct DP-SGD mechanism (σ, C) a platform's ledger
-    records (σ may change on a restart), next to the ledger's cumulative ε."""
+    records (σ may change on a restart), in its privacy unit, next to the ledger's cumulative
+    ε (an unrecognised unit, flagged by the audit, is audited as ``example``)."""
+    unit = ledger.unit or EXAMPLE
+    config = with_settings(config, dp={"unit": unit})
     mechanisms = dict.fromkeys(
         (m.noise_multiplier, m.max_grad_norm)
         for m in ledger.mechanisms()
@@ -357,5 +374,12 @@ def audit_ledger_steps(ledger: PrivacyLedger, config: RunConfig) -> list[dict[st
             )
         result = audit_dp_step(sigma, clip, ledger.delta, config.audit.confidence, config)
         platform = str(ledger.header["platform"])
-        rows.append({"platform": platform, **asdict(result), "epsilon_ledger": ledger.spent()})
+        rows.append(
+            {
+                "platform": platform,
+                "privacy_unit": unit,
+                **asdict(result),
+                "epsilon_ledger": ledger.spent(),
+            }
+        )
     return rows

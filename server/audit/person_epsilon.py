@@ -29,20 +29,11 @@ from typing import Any
 from dp_accounting.pld import privacy_loss_distribution
 from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution
 
-from client.ledger import Mechanism, PrivacyLedger, epsilon
+from client.ledger import EXAMPLE, USER, Mechanism, PrivacyLedger, epsilon
 
 # 2ⁿ − 1 subsets, ≈ 10 ms each for ML-100K-sized ledgers: 5 s at 5 platforms, a minute at 12
 # (2-core development machine).
 MAX_EXACT = 12
-EXAMPLE, USER = "example", "user"
-# A ledger header's privacy unit → the unit it stands for. Ledgers written before user-level DP
-# existed record the long form (client.ledger.PRIVACY_UNIT at the time).
-UNITS = {EXAMPLE: EXAMPLE, USER: USER, "one labelled example (record-level)": EXAMPLE}
-
-
-def unit_of(recorded: str) -> str | None:
-    """``EXAMPLE`` or ``USER`` for a ledger's recorded privacy unit; None if not recognised."""
-    return UNITS.get(recorded)
 
 
 def what_it_bounds(units: dict[str, str | None]) -> str:
@@ -158,7 +149,7 @@ def person_epsilon(ledgers: list[PrivacyLedger], delta: float, grid: float) -> d
             worst[len(subset)] = (value, subset)
     rows = []
     for k, (value, subset) in sorted(worst.items()):
-        units = {names[i]: unit_of(str(ledgers[i].header["privacy_unit"])) for i in subset}
+        units = {names[i]: ledgers[i].unit for i in subset}
         rows.append(
             {
                 "k": k,

@@ -5,8 +5,8 @@ A comparison is a grid of cells, each a (method, privacy level) pair: ``populari
 ``server/simulation/baselines.py``), ``bpr_local``, ``bpr_pooled`` (BPR matrix factorisation,
 ``server/simulation/bpr.py``), a federated strategy (``fedavg``, ``ffa``, ``fedsa``, run with
 ``fedfuse simulate``) or an ablation of the default one (``ffa_text``: the text model
-alone, no prior and no private item factors; ``ffa_shared``: no private item factors), at a
-target ε or non-private (``inf``).
+alone, no prior and no private item factors; ``ffa_shared``: no private item factors;
+``ffa_user``: user-level DP), at a target ε or non-private (``inf``).
 ``popularity`` and the BPR methods are never private: they ignore the level, their ε is ∞.
 A level without names runs the first six.
 Every cell starts from the same seeded adapters, trains for the same rounds and local steps
@@ -58,6 +58,7 @@ VARIANTS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
     # the text model alone: no prior, nothing private but the mixing weights
     "ffa_text": ("ffa", {"prior": {"enabled": False}, "model": {"private_factors": 0}}),
     "ffa_shared": ("ffa", {"model": {"private_factors": 0}}),  # no private item factors
+    "ffa_user": ("ffa", {"dp": {"unit": "user"}}),  # user-level DP instead of per example
 }
 DEFAULT_METHODS = ("popularity", "local", "centralized", *FEDERATED)  # a level without names
 BPR = {"bpr_local": bpr_local, "bpr_pooled": bpr_pooled}  # non-private, tuned on valid
