@@ -11,13 +11,21 @@ import pytest
 
 from client.ledger import LEDGER_FILE, PrivacyLedger
 from client.popularity_prior import positive_counts
-from common.config import load_config
+from common.adapters import trainable_arrays
+from common.config import load_config, with_settings
 from common.errors import ConfigError
 from common.evaluation import CountScorer, evaluate
 from common.sharing import seeded_arrays, shared_scorer
 from common.task import Example, PlatformTask, RankingCase
 from server.cli import main
-from server.simulation.baselines import evaluation_clients, pooled_task, train_local
+from server.simulation.baselines import (
+    evaluation_clients,
+    platform_private,
+    pooled_client,
+    pooled_item,
+    pooled_task,
+    train_local,
+)
 from server.simulation.compare import Cell, parse_levels, target_statements
 
 
@@ -64,6 +72,48 @@ def test_pooled_task_keeps_platforms_items_apart(config_file: Path, tmp_path: Pa
     assert [item_text[i] for i in pooled.history] == [
         clients[0].featurizer.item_text[i] for i in first.history
     ]
+
+
+def test_centralized_model_scores_each_platform_as_it_scores_the_pooled_data(
+    config_file: Path, tmp_path: Path
+) -> None:
+    """Its private item factors move from pooled rows to each platform's own rows (copied
+    as they were, a platform scored its items with other items' factors)."""
+    config = with_settings(
+        load_config(config_file),
+        model={"private_factors": 4, "private_item_slots": 32},  # 30 items per platform
+        prior={"enabled": False},  # a prior standardised per catalogue differs when pooled
+    )
+    clients = evaluation_clients(config, tmp_path / "state")
+    pooled = pooled_client(config, clients, tmp_path / "state")
+    assert pooled.config.model.private_item_slots == 60  # a row per pooled item
+    generator = np.random.default_rng(0)
+    private = {k: generator.normal(size=v.shape) for k, v in pooled.private.initial.items()}
+    pooled.private.save({k: v.astype(np.float32) for k, v in private.items()})
+    shared = trainable_arrays(pooled.scorer, pooled.shared)
+    pooled._load(shared)
+    examples = {c.identity.name: c.task.test[:20] for c in clients}
+    expected = {
+        c.identity.name: pooled.scorer.score_examples(
+            pooled.featurizer,
+            [
+                Example(
+                    e.user,
+                    tuple(pooled_item(c.identity.name, i) for i in e.history),
+                    pooled_item(c.identity.name, e.candidate),
+                    e.label,
+                )
+                for e in examples[c.identity.name]
+            ],
+            16,
+        )
+        for c in clients
+    }
+    for client in clients:
+        client.private.save(platform_private(pooled, client))
+        client._load(shared)
+        scores = client.scorer.score_examples(client.featurizer, examples[client.identity.name], 16)
+        np.testing.assert_allclose(scores, expected[client.identity.name], rtol=1e-5, atol=1e-5)
 
 
 def test_local_baseline_trains_each_platform_within_its_budget(

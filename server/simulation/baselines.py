@@ -108,6 +108,18 @@ def pooled_task(clients: Sequence[PlatformClient]) -> tuple[PlatformTask, dict[s
     return task, item_text
 
 
+def pooled_client(
+    config: RunConfig, clients: Sequence[PlatformClient], state_root: Path
+) -> PlatformClient:
+    """The centralized model's trainer: every platform's data in one client, with a private
+    item-factor row per pooled item (each platform has one per item of its own)."""
+    task, item_text = pooled_task(clients)
+    slots = max(config.model.private_item_slots, len(item_text))
+    config = with_settings(config, model={"private_item_slots": slots})
+    identity = PlatformIdentity(POOLED, state_root, state_root / POOLED)
+    return PlatformClient(identity, config, task=task, item_text=item_text)
+
+
 def train_centralized(
     config: RunConfig, initial: Arrays, state_root: Path, max_cases: int
 ) -> tuple[dict[str, Metrics], dict[str, float]]:
@@ -118,9 +130,7 @@ def train_centralized(
     if config.train.local_steps:
         steps = config.train.local_steps * len(clients)
         config = with_settings(config, train={"local_steps": steps})
-    task, item_text = pooled_task(clients)
-    identity = PlatformIdentity(POOLED, state_root, state_root / POOLED)
-    pooled = PlatformClient(identity, config, task=task, item_text=item_text)
+    pooled = pooled_client(config, clients, state_root)
     arrays, epsilon = train_rounds(pooled, initial)
     if pooled.prior_counts is not None:  # each platform scores with its share of the release
         for client in clients:
@@ -132,10 +142,27 @@ def train_centralized(
                     if k.startswith(prefix)
                 }
             )
-    for client in clients:  # one model: its private part (the mixing weights) too
-        client.private.save(pooled.private.load())
+    for client in clients:  # one model: its private part too
+        client.private.save(platform_private(pooled, client))
     metrics = test_metrics(clients, arrays, max_cases)
     return metrics, dict.fromkeys(metrics, epsilon)
+
+
+def platform_private(pooled: PlatformClient, client: PlatformClient) -> Arrays:
+    """The pooled model's private part as ``client`` scores with it: the mixing weights as
+    they are; the private item factors moved from the rows of the platform's items in the
+    pooled table to their rows in the platform's own (rows are per catalogue)."""
+    arrays = dict(pooled.private.load())
+    name = client.identity.name
+    for key in arrays:
+        if ".private_items." not in key:
+            continue
+        table = client.private.initial[key].copy()
+        for item, row in client.featurizer.item_row.items():
+            source = pooled.featurizer.item_row[pooled_item(name, item)]
+            table[row % len(table)] = arrays[key][source % len(arrays[key])]
+        arrays[key] = table
+    return arrays
 
 
 def dp_prior(
