@@ -49,7 +49,12 @@ class RunRecord:
                     f"{self.root}: the run is in use by another fedfuse process; "
                     "wait for it to end (one process per run folder)"
                 ) from None
-            yield  # closing the file releases the lock, even if the process dies
+            try:
+                yield  # if the process dies, closing its files releases the lock
+            finally:
+                # explicitly: a child forked meanwhile (Ray, Flower) shares this open file
+                # and would otherwise keep the lock after the run ended
+                fcntl.flock(lock, fcntl.LOCK_UN)
 
     def adapter_dir(self, server_round: int) -> Path:
         return self.root / ADAPTERS_DIR / f"round_{server_round:03d}"
