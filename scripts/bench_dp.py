@@ -60,6 +60,7 @@ from common.dataset_summary import markdown_table
 from common.model import Scorer, TextFeaturizer, build_scorer, count_parameters, load_backbone
 from common.movielens import build_ml100k
 from common.platform_data import read_platform, write_dataset
+from common.sharing import shared_names
 from common.task import build_task, training_units
 from common.training import resolve_device
 
@@ -200,7 +201,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "device": device.type,
         "train_examples": len(units),
         "parameters": count_parameters(scorer),
-        "upload_bytes": sum(a.nbytes for a in trainable_arrays(scorer).values()),
+        "upload_bytes": upload_bytes(scorer, config),
         "model_bytes": sum(p.numel() * 4 for p in scorer.parameters()),
         "step_seconds": [seconds for seconds, _ in timed[1:]],
         "step_examples": [examples for _, examples in timed[1:]],
@@ -209,6 +210,14 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "loaded_mib": loaded,
         "peak_mib": peak,
     }
+
+
+def upload_bytes(scorer: Scorer, config: RunConfig) -> int:
+    """Bytes of the tensors a platform sends per round under the configuration's strategy
+    (private parts such as the item factors and mixing weights stay home)."""
+    arrays = trainable_arrays(scorer)
+    sent = shared_names(list(arrays), config.federation.strategy)
+    return sum(arrays[name].nbytes for name in sent)
 
 
 def busy_cpu_seconds() -> float:
