@@ -11,8 +11,8 @@ recomputed independently with Google's ``dp_accounting`` (PLD and RDP), the budg
 whether the ledger's hash chain holds. On the wire it reports bytes per round against the full
 model and checks that only shared adapter tensors moved and that server and platforms logged
 the same bytes. Across platforms it reports a person's ε: for a person on any k of the audited
-platforms, the worst case over every k-subset (``person_epsilon.py``). Asked for
-(``fedfuse audit --white-box``), it also runs FedFuse's DP step on this machine at each
+platforms, the worst case over every k-subset (``person_epsilon.py``). Unless told not to
+(``fedfuse audit --no-white-box``), it also runs FedFuse's DP step on this machine at each
 platform's recorded σ and C with gradient canaries, and bounds that step's ε from below
 (``gradient_audit.py``): the one check that is not from the files alone. Anything wrong becomes
 a *flag*; a folder that cannot be audited at all (a missing or unreadable file, a foreign file
@@ -534,7 +534,7 @@ def canary_flags(canaries: dict[str, Any]) -> list[dict[str, Any]]:
 def white_box(run_dir: Path, ledgers: list[PrivacyLedger]) -> dict[str, Any]:
     """The white-box audit of the DP step at every DP-SGD mechanism the ledgers record, with
     the run's scorer, objective and audit confidence. It runs FedFuse's DP step here (torch,
-    about half a second per mechanism), hence imported only when asked for."""
+    about half a second per mechanism), hence imported only when it runs."""
     from server.audit.gradient_audit import CANARY_NORM, TRIALS, audit_ledger_steps
 
     config = load_config(run_dir / CONFIG_FILE)
