@@ -26,7 +26,13 @@ from server.simulation.baselines import (
     pooled_task,
     train_local,
 )
-from server.simulation.compare import Cell, parse_levels, target_statements
+from server.simulation.compare import (
+    Cell,
+    combine_runs,
+    parse_levels,
+    report,
+    target_statements,
+)
 
 
 @pytest.fixture
@@ -45,9 +51,19 @@ def test_levels_name_their_methods() -> None:
     ]
     assert cells[6:] == [Cell("local", 1.0), Cell("ffa", 1.0), Cell("centralized", math.inf)]
     assert Cell("ffa", math.inf).key == "ffa@nonprivate" and Cell("ffa", 1.0).key == "ffa@eps1"
-    for bad in ["x", "0", "-1:local", "8:local,fedprox"]:
+    for bad in ["x", "0", "-1:local", "8:local,fedprox", "8:ffa*0", "8:ffa*two", "8:fedprox*2"]:
         with pytest.raises(ConfigError, match="--epsilon"):
             parse_levels([bad])
+
+
+def test_a_cell_named_with_runs_repeats_under_its_own_keys() -> None:
+    cells = parse_levels(["8:popularity,ffa*3", "8:ffa*2,local*2"])
+    assert cells == [Cell("popularity", 8.0), *(Cell("ffa", 8.0, k) for k in (1, 2, 3))] + [
+        Cell("local", 8.0, 1),
+        Cell("local", 8.0, 2),
+    ]
+    # run 1 keeps the single run's key, so a cached cell counts as a comparison's first run
+    assert [c.key for c in cells[1:4]] == ["ffa@eps8", "ffa@eps8-run2", "ffa@eps8-run3"]
 
 
 def test_popularity_ranks_by_positive_train_counts() -> None:
@@ -215,3 +231,52 @@ def test_targets_are_stated_against_the_measured_numbers() -> None:
         "target ≥ 90%): **met**" in lines
     )
     assert "- ffa, no DP: 71.2% of pooled BPR (0.2850 vs 0.4000; target ≥ 90%): **missed**" in lines
+
+
+def _runs(method: str, values: list[dict[str, float]]) -> list[dict[str, object]]:
+    """One record per run, as ``run_cell`` writes it (every metric equal to NDCG@10)."""
+    return [
+        {
+            "method": method,
+            "target_epsilon": 8.0,
+            "run": k,
+            "platforms": {
+                p: dict.fromkeys(("hr@10", "ndcg@10", "mrr", "auc"), v) for p, v in ndcg.items()
+            },
+            "epsilon": dict.fromkeys(ndcg, 7.9),
+            "wall_s": 10,
+        }
+        for k, ndcg in enumerate(values, start=1)
+    ]
+
+
+def test_repeated_cells_count_with_their_mean_and_its_standard_error() -> None:
+    results = [
+        *_runs("popularity", [{"a": 0.20, "b": 0.20}]),
+        *_runs("ffa", [{"a": 0.30, "b": 0.20}, {"a": 0.34, "b": 0.22}]),
+        *_runs("local", [{"a": 0.31, "b": 0.30}, {"a": 0.31, "b": 0.26}]),
+    ]
+    combined = {r["method"]: r for r in combine_runs(results)}
+    ffa = combined["ffa"]
+    assert ffa["runs"] == 2 and ffa["wall_s"] == 20 and "run" not in ffa
+    assert ffa["platforms"]["a"]["ndcg@10"] == pytest.approx(0.32)
+    assert ffa["ndcg_se"]["a"] == pytest.approx(0.02)  # stdev 0.0283 / √2
+    assert "ndcg_se" not in combined["popularity"] and combined["popularity"]["runs"] == 1
+    lines = target_statements(results)
+    assert "- ffa at ε = 8 ≥ local-only on every platform: **missed on b**" in lines
+    assert "  - gain per platform, 2 runs vs 2 runs:" in lines
+    assert "    - a: +0.0100 ± 0.0200" in lines  # √(0.02² + 0²)
+    assert "    - b: -0.0700 ± 0.0224" in lines  # √(0.01² + 0.02²)
+
+
+def test_the_report_shows_each_cells_mean_and_every_run(tmp_path: Path) -> None:
+    results = [
+        *_runs("popularity", [{"a": 0.20, "b": 0.20}]),
+        *_runs("ffa", [{"a": 0.30, "b": 0.20}, {"a": 0.34, "b": 0.22}]),
+    ]
+    text = report(results, tmp_path, "fedfuse compare")
+    assert "| ffa (mean of 2 runs) | 0.3200 ± 0.0200 | 0.2100 ± 0.0100 | 0.2650 | 20 |" in text
+    assert "| ffa run 2 | 0.3400 | 0.2200 | 0.2800 | 10 |" in text
+    assert "popularity run 1" not in text  # a cell run once has no list of runs
+    assert len(json.loads((tmp_path / "comparison.json").read_text())) == 3  # every run kept
+    assert (tmp_path / "ndcg_at_10.png").stat().st_size > 1000

@@ -8,7 +8,10 @@ A comparison is a grid of cells, each a (method, privacy level) pair: ``populari
 alone, no prior and no private item factors; ``ffa_shared``: no private item factors;
 ``ffa_user``: user-level DP), at a target ε or non-private (``inf``).
 ``popularity`` and the BPR methods are never private: they ignore the level, their ε is ∞.
-A level without names runs the first six.
+A level without names runs the first six. ``ffa*3`` runs a cell three times: DP noise and
+Poisson samples come from the OS' entropy, so runs of one cell differ, and a verdict per
+platform needs the mean of several runs (the report shows it with its standard error, and
+every run). Each run is its own experiment with its own ledgers and budget.
 Every cell starts from the same seeded adapters, trains for the same rounds and local steps
 and is scored on every platform's test split by the same code. Finished cells are cached in
 ``OUT/cells/``, so an interrupted comparison continues where it stopped.
@@ -71,22 +74,35 @@ LOW_EPSILON_SHARE = 0.95  # at lower ε: of popularity, on every platform
 
 @dataclass(frozen=True)
 class Cell:
-    """One method at one privacy level (``math.inf``: DP off)."""
+    """One method at one privacy level (``math.inf``: DP off), run ``run`` of its repeats."""
 
     method: str
     epsilon: float
+    run: int = 1
 
     @property
     def key(self) -> str:
-        return f"{self.method}@{level_name(self.epsilon)}"
+        repeat = f"-run{self.run}" if self.run > 1 else ""
+        return f"{self.method}@{level_name(self.epsilon)}{repeat}"
 
 
 def level_name(epsilon: float) -> str:
     return "nonprivate" if math.isinf(epsilon) else f"eps{epsilon:g}"
 
 
+def _repeats(spec: str, name: str) -> tuple[str, int]:
+    """``ffa*3`` → (``ffa``, 3); ``ffa`` → (``ffa``, 1)."""
+    method, star, count = name.partition("*")
+    if not star:
+        return method, 1
+    if not count.isdigit() or int(count) < 1:
+        raise ConfigError(f"--epsilon {spec!r}: {name!r}: runs must be a whole number ≥ 1")
+    return method, int(count)
+
+
 def parse_levels(specs: Sequence[str]) -> list[Cell]:
-    """``8``, ``inf`` or ``1:local,ffa`` (a level and, optionally, its methods) → cells."""
+    """``8``, ``inf`` or ``1:local,ffa*3`` (a level and, optionally, its methods, each with
+    its number of runs) → cells."""
     cells: list[Cell] = []
     for spec in specs:
         level, _, methods = spec.partition(":")
@@ -97,10 +113,13 @@ def parse_levels(specs: Sequence[str]) -> list[Cell]:
         if epsilon <= 0:
             raise ConfigError(f"--epsilon {spec!r}: ε must be positive (or inf)")
         names = [m.strip() for m in methods.split(",")] if methods else list(DEFAULT_METHODS)
-        unknown = sorted(set(names) - set(METHODS))
+        repeats = [_repeats(spec, name) for name in names]
+        unknown = sorted({method for method, _ in repeats} - set(METHODS))
         if unknown:
             raise ConfigError(f"--epsilon {spec!r}: unknown methods {unknown}; known: {METHODS}")
-        cells += [Cell(name, epsilon) for name in names if Cell(name, epsilon) not in cells]
+        for method, runs in repeats:
+            new = [Cell(method, epsilon, run) for run in range(1, runs + 1)]
+            cells += [cell for cell in new if cell not in cells]
     return cells
 
 
@@ -177,6 +196,7 @@ def run_cell(
     return {
         "method": cell.method,
         "target_epsilon": cell.epsilon,
+        "run": cell.run,
         "platforms": metrics,
         "epsilon": epsilons,
         "wall_s": round(time.perf_counter() - started, 1),
@@ -186,6 +206,42 @@ def run_cell(
 
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
+
+
+def _error(values: Sequence[float]) -> float:
+    """The standard error of the mean of ``values`` (∞ with fewer than two)."""
+    return statistics.stdev(values) / math.sqrt(len(values)) if len(values) > 1 else math.inf
+
+
+def combine_runs(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per (method, level), in first-seen order: every metric is the mean over the
+    cell's runs, ``runs`` counts them, ``ndcg_se`` is NDCG@10's standard error over the runs
+    per platform (with two or more), ε the largest spent, wall time the sum."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for result in results:
+        groups.setdefault((result["method"], result["target_epsilon"]), []).append(result)
+    combined = []
+    for runs in groups.values():
+        platforms = runs[0]["platforms"]
+        record = dict(runs[0]) | {
+            "runs": len(runs),
+            "platforms": {
+                p: {k: _mean([r["platforms"][p][k] for r in runs]) for k in platforms[p]}
+                for p in platforms
+            },
+        }
+        record.pop("run", None)
+        if "epsilon" in record:
+            record["epsilon"] = {p: max(r["epsilon"][p] for r in runs) for p in platforms}
+        if "wall_s" in record:
+            record["wall_s"] = sum(r["wall_s"] for r in runs)
+            record["resumed"] = any(r.get("resumed") for r in runs)
+        if len(runs) > 1:
+            record["ndcg_se"] = {
+                p: _error([r["platforms"][p]["ndcg@10"] for r in runs]) for p in platforms
+            }
+        combined.append(record)
+    return combined
 
 
 def _fmt(value: float, digits: int = 4) -> str:
@@ -218,13 +274,28 @@ def level_table(results: Sequence[dict[str, Any]]) -> str:
     return markdown_table(["method", "platform", *COLUMNS.values(), "ε"], rows)
 
 
-def ndcg_pivot(results: Sequence[dict[str, Any]]) -> str:
+def _label(result: dict[str, Any]) -> str:
+    """A row's method: ``ffa``, ``ffa (mean of 3 runs)`` or, for one run, ``ffa run 2``."""
+    if "runs" not in result:  # one run, not yet combined
+        return f"{result['method']} run {result.get('run', 1)}"
+    runs = result["runs"]
+    return result["method"] + (f" (mean of {runs} runs)" if runs > 1 else "")
+
+
+def _ndcg_cell(result: dict[str, Any], platform: str) -> str:
+    """NDCG@10 on ``platform``, ± its standard error over runs where there are several."""
+    value = _fmt(result["platforms"].get(platform, {}).get("ndcg@10", math.nan))
+    error = result.get("ndcg_se", {}).get(platform)
+    return value if error is None else f"{value} ± {_fmt(error)}"
+
+
+def ndcg_pivot(results: Sequence[dict[str, Any]], label: Callable[[dict], str] = _label) -> str:
     """NDCG@10 by method (rows) and platform (columns): the table to read first."""
     platforms = sorted({p for r in results for p in r["platforms"]})
     rows = [
         [
-            r["method"],
-            *(_fmt(r["platforms"].get(p, {}).get("ndcg@10", math.nan)) for p in platforms),
+            label(r),
+            *(_ndcg_cell(r, p) for p in platforms),
             _fmt(_mean([m["ndcg@10"] for m in r["platforms"].values()])),
             f"{r['wall_s']:.0f}" + (" (resumed)" if r.get("resumed") else ""),
         ]
@@ -235,6 +306,19 @@ def ndcg_pivot(results: Sequence[dict[str, Any]]) -> str:
 
 def _ndcg(result: dict[str, Any]) -> dict[str, float]:
     return {p: m["ndcg@10"] for p, m in result["platforms"].items()}
+
+
+def _runs(result: dict[str, Any]) -> str:
+    runs = result.get("runs", 1)
+    return f"{runs} run" + ("s" if runs > 1 else "")
+
+
+def _gain(platform: str, ours: dict[str, Any], theirs: dict[str, Any]) -> str:
+    """``platform: +0.0050 ± 0.0040``: the gain of the means and its standard error (the two
+    cells' errors over their runs combined; a single run counts as none)."""
+    gain = _ndcg(ours)[platform] - _ndcg(theirs)[platform]
+    errors = [r.get("ndcg_se", {}).get(platform, 0.0) for r in (ours, theirs)]
+    return f"- {platform}: {gain:+.4f} ± {math.hypot(*errors):.4f}"
 
 
 def _verdict(failed: Sequence[str]) -> str:
@@ -254,7 +338,11 @@ def target_statements(results: Sequence[dict[str, Any]]) -> list[str]:
       popularity on every platform (lower ε); ≥ local-only at the same ε on every platform
       with the mean gain larger than its standard error over the platforms.
     - Non-private: mean ≥ 90 % of the same model centralized and of pooled BPR.
+
+    A cell run several times counts with its mean over the runs; against local, each
+    platform's gain then comes with its standard error over the runs.
     """
+    results = combine_runs(results)
     found = {(r["method"], r["target_epsilon"]): r for r in results}
     by_method = {r["method"]: r for r in results}
     popular, bpr = by_method.get("popularity"), by_method.get("bpr_pooled")
@@ -285,9 +373,12 @@ def target_statements(results: Sequence[dict[str, Any]]) -> list[str]:
         if local and not math.isinf(epsilon):
             theirs = _ndcg(local)
             gains = [ours[p] - theirs[p] for p in ours]
-            error = statistics.stdev(gains) / math.sqrt(len(gains)) if len(gains) > 1 else math.inf
+            error = _error(gains)
             failed = [p for p in ours if ours[p] < theirs[p]]
             lines.append(f"- {level} ≥ local-only on every platform: **{_verdict(failed)}**")
+            if "ndcg_se" in result or "ndcg_se" in local:
+                lines.append(f"  - gain per platform, {_runs(result)} vs {_runs(local)}:")
+                lines += [f"    {_gain(p, result, local)}" for p in sorted(ours)]
             verdict = "met" if _mean(gains) > error else "missed"
             lines.append(
                 f"- {level}: mean gain over local {_mean(gains):+.4f} vs its standard error "
@@ -309,7 +400,9 @@ def target_statements(results: Sequence[dict[str, Any]]) -> list[str]:
 
 
 def plot(results: Sequence[dict[str, Any]], path: Path) -> None:
-    """Grouped bars: NDCG@10 per platform, one group per method, one panel per level."""
+    """Grouped bars: NDCG@10 per platform, one group per method, one panel per level; a cell
+    run several times is its mean, with its standard error over the runs as an error bar."""
+    results = combine_runs(results)
     levels = sorted({r["target_epsilon"] for r in results}, key=lambda e: (math.isinf(e), -e))
     figure, axes = plt.subplots(
         1, len(levels), figsize=(6 * len(levels), 4.2), squeeze=False, sharey=True
@@ -320,8 +413,9 @@ def plot(results: Sequence[dict[str, Any]], path: Path) -> None:
         width = 0.8 / max(len(chosen), 1)
         for index, result in enumerate(chosen):
             values = [result["platforms"].get(p, {}).get("ndcg@10", math.nan) for p in platforms]
+            errors = [result.get("ndcg_se", {}).get(p, 0.0) for p in platforms]
             positions = [k + index * width for k in range(len(platforms))]
-            axis.bar(positions, values, width, label=result["method"])
+            axis.bar(positions, values, width, yerr=errors, capsize=2, label=_label(result))
         axis.set_xticks([k + 0.4 - width / 2 for k in range(len(platforms))])
         axis.set_xticklabels(platforms, rotation=20, fontsize=8)
         axis.set_title("non-private" if math.isinf(epsilon) else f"ε = {epsilon:g}")
@@ -336,7 +430,9 @@ def plot(results: Sequence[dict[str, Any]], path: Path) -> None:
 
 
 def report(results: Sequence[dict[str, Any]], out: Path, command: str) -> str:
-    """Write comparison.json, comparison.md and ndcg_at_10.png; return the Markdown."""
+    """Write comparison.json (every run), comparison.md and ndcg_at_10.png (a cell run
+    several times as its mean; the Markdown lists its runs too); return the Markdown."""
+    combined = combine_runs(results)
     levels = sorted({r["target_epsilon"] for r in results}, key=lambda e: (math.isinf(e), -e))
     sections = [
         "# FedFuse comparison\n",
@@ -348,14 +444,20 @@ def report(results: Sequence[dict[str, Any]], out: Path, command: str) -> str:
         "",
     ]
     for epsilon in levels:
-        chosen = [r for r in results if r["target_epsilon"] == epsilon]
+        chosen = [r for r in combined if r["target_epsilon"] == epsilon]
         title = "non-private" if math.isinf(epsilon) else f"ε = {epsilon:g}"
         sections += [
             f"## {title}\n",
-            "NDCG@10 on the test split:\n",
+            "NDCG@10 on the test split (± the standard error over a cell's runs):\n",
             ndcg_pivot(chosen),
             "",
-            "All metrics, and the ε each platform spent:\n",
+        ]
+        repeated = {r["method"] for r in chosen if r["runs"] > 1}
+        runs = [r for r in results if r["target_epsilon"] == epsilon and r["method"] in repeated]
+        if runs:
+            sections += ["Every run of the cells run more than once:\n", ndcg_pivot(runs), ""]
+        sections += [
+            "All metrics (a cell's mean over its runs), and the ε each platform spent:\n",
             level_table(chosen),
             "",
         ]
