@@ -257,6 +257,9 @@ class FederationConfig(BaseModel):
     strategy: Literal["fedavg", "ffa", "fedsa"] = Field(
         "fedavg", description="aggregation rule (see common/sharing.py)"
     )
+    server_learning_rate: float = Field(
+        1.0, gt=0, le=10, description="server step on the averaged update (1 = plain FedAvg)"
+    )
     fraction_train: float = Field(1.0, gt=0, le=1, description="share of platforms per round")
     fraction_evaluate: float = Field(
         1.0, ge=0, le=1, description="share of platforms evaluated each round (0 = none)"

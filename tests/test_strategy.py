@@ -89,6 +89,23 @@ def test_aggregation_is_the_example_weighted_mean_per_tensor(tmp_path: Path) -> 
     )
 
 
+def test_a_server_learning_rate_steps_along_the_averaged_update(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    start = {"head.weight": rng.normal(size=(3, 2)).astype(np.float32)}
+    uploads = {p: {"head.weight": rng.normal(size=(3, 2)).astype(np.float32)} for p in "ab"}
+    replies = [_reply(k + 1, p, uploads[p], 100) for k, p in enumerate(uploads)]
+    average = (uploads["a"]["head.weight"] + uploads["b"]["head.weight"]) / 2
+    for eta in (1.0, 2.5):
+        strategy = FedFuseStrategy(
+            RunRecord(tmp_path / str(eta)), lambda r: 0.1, server_learning_rate=eta
+        )
+        strategy.sent = ArrayRecord({k: Array(v) for k, v in start.items()})  # the round's global
+        arrays, _ = strategy.aggregate_train(1, replies)
+        stepped = start["head.weight"] + eta * (average - start["head.weight"])
+        np.testing.assert_allclose(arrays["head.weight"].numpy(), stepped, rtol=1e-5)
+        assert arrays["head.weight"].numpy().dtype == np.float32
+
+
 def test_learning_rate_decays_over_the_planned_rounds() -> None:
     config = RunConfig(train=TrainConfig(learning_rate=1e-3), federation=FederationConfig(rounds=5))
     rate = learning_rate_schedule(config)

@@ -55,6 +55,7 @@ def run_federation(grid: Grid, config: RunConfig, record: RunRecord) -> int:
         learning_rate_schedule(config),
         round_offset=done,
         planned_rounds=federation.rounds,
+        server_learning_rate=federation.server_learning_rate,
         fraction_train=federation.fraction_train,
         fraction_evaluate=federation.fraction_evaluate,
         min_train_nodes=federation.min_nodes,

@@ -5,6 +5,9 @@ weights ∝ each platform's number of training examples (Flower's ``aggregate_ar
 
     global[name] = Σ_k n_k · tensor_k[name] / Σ_k n_k
 
+With ``federation.server_learning_rate`` η ≠ 1 the average is taken as a server step instead
+(FedOpt's server SGD, Reddi et al. 2021): ``global ← global + η · (average − global)``.
+
 What differs between ``fedavg``, ``ffa`` and ``fedsa`` is which tensors are trained and sent at
 all; that rule lives in ``common/sharing.py`` and is applied on the platforms. On top of FedAvg
 this strategy adds what a FedFuse run needs: the learning rate for each round, a round offset so
@@ -19,7 +22,7 @@ import math
 from collections.abc import Callable, Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
@@ -65,10 +68,13 @@ class FedFuseStrategy(FedAvg):
         learning_rate: Callable[[int], float],
         round_offset: int = 0,
         planned_rounds: int | None = None,
+        server_learning_rate: float = 1.0,
         **fedavg: object,
     ) -> None:
         super().__init__(**fedavg)  # type: ignore[arg-type]
         self.record = record
+        self.server_learning_rate = server_learning_rate
+        self.sent: ArrayRecord | None = None  # the global tensors of the round in flight
         self.planned_rounds = planned_rounds
         self.learning_rate = learning_rate
         self.round_offset = round_offset
@@ -86,6 +92,7 @@ class FedFuseStrategy(FedAvg):
         config = ConfigRecord({**config, "learning-rate": float(self.learning_rate(absolute))})
         messages = list(super().configure_train(server_round, arrays, config, grid))
         config["server-round"] = absolute  # shared by the messages, after FedAvg's own value
+        self.sent = arrays
         self._log_model()
         self._log_wire(SENT, absolute, messages)
         self.outbox = messages
@@ -115,7 +122,22 @@ class FedFuseStrategy(FedAvg):
                 reason += f": {reasons[0]}{more}"
             self.record.append([{"event": "round-failed", "round": absolute, "reason": reason}])
             raise RoundFailed(reason)
-        return super().aggregate_train(server_round, replies)
+        average, metrics = super().aggregate_train(server_round, replies)
+        return self._server_step(average), metrics
+
+    def _server_step(self, average: ArrayRecord | None) -> ArrayRecord | None:
+        """``global + η · (average − global)``: η > 1 lengthens the averaged update. Averaging
+        the platforms' updates shortens what they agree on less than their independent DP
+        noise (which the average divides by about √platforms), so the server can step further
+        than any one platform could alone."""
+        eta, sent = self.server_learning_rate, self.sent
+        if average is None or sent is None or eta == 1.0:
+            return average
+        stepped = {}
+        for name, array in average.items():
+            start = sent[name].numpy()
+            stepped[name] = Array(start + eta * (array.numpy() - start))
+        return ArrayRecord(stepped)
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
