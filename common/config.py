@@ -60,9 +60,6 @@ class ModelConfig(BaseModel):
         1, ge=1, description="item_tower: LoRA on the top layers only; the rest is cached"
     )
     user_rank: int = Field(16, ge=1, description="item_tower: rank of the learned user map")
-    private_user_map: bool = Field(
-        False, description="item_tower: a second, never-shared user map beside the shared one"
-    )
     private_factors: int = Field(
         0, ge=0, description="item_tower: size of the never-shared item factors (0 = none)"
     )

@@ -308,14 +308,8 @@ class ItemTowerHead(nn.Module):
       never shared (a private part, see common/sharing.py); the user's factor is the same
       recency-weighted mean over their history, and its dot product with the candidate's
       factor joins the logit. Rows are the platform's item rows modulo the table size.
-    - ``private_user_down``/``private_user_up`` (optional): a second user map of the same
-      rank that is never shared (a private part): its cosine joins the logit beside the shared
-      map's, so a platform learns how far to follow the fused map and how far its own
-      (adaptive personalisation, as APFL mixes a global and a local model). The two cosines
-      start with half the weight each: the initial logit is that of the shared map alone.
-    - ``mix``: logit = w * cos(user, item) + beta * prior [+ w' * cos(own user, item)]
-      [+ item_score] [+ factors] + b; a platform's own weighting of content against its own
-      prior (private, common/sharing.py).
+    - ``mix``: logit = w * cos(user, item) + beta * prior [+ item_score] [+ factors] + b; a
+      platform's own weighting of content against its own prior (private, common/sharing.py).
 
     Candidates come as (B, D) vectors (one per example) or (B, W, D) (W per example: the
     ranking objective's positive and negatives); the logits then have shape (B,) or (B, W).
@@ -330,7 +324,6 @@ class ItemTowerHead(nn.Module):
         factors: int = 0,
         slots: int = 0,
         item_score: bool = True,
-        private_map: bool = False,
     ):
         super().__init__()
         self.private_items = nn.Embedding(slots, factors) if factors else None
@@ -344,15 +337,9 @@ class ItemTowerHead(nn.Module):
         self.item_score = nn.Linear(hidden, 1, bias=False) if item_score else None
         if self.item_score is not None:
             nn.init.zeros_(self.item_score.weight)
-        self.private_user_down = nn.Linear(hidden, rank, bias=False) if private_map else None
-        self.private_user_up = nn.Linear(rank, hidden, bias=False) if private_map else None
-        if self.private_user_up is not None:
-            nn.init.zeros_(self.private_user_up.weight)
-        self.mix = nn.Linear(3 if private_map else 2, 1)
-        scale = 1.0 / temperature
-        weights = [scale / 2, prior_weight, scale / 2] if private_map else [scale, prior_weight]
+        self.mix = nn.Linear(2, 1)
         with torch.no_grad():
-            self.mix.weight.copy_(torch.tensor([weights]))
+            self.mix.weight.copy_(torch.tensor([[1.0 / temperature, prior_weight]]))
             self.mix.bias.fill_(-0.5 / temperature)
 
     def weights(self, history_mask: torch.Tensor) -> torch.Tensor:
@@ -362,13 +349,6 @@ class ItemTowerHead(nn.Module):
         logits = self.recency(positions.unsqueeze(-1)).squeeze(-1)
         logits = logits.masked_fill(~history_mask.bool(), float("-inf"))
         return torch.softmax(logits, dim=-1).nan_to_num(0.0)
-
-    def _users(self, vectors: torch.Tensor) -> list[torch.Tensor]:
-        """The shared map's user vectors of ``vectors`` (.., D), then the private map's."""
-        maps = [(self.user_down, self.user_up)]
-        if self.private_user_down is not None and self.private_user_up is not None:
-            maps.append((self.private_user_down, self.private_user_up))
-        return [vectors + up(down(vectors)) for down, up in maps]
 
     def logits(
         self,
@@ -383,14 +363,12 @@ class ItemTowerHead(nn.Module):
         and the candidates' (B, D) or (B, W, D) vectors with their rows and prior values."""
         weights = self.weights(history_mask)
         mean = (weights.unsqueeze(-1) * history).sum(dim=1)
-        cosines = [
-            nn.functional.cosine_similarity(
-                user.unsqueeze(1) if item.dim() == 3 else user, item, dim=-1, eps=1e-6
-            )
-            for user in self._users(mean)
-        ]
-        features = [cosines[0], prior.to(cosines[0].dtype), *cosines[1:]]
-        logits = self.mix(torch.stack(features, dim=-1)).squeeze(-1)
+        user = mean + self.user_up(self.user_down(mean))
+        if item.dim() == 3:
+            user = user.unsqueeze(1)
+        cosine = nn.functional.cosine_similarity(user, item, dim=-1, eps=1e-6)
+        features = torch.stack([cosine, prior.to(cosine.dtype)], dim=-1)
+        logits = self.mix(features).squeeze(-1)
         if self.item_score is not None:
             logits = logits + self.item_score(item).squeeze(-1)
         if self.private_items is not None:
@@ -421,13 +399,11 @@ class ItemTowerHead(nn.Module):
         ``text`` (the item-score term) and ``bias`` (N,).
         """
         weights = self.weights(history_mask[None])[0]  # (H,)
-        mix = self.mix.weight[0]
-        prior_weight = mix[1]
-        shares = torch.zeros(len(item), len(history), device=item.device, dtype=item.dtype)
-        for mapped, cosine_weight in zip(self._users(history), (mix[0], *mix[2:]), strict=True):
-            user = (weights[:, None] * mapped).sum(dim=0)  # mapped: (H, D)
-            scale = (user.norm() * item.norm(dim=-1)).clamp(min=1e-6)  # (N,)
-            shares = shares + cosine_weight * weights[None, :] * (item @ mapped.T) / scale[:, None]
+        mapped = history + self.user_up(self.user_down(history))  # (H, D)
+        user = (weights[:, None] * mapped).sum(dim=0)
+        scale = (user.norm() * item.norm(dim=-1)).clamp(min=1e-6)  # (N,)
+        cosine_weight, prior_weight = self.mix.weight[0]
+        shares = cosine_weight * weights[None, :] * (item @ mapped.T) / scale[:, None]
         if self.private_items is not None:
             slots = self.private_items.num_embeddings
             factors = self.private_items(history_rows.clamp(min=0) % slots)
@@ -668,7 +644,6 @@ def build_scorer(backbone: PreTrainedModel, model: ModelConfig, lora: LoraSettin
                 model.private_factors,
                 model.private_item_slots,
                 model.item_score,
-                model.private_user_map,
             )
         elif model.scorer == "cross":
             head = nn.Linear(hidden, 1)

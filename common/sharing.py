@@ -33,11 +33,10 @@ def _is_lora_a(name: str) -> bool:
 
 
 def _is_platform_private(name: str) -> bool:
-    """The item tower's item factors (rows of one platform's own items), its own user map
-    and its mixing weights (how much this platform's users follow its own popularity prior
-    against content similarity: measured to differ by platform, docs/results.md): never
-    shared."""
-    return ".private_" in name or ".mix." in name
+    """The item tower's item factors (rows of one platform's own items) and its mixing
+    weights (how much this platform's users follow its own popularity prior against content
+    similarity: measured to differ by platform, docs/results.md): never shared."""
+    return ".private_items." in name or ".mix." in name
 
 
 def trains(name: str, strategy: str) -> bool:

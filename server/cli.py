@@ -208,8 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LEVEL[:METHODS]",
         help="privacy level (a target ε, or inf for non-private), optionally with its methods "
         "(comma-separated: popularity, local, centralized, fedavg, ffa, fedsa; default those; "
-        "also prior, ffa_text, ffa_shared, ffa_shared_map, ffa_user, bpr_local, bpr_pooled; "
-        "'ffa*3' runs a cell 3 times); repeatable (default: 8)",
+        "also prior, ffa_text, ffa_shared, ffa_user, bpr_local, bpr_pooled; 'ffa*3' runs a "
+        "cell 3 times); repeatable (default: 8)",
     )
     comparison.add_argument("--out", required=True, help="comparison folder (resumable)")
     comparison.add_argument(

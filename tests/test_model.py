@@ -11,7 +11,6 @@ from common import layer_cache
 from common.config import LoraSettings, ModelConfig
 from common.errors import ConfigError
 from common.model import (
-    ItemTowerHead,
     TextFeaturizer,
     build_scorer,
     count_parameters,
@@ -235,45 +234,3 @@ def test_item_tower_private_factors_are_never_shared(tiny_bert_dir: Path) -> Non
     # FFA freezes LoRA's A, but both factors of the user map train and are averaged
     assert not trains(next(n for n in names if ".lora_A." in n), "ffa")
     assert {"head.user_down.weight", "head.user_up.weight"} <= set(shared_names(names, "ffa"))
-
-
-def test_item_tower_private_user_map_stays_home_and_starts_as_the_shared_map(
-    tiny_bert_dir: Path,
-) -> None:
-    model, _ = load_backbone(str(tiny_bert_dir))
-    config = ModelConfig(scorer="item_tower", private_user_map=True, user_rank=4)
-    scorer = build_scorer(model, config, LoraSettings(rank=4))
-    names = [n for n, p in scorer.named_parameters() if p.requires_grad]
-    own = {"head.private_user_down.weight", "head.private_user_up.weight"}
-    for strategy in ("fedavg", "ffa", "fedsa"):
-        assert own <= set(private_names(names, strategy))
-        assert not own & set(shared_names(names, strategy))
-    assert {"head.user_down.weight", "head.user_up.weight"} <= set(shared_names(names, "ffa"))
-
-    head = scorer.head
-    plain = ItemTowerHead(head.user_down.in_features, 4, 1.0, 1.0, item_score=False)
-    plain.load_state_dict(
-        {k: v for k, v in head.state_dict().items() if "private" not in k and "mix" not in k},
-        strict=False,
-    )
-    with torch.no_grad():  # the shared cosine's weight is the two cosines' together
-        first, prior_weight, second = head.mix.weight[0]
-        plain.mix.weight.copy_(torch.stack([first + second, prior_weight])[None])
-        plain.mix.bias.copy_(head.mix.bias)
-    rng = torch.Generator().manual_seed(0)
-    hidden = head.user_down.in_features
-    history, item = (
-        torch.randn(3, 5, hidden, generator=rng),
-        torch.randn(3, 4, hidden, generator=rng),
-    )
-    mask, rows, prior = torch.ones(3, 5), torch.zeros(3, 5, dtype=torch.long), torch.randn(3, 4)
-    args = (history, mask, rows, item, torch.zeros(3, 4, dtype=torch.long), prior)
-    # the private cosine equals the shared one at the start: the same logits as without it
-    torch.testing.assert_close(head.logits(*args), plain.logits(*args))
-
-    with torch.no_grad():  # once the maps differ, the score still splits into its parts
-        for param in (head.user_up.weight, head.private_user_up.weight, head.mix.weight):
-            param.normal_(generator=rng)
-        parts = head.contributions(history[0], mask[0], rows[0], item[0], rows[0, :4], prior[0])
-    total = parts["history"].sum(dim=-1) + parts["prior"] + parts["text"] + parts["bias"]
-    torch.testing.assert_close(total, head.logits(*(a[:1] for a in args))[0])

@@ -5,9 +5,8 @@ A comparison is a grid of cells, each a (method, privacy level) pair: ``populari
 ``server/simulation/baselines.py``), ``bpr_local``, ``bpr_pooled`` (BPR matrix factorisation,
 ``server/simulation/bpr.py``), a federated strategy (``fedavg``, ``ffa``, ``fedsa``, run with
 ``fedfuse simulate``) or an ablation of the default one (``ffa_text``: the text model
-alone, no prior and no private model part; ``ffa_shared``: no private item factors nor
-private user map; ``ffa_shared_map``: no private user map; ``ffa_user``: user-level DP), at
-a target ε or non-private (``inf``).
+alone, no prior and no private item factors; ``ffa_shared``: no private item factors;
+``ffa_user``: user-level DP), at a target ε or non-private (``inf``).
 ``popularity`` and the BPR methods are never private: they ignore the level, their ε is ∞.
 A level without names runs the first six. ``ffa*3`` runs a cell three times: DP noise and
 Poisson samples come from the OS' entropy, so runs of one cell differ, and a verdict per
@@ -58,11 +57,10 @@ from server.simulation.simulation import INCOMPLETE, prepare_run, simulate  # no
 
 FEDERATED = ("fedavg", "ffa", "fedsa")
 # Ablations of the default federation: (strategy, settings changed), run like the strategy.
-SHARED_ONLY = {"private_factors": 0, "private_user_map": False}  # private: mixing weights
 VARIANTS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
-    "ffa_text": ("ffa", {"prior": {"enabled": False}, "model": SHARED_ONLY}),  # text alone
-    "ffa_shared": ("ffa", {"model": SHARED_ONLY}),  # text and prior, no private model part
-    "ffa_shared_map": ("ffa", {"model": {"private_user_map": False}}),  # no private user map
+    # the text model alone: no prior, nothing private but the mixing weights
+    "ffa_text": ("ffa", {"prior": {"enabled": False}, "model": {"private_factors": 0}}),
+    "ffa_shared": ("ffa", {"model": {"private_factors": 0}}),  # no private item factors
     "ffa_user": ("ffa", {"dp": {"unit": "user"}}),  # user-level DP instead of per example
 }
 DEFAULT_METHODS = ("popularity", "local", "centralized", *FEDERATED)  # a level without names
