@@ -289,12 +289,12 @@ def _ndcg_cell(result: dict[str, Any], platform: str) -> str:
     return value if error is None else f"{value} ± {_fmt(error)}"
 
 
-def ndcg_pivot(results: Sequence[dict[str, Any]], label: Callable[[dict], str] = _label) -> str:
+def ndcg_pivot(results: Sequence[dict[str, Any]]) -> str:
     """NDCG@10 by method (rows) and platform (columns): the table to read first."""
     platforms = sorted({p for r in results for p in r["platforms"]})
     rows = [
         [
-            label(r),
+            _label(r),
             *(_ndcg_cell(r, p) for p in platforms),
             _fmt(_mean([m["ndcg@10"] for m in r["platforms"].values()])),
             f"{r['wall_s']:.0f}" + (" (resumed)" if r.get("resumed") else ""),
