@@ -126,10 +126,10 @@ class FedFuseStrategy(FedAvg):
         return self._server_step(average), metrics
 
     def _server_step(self, average: ArrayRecord | None) -> ArrayRecord | None:
-        """``global + η · (average − global)``: η > 1 lengthens the averaged update. Averaging
-        the platforms' updates shortens what they agree on less than their independent DP
-        noise (which the average divides by about √platforms), so the server can step further
-        than any one platform could alone."""
+        """``global + η · (average − global)``: η > 1 lengthens the averaged update, on the idea
+        that averaging shortens what the platforms agree on less than their independent DP
+        noise (divided by about √platforms). On ML-100K η = 2 scored below η = 1
+        (docs/results.md), so the default is 1."""
         eta, sent = self.server_learning_rate, self.sent
         if average is None or sent is None or eta == 1.0:
             return average
