@@ -455,7 +455,7 @@ def report(results: Sequence[dict[str, Any]], out: Path, command: str) -> str:
         repeated = {r["method"] for r in chosen if r["runs"] > 1}
         runs = [r for r in results if r["target_epsilon"] == epsilon and r["method"] in repeated]
         if runs:
-            sections += ["Every run of the cells run more than once:\n", ndcg_pivot(runs), ""]
+            sections += ["Each run of the cells that ran more than once:\n", ndcg_pivot(runs), ""]
         sections += [
             "All metrics (a cell's mean over its runs), and the ε each platform spent:\n",
             level_table(chosen),
