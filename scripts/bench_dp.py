@@ -54,15 +54,14 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.flop_counter import FlopCounterMode
 
 from client.dp_training import FASTER_CLIPPING, LocalTrainer
-from common.adapters import trainable_arrays
 from common.config import DEFAULT_BACKBONE, RunConfig, load_config, with_settings
 from common.dataset_summary import markdown_table
 from common.model import Scorer, TextFeaturizer, build_scorer, count_parameters, load_backbone
 from common.movielens import build_ml100k
 from common.platform_data import read_platform, write_dataset
-from common.sharing import shared_names
 from common.task import build_task, training_units
 from common.training import resolve_device
+from common.wire_log import model_record
 
 OFF = "off"  # the worker's clipping value for the non-DP baseline
 # (scorer, clipping, settings): "default" = --config, "previous" = the earlier default path
@@ -190,6 +189,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
 
     with StepMeter(scorer, device) as meter, FlopCounterMode(display=False) as counter:
         trainer.run(1, config.train.learning_rate, sigma)
+    sizes = model_record(scorer, config.federation.strategy)
     return {
         "scorer": kind,
         "preset": preset,
@@ -201,8 +201,9 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "device": device.type,
         "train_examples": len(units),
         "parameters": count_parameters(scorer),
-        "upload_bytes": upload_bytes(scorer, config),
-        "model_bytes": sum(p.numel() * 4 for p in scorer.parameters()),
+        # what the strategy sends per round (private parts stay home) and the whole model
+        "upload_bytes": sizes["shared_bytes"],
+        "model_bytes": sizes["adapter_bytes"] + sizes["backbone_bytes"],
         "step_seconds": [seconds for seconds, _ in timed[1:]],
         "step_examples": [examples for _, examples in timed[1:]],
         "flops": counter.get_total_flops(),
@@ -210,14 +211,6 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "loaded_mib": loaded,
         "peak_mib": peak,
     }
-
-
-def upload_bytes(scorer: Scorer, config: RunConfig) -> int:
-    """Bytes of the tensors a platform sends per round under the configuration's strategy
-    (private parts such as the item factors and mixing weights stay home)."""
-    arrays = trainable_arrays(scorer)
-    sent = shared_names(list(arrays), config.federation.strategy)
-    return sum(arrays[name].nbytes for name in sent)
 
 
 def busy_cpu_seconds() -> float:
