@@ -19,6 +19,11 @@ training unit, or ``user``, all of one user's training units. Per round:
    the unit's (:func:`_fold_candidates`). Under ``user`` each user's unit gradients are then
    summed into one row per user (:func:`_fold_users`). Each row — a privacy unit's whole
    gradient — is clipped to L2 norm ``max_grad_norm`` by Opacus' ``DPOptimizer``.
+   ``dp.gradient_scales`` first multiplies the named parts of every row by their scale, so
+   a part with weak signal (the private item factors) gets a larger share of the clip norm
+   and one with strong signal (three mixing weights) a smaller one; after the noise the
+   summed gradient is divided by the same scales (post-processing). The mechanism is
+   unchanged: each row's norm is still at most C and the noise still N(0, σ²C²).
    The item tower trains its adapters on every ``train.adapter_every``-th step only; the
    steps between update the head alone on the current item vectors (no encoder pass, about
    100x cheaper). Every step is the same Gaussian mechanism (σ, q, C) over the tensors it
@@ -188,9 +193,10 @@ class LocalTrainer:
         nor sum a user's rows before clipping (it never materialises them)."""
         mode = self.dp.clipping
         if mode == "auto":
-            mode = "hooks" if self.dp.user_level else FASTER_CLIPPING[self.scorer.device().type]
-        if mode == "ghost" and self.dp.user_level:  # also when set past config validation
-            raise ConfigError("dp.unit = 'user' needs dp.clipping = 'hooks' or 'auto'")
+            mode = "hooks" if self.dp.needs_rows else FASTER_CLIPPING[self.scorer.device().type]
+        if mode == "ghost" and self.dp.needs_rows:  # also when set past config validation
+            what = "dp.unit = 'user'" if self.dp.user_level else "dp.gradient_scales"
+            raise ConfigError(f"{what} needs dp.clipping = 'hooks' or 'auto'")
         # the item tower's layer swapping is verified with hooks only
         if mode == "ghost" and self.scorer.kind in ("two_tower", "item_tower"):
             if self.dp.clipping == "ghost":
@@ -305,6 +311,9 @@ class LocalTrainer:
             model, optimizer, loader = made
         if self.probe is not None:
             self.probe(optimizer)
+        scaled = _scaled_tensors(self.scorer, self.dp.gradient_scales)
+        if scaled:
+            _unscale_after_noise(optimizer, scaled)
         losses: list[float] = []
         try:
             while _steps_taken(engine) < steps:
@@ -325,6 +334,7 @@ class LocalTrainer:
                             _fold_candidates(model, len(units), logits.shape[1])
                         if self.dp.user_level:
                             _fold_users(model, [len(group) for group in chunk])
+                        _scale_rows(scaled)
                         losses.append(float(loss.detach()))
                         # Noise and the step once per logical batch: the other chunks only
                         # clip and accumulate (what Opacus' BatchMemoryManager signals).
@@ -412,6 +422,50 @@ def _fold_users(model: nn.Module, sizes: list[int]) -> None:
         if param.requires_grad and sample is not None:
             rows = sample.new_zeros((len(sizes), *param.shape))
             param.grad_sample = rows.index_add_(0, owners.to(sample.device), sample)
+
+
+def _scaled_tensors(
+    scorer: nn.Module, scales: dict[str, float]
+) -> list[tuple[nn.Parameter, float]]:
+    """The trainable tensors ``dp.gradient_scales`` names, each with its scale. A key that
+    names none is an error: a misspelt part would silently keep its share of the clip norm."""
+    trainable = [(n, p) for n, p in scorer.named_parameters() if p.requires_grad]
+    for key in scales:
+        if not any(key in name for name, _ in trainable):
+            raise ConfigError(f"dp.gradient_scales: '{key}' names no trainable tensor")
+    chosen = []
+    for name, param in trainable:
+        matching = [scale for key, scale in scales.items() if key in name]
+        if len(matching) > 1:
+            raise ConfigError(f"dp.gradient_scales: more than one key names {name}")
+        if matching:
+            chosen.append((param, matching[0]))
+    return chosen
+
+
+def _scale_rows(scaled: list[tuple[nn.Parameter, float]]) -> None:
+    """Multiply the per-unit gradient rows of the scaled tensors, before clipping (a tensor
+    frozen on a head-only step has no rows)."""
+    for param, scale in scaled:
+        sample = getattr(param, "grad_sample", None)
+        if sample is not None:
+            sample.mul_(scale)
+
+
+def _unscale_after_noise(optimizer: DPOptimizer, scaled: list[tuple[nn.Parameter, float]]) -> None:
+    """Divide the noised gradient by the scales once Opacus has added the noise, before the
+    optimiser step. The hooks already there (the accountant, an audit's probe) run first:
+    they see the Gaussian mechanism's own output."""
+    inner = optimizer.step_hook
+
+    def hook(opt: DPOptimizer) -> None:
+        if inner is not None:
+            inner(opt)
+        for param, scale in scaled:
+            if param.grad is not None:
+                param.grad.div_(scale)
+
+    optimizer.step_hook = hook
 
 
 def _zero_grads(model: nn.Module, mode: str) -> None:

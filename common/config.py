@@ -8,6 +8,7 @@ typo fails at start-up with the key's full name instead of being silently ignore
 from __future__ import annotations
 
 import json
+import math
 import os
 import tomllib
 from pathlib import Path
@@ -201,10 +202,17 @@ class DPConfig(BaseModel):
         description="unit 'user': k, the most training units a sampled user contributes to a "
         "step (a random subset)",
     )
+    gradient_scales: dict[str, float] = Field(
+        default_factory=dict,
+        description="each privacy unit's gradient of the tensors whose name contains a key is "
+        "multiplied by its value before clipping (its share of C) and divided by it after the "
+        "noise (item tower: 'head.mix.', 'head.recency.', 'head.private_items.', 'head.user_', "
+        "'lora_')",
+    )
     clipping: Literal["auto", "hooks", "ghost"] = Field(
         "auto",
         description="Opacus per-sample gradients: auto picks the measured faster one "
-        "(unit 'user': hooks)",
+        "(unit 'user' or gradient_scales: hooks)",
     )
     state_dir: str = Field(
         "state",
@@ -214,11 +222,20 @@ class DPConfig(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _user_level_needs_rows(self) -> DPConfig:
+    def _rows_need_hooks(self) -> DPConfig:
         # ghost clipping never materialises per-sample gradients, so there is nothing to sum
-        # per user before clipping
+        # per user, nor to scale per part, before clipping
         if self.unit == "user" and self.clipping == "ghost":
             raise ValueError("dp.unit = 'user' needs dp.clipping = 'hooks' or 'auto', not 'ghost'")
+        if self.gradient_scales and self.clipping == "ghost":
+            raise ValueError(
+                "dp.gradient_scales needs dp.clipping = 'hooks' or 'auto', not 'ghost'"
+            )
+        for key, scale in self.gradient_scales.items():
+            if not (key and math.isfinite(scale) and scale > 0):
+                raise ValueError(
+                    f"dp.gradient_scales: '{key}' = {scale} needs a name and a scale > 0"
+                )
         return self
 
     @property
@@ -229,6 +246,12 @@ class DPConfig(BaseModel):
     def user_level(self) -> bool:
         """Whether training protects users: only DP training has a privacy unit."""
         return self.enabled and self.unit == "user"
+
+    @property
+    def needs_rows(self) -> bool:
+        """Whether the DP step edits per-unit gradient rows before clipping (a user's sum, or
+        a scale per part), which ghost clipping never materialises."""
+        return self.user_level or bool(self.gradient_scales)
 
 
 class PriorConfig(BaseModel):

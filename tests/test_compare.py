@@ -32,7 +32,10 @@ from server.simulation.compare import (
     parse_levels,
     report,
     target_statements,
+    variant,
 )
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
@@ -280,3 +283,15 @@ def test_the_report_shows_each_cells_mean_and_every_run(tmp_path: Path) -> None:
     assert "popularity run 1" not in text  # a cell run once has no list of runs
     assert len(json.loads((tmp_path / "comparison.json").read_text())) == 3  # every run kept
     assert (tmp_path / "ndcg_at_10.png").stat().st_size > 1000
+
+
+def test_an_ablation_without_item_factors_drops_their_share_of_the_clip_norm() -> None:
+    """The default run scales the item factors' gradient; ``ffa_shared`` has none, so its
+    scale goes (``dp.gradient_scales`` would refuse it) and the other parts keep theirs."""
+    config = load_config(REPO / "simulations/ml100k_default.toml")
+    assert "head.private_items." in config.dp.gradient_scales
+    strategy, changes = variant("ffa_shared", config)
+    assert strategy == "ffa" and changes["model"] == {"private_factors": 0}
+    kept = changes["dp"]["gradient_scales"]
+    assert kept == {k: v for k, v in config.dp.gradient_scales.items() if "private" not in k}
+    assert kept and variant("ffa", config) == ("ffa", {})

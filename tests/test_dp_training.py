@@ -97,11 +97,14 @@ def _reference_update(
     lr: float,
     through_adapters: bool = True,
     unit: str = EXAMPLE,
+    scales: dict[str, float] | None = None,
 ) -> dict[str, np.ndarray]:
     """Plain PyTorch: per-privacy-unit gradients — of one training unit's loss, or of the sum
     of a user's units' losses (autograd sums the candidates' rows and a user's units, nothing
     is folded) — each clipped to ``clip``, averaged over the privacy units, one SGD step.
-    ``through_adapters`` = False: the item tower's head-only step."""
+    ``through_adapters`` = False: the item tower's head-only step. ``scales``: a tensor
+    whose name contains a key has its gradient multiplied by the value before the clipping
+    and divided by it after."""
     reference = copy.deepcopy(scorer)
     reference.prepare(featurizer)
     params = {
@@ -109,12 +112,13 @@ def _reference_update(
         for n, p in reference.named_parameters()
         if p.requires_grad and (through_adapters or n.startswith("head."))
     }
+    scale = {n: next((v for k, v in (scales or {}).items() if k in n), 1.0) for n in params}
     total = {n: torch.zeros_like(p) for n, p in params.items()}
     groups = _privacy_units(examples, unit)
     for group in groups:
         reference.zero_grad(set_to_none=True)
         (loss_on(reference, featurizer, group, through_adapters) * len(group)).backward()
-        norm = torch.sqrt(sum((p.grad**2).sum() for p in params.values()))
+        norm = torch.sqrt(sum(((p.grad * scale[n]) ** 2).sum() for n, p in params.items()))
         factor = min(1.0, clip / (float(norm) + 1e-6))
         for name, p in params.items():
             total[name] += p.grad * factor
@@ -228,6 +232,68 @@ def test_head_only_steps_match_the_reference_and_leave_the_adapters_untouched(
     noisy = trainable_arrays(scorer)
     assert all(np.array_equal(noisy[n], after[n]) for n in adapters)
     assert all(not np.array_equal(noisy[n], after[n]) for n in after if n not in adapters)
+
+
+SCALES = {"head.mix.": 0.1, "head.private_items.": 3.0}
+
+
+def test_gradient_scales_change_each_parts_share_of_the_clip_norm(
+    tiny_bert_dir: Path, platform
+) -> None:
+    """``dp.gradient_scales``: each unit's gradient is clipped with the named parts scaled,
+    and the step moves each part by its own unscaled gradient — exactly the plain reference
+    step (σ = 0, q = 1), not the unscaled one — so the noise, N(0, σ²C²) on the scaled sum,
+    lands on a part divided by its scale: the item factors (× 3) get a third of the rest's."""
+    examples, clip, lr = 10, 1e-3, 1.0
+    dp = _full_batch(examples, clip, gradient_scales=SCALES)
+    scorer, featurizer, chosen, trainer = _setup(
+        tiny_bert_dir, platform, "item_tower", examples, dp, optimizer="sgd", batch_size=4
+    )
+    assert trainer.clipping_mode() == "hooks"
+    plain = _reference_update(scorer, featurizer, chosen, clip, lr)
+    expected = _reference_update(scorer, featurizer, chosen, clip, lr, scales=SCALES)
+    before = trainable_arrays(scorer)
+    result = trainer.run(steps=1, learning_rate=lr, noise_multiplier=0.0)
+    after = trainable_arrays(scorer)
+    assert result.mechanism == Mechanism(0.0, 1.0, 1, clip)
+    for name in before:
+        np.testing.assert_allclose(after[name], expected[name], rtol=1e-3, atol=1e-7, err_msg=name)
+    factors = next(n for n in before if "private_items" in n)
+    step, unscaled = after[factors] - before[factors], plain[factors] - before[factors]
+    assert not np.allclose(step, unscaled, rtol=0.05, atol=0)
+
+    sigma = 1e3  # the noise dwarfs the clipped signal (C = 10⁻³)
+    load_trainable_arrays(scorer, before)
+    trainer.run(steps=1, learning_rate=lr, noise_multiplier=sigma)
+    noisy = trainable_arrays(scorer)
+    spread = {n: float(np.std(noisy[n] - expected[n])) / (sigma * clip / examples) for n in before}
+    others = [spread[n] for n in before if "lora_B" in n or "user_" in n]
+    assert np.allclose(others, 1.0, rtol=0.2)
+    assert spread[factors] == pytest.approx(1 / 3, rel=0.2)
+
+
+@pytest.mark.parametrize(
+    ("scales", "message"),
+    [
+        ({"head.mixx.": 2.0}, "names no trainable tensor"),
+        ({"head.": 2.0, "mix": 1.0}, "more than one"),
+    ],
+)
+def test_gradient_scales_must_name_each_tensor_once(
+    tiny_bert_dir: Path, platform, scales: dict[str, float], message: str
+) -> None:
+    """A misspelt part would silently keep its share of the clip norm: refused at the run."""
+    dp = _full_batch(4, 1.0, gradient_scales=scales)
+    *_, trainer = _setup(tiny_bert_dir, platform, "item_tower", 4, dp)
+    with pytest.raises(ConfigError, match=message):
+        trainer.run(steps=1, learning_rate=0.1, noise_multiplier=1.0)
+
+
+def test_gradient_scales_are_positive_and_need_per_unit_rows() -> None:
+    with pytest.raises(ValueError, match="scale > 0"):
+        DPConfig(gradient_scales={"head.mix.": 0.0})
+    with pytest.raises(ValueError, match="hooks"):
+        DPConfig(gradient_scales={"head.mix.": 0.5}, clipping="ghost")
 
 
 class _ClippedRows:

@@ -78,16 +78,30 @@ def test_mu_lower_bound() -> None:
 # --- the canaries in the real DP step ------------------------------------------------------
 
 
-def _config(unit: str, scorer: str = "item_tower") -> RunConfig:
-    return RunConfig.model_validate({"model": {"scorer": scorer}, "dp": {"unit": unit}})
+# the default run's kind of scales, and the user map's thousands of coordinates
+SCALES = {"head.mix.": 0.1, "head.private_items.": 3.0, "head.user_": 3.0}
 
 
-@pytest.mark.parametrize("unit", ["example", "user"])
-def test_without_noise_each_canary_coordinate_is_its_clipped_contribution(unit: str) -> None:
+def _config(unit: str, scorer: str = "item_tower", scales: bool = False) -> RunConfig:
+    if not scales:
+        return RunConfig.model_validate({"model": {"scorer": scorer}, "dp": {"unit": unit}})
+    model = {"scorer": scorer, "private_factors": 4}
+    return RunConfig.model_validate(
+        {"model": model, "dp": {"unit": unit, "gradient_scales": SCALES}}
+    )
+
+
+@pytest.mark.parametrize(
+    ("unit", "scales"), [("example", False), ("user", False), ("example", True)]
+)
+def test_without_noise_each_canary_coordinate_is_its_clipped_contribution(
+    unit: str, scales: bool
+) -> None:
     """σ = 0: a canary of norm 1000 C adds exactly C to its coordinate (clipping binds), an
     absent one nothing, and the real rows (examples, or users of two units) add nothing
-    there."""
-    probe = run_canaries(0.0, 0.5, _config(unit), trials=1_000)
+    there. With ``dp.gradient_scales`` the canaries go in after the scaling and are read
+    before it is undone: the audit sees the Gaussian mechanism itself."""
+    probe = run_canaries(0.0, 0.5, _config(unit, scales=scales), trials=1_000)
     assert probe.observed.shape == (2, 500) and 400 < probe.included.sum() < 600
     np.testing.assert_allclose(probe.observed, 0.5 * probe.included, rtol=1e-6, atol=1e-6)
 

@@ -278,14 +278,17 @@ def _quiet() -> Iterator[None]:
 
 
 @lru_cache(maxsize=4)
-def _audit_model(scorer: str) -> tuple[Scorer, TextFeaturizer]:
-    """A tiny random BERT under FedFuse's ``scorer``, dropout off (the forward pass then draws
-    nothing from torch's generator, so the seeded noise is the same whatever the Poisson
+def _audit_model(scorer: str, private_factors: int) -> tuple[Scorer, TextFeaturizer]:
+    """A tiny random BERT under FedFuse's ``scorer`` (with the run's private item factors, so
+    the run's ``dp.gradient_scales`` find their tensors), dropout off (the forward pass then
+    draws nothing from torch's generator, so the seeded noise is the same whatever the Poisson
     sample). Built once per process; the audit's learning rate of 0 never changes it."""
     hf_logging.disable_progress_bar()
     with _quiet(), tempfile.TemporaryDirectory() as folder:
         backbone, tokenizer = load_backbone(str(write_tiny_model(folder)))
-        config = ModelConfig(scorer=scorer, max_length=16)
+        config = ModelConfig(
+            scorer=scorer, max_length=16, private_factors=private_factors, private_item_slots=8
+        )
         model = build_scorer(backbone, config, LoraSettings(rank=4))
     for module in model.modules():
         if isinstance(module, nn.Dropout):
@@ -315,12 +318,13 @@ def run_canaries(
     """Run at least ``trials`` canary trials through the DP step at (σ, C); the probe holds
     what each canary coordinate of the noisy gradient was and whether that canary was in.
 
-    ``config``: the run's configuration, for its scorer and objective (default: FedFuse's).
+    ``config``: the run's configuration, for its scorer, objective, private item factors and
+    gradient scales (default: FedFuse's).
     Torch's generator is seeded for the run, and one thread used (the tiny model's steps gain
     nothing from more, and threads thrash on a busy machine); both are restored afterwards.
     """
     config = config or RunConfig()
-    scorer, featurizer = _audit_model(config.model.scorer)
+    scorer, featurizer = _audit_model(config.model.scorer, config.model.private_factors)
     steps = math.ceil(trials / CANARIES_PER_STEP)
     probe = DiracCanaries(CANARIES_PER_STEP, steps, max_grad_norm, seed)
     trainer = LocalTrainer(
@@ -328,7 +332,13 @@ def run_canaries(
         featurizer,
         _audit_examples(config.objective),
         TrainConfig(batch_size=2, adapter_every=1, optimizer="sgd"),
-        DPConfig(max_grad_norm=max_grad_norm, clipping="hooks", unit=config.dp.unit, **AUDIT_DP),
+        DPConfig(
+            max_grad_norm=max_grad_norm,
+            clipping="hooks",
+            unit=config.dp.unit,
+            gradient_scales=config.dp.gradient_scales,
+            **AUDIT_DP,
+        ),
         probe,
     )
     threads = torch.get_num_threads()

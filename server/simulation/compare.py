@@ -136,13 +136,25 @@ def _fresh(folder: Path) -> Path:
     return folder
 
 
+def variant(method: str, config: RunConfig) -> tuple[str, dict[str, dict[str, Any]]]:
+    """A federated method's strategy and settings changed. An ablation without private item
+    factors drops their share of the clip norm too (``dp.gradient_scales`` refuses a key that
+    names no tensor)."""
+    strategy, changes = VARIANTS.get(method, (method, {}))
+    if changes.get("model", {}).get("private_factors") == 0:
+        scales = config.dp.gradient_scales
+        kept = {key: scale for key, scale in scales.items() if "private_items" not in key}
+        changes = changes | {"dp": {"gradient_scales": kept}}
+    return strategy, changes
+
+
 def _federated(
     cell: Cell, config: RunConfig, runs: Path, test_cases: int, cpus_per_client: float
 ) -> tuple[dict[str, Metrics], dict[str, float], bool]:
     """Run (or resume, or reuse) the federation, then score its final adapters on test."""
     final = runs / cell.key
     resumed = final.exists() or (runs / f"{cell.key}{INCOMPLETE}").exists()
-    strategy, changes = VARIANTS.get(cell.method, (cell.method, {}))
+    strategy, changes = variant(cell.method, config)
     if not final.exists():
         pending = runs / f"{cell.key}{INCOMPLETE}"
         config = with_settings(config, federation={"strategy": strategy}, **changes)
