@@ -311,7 +311,7 @@ class LocalTrainer:
             model, optimizer, loader = made
         if self.probe is not None:
             self.probe(optimizer)
-        scaled = _scaled_tensors(self.scorer, self.dp.gradient_scales)
+        scaled = scaled_tensors(self.scorer, self.dp.gradient_scales)
         if scaled:
             _unscale_after_noise(optimizer, scaled)
         losses: list[float] = []
@@ -424,11 +424,10 @@ def _fold_users(model: nn.Module, sizes: list[int]) -> None:
             param.grad_sample = rows.index_add_(0, owners.to(sample.device), sample)
 
 
-def _scaled_tensors(
-    scorer: nn.Module, scales: dict[str, float]
-) -> list[tuple[nn.Parameter, float]]:
+def scaled_tensors(scorer: nn.Module, scales: dict[str, float]) -> list[tuple[nn.Parameter, float]]:
     """The trainable tensors ``dp.gradient_scales`` names, each with its scale. A key that
-    names none is an error: a misspelt part would silently keep its share of the clip norm."""
+    names none is an error: a misspelt part would silently keep its share of the clip norm
+    (``fedfuse simulate`` checks this before it starts)."""
     trainable = [(n, p) for n, p in scorer.named_parameters() if p.requires_grad]
     for key in scales:
         if not any(key in name for name, _ in trainable):

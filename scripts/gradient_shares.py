@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from client.dp_training import scaled_tensors
 from common.adapters import load_trainable_arrays
 from common.config import load_config, with_settings
 from common.dataset_summary import markdown_table
@@ -63,9 +64,7 @@ def main() -> None:
     units = random.Random(0).sample(client.task.train, min(args.units, len(client.task.train)))
     tensors = [(n, p) for n, p in scorer.named_parameters() if p.requires_grad]
     scales = config.dp.gradient_scales if args.scaled else {}
-
-    def scale(name: str) -> float:
-        return next((v for k, v in scales.items() if k in name), 1.0)
+    scaled = {id(param): value for param, value in scaled_tensors(scorer, scales)}
 
     for through_adapters in (True, False):
         squares: dict[str, list[float]] = {}
@@ -77,7 +76,7 @@ def main() -> None:
             for name, param in tensors:
                 if param.grad is not None:
                     key = part(name)
-                    value = float((param.grad * scale(name)).pow(2).sum())
+                    value = float((param.grad * scaled.get(id(param), 1.0)).pow(2).sum())
                     per_part[key] = per_part.get(key, 0.0) + value
                     sizes[key] = sizes.get(key, 0) + param.numel()
             total = sum(per_part.values())

@@ -190,6 +190,7 @@ def test_a_run_folder_is_owned_by_one_process(
     [
         ("model.backbone={empty}", "is not a local Hugging Face model folder (no config.json)"),
         ("data.path={empty}/nowhere", "nowhere"),
+        ('dp.gradient_scales={{"head.mixx." = 2.0}}', "'head.mixx.' names no trainable tensor"),
     ],
 )
 def test_a_run_that_cannot_start_fails_before_ray_and_leaves_nothing(

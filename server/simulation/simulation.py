@@ -29,14 +29,19 @@ PLATFORM_STATE = "platform_state"
 
 
 def check_startable(config: RunConfig) -> None:
-    """Everything that can be checked before Ray starts: a bad backbone, data folder or audit
-    setting then costs no start-up time and leaves no run folder behind."""
+    """Everything that can be checked before Ray starts: a bad backbone, data folder, audit
+    setting or gradient scale then costs no start-up time and leaves no run folder behind."""
+    from client.dp_training import scaled_tensors
     from common.model import resolve_backbone
+    from common.sharing import shared_scorer
     from server.audit.canary_audit import check_audit_platform
 
     resolve_backbone(config.model.backbone)
     federation_platforms(config.data)
     check_audit_platform(config)
+    if config.dp.enabled and config.dp.gradient_scales:
+        scorer, _ = shared_scorer(config.model, config.lora, config.federation.strategy)
+        scaled_tensors(scorer, config.dp.gradient_scales)
 
 
 def prepare_run(config: RunConfig, runs: Path, name: str | None) -> RunRecord:
