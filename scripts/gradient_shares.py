@@ -63,31 +63,27 @@ def main() -> None:
     scorer.train()
     units = random.Random(0).sample(client.task.train, min(args.units, len(client.task.train)))
     tensors = [(n, p) for n, p in scorer.named_parameters() if p.requires_grad]
+    sizes: dict[str, int] = {}
+    for name, param in tensors:
+        sizes[part(name)] = sizes.get(part(name), 0) + param.numel()
     scales = config.dp.gradient_scales if args.scaled else {}
     scaled = {id(param): value for param, value in scaled_tensors(scorer, scales)}
 
     for through_adapters in (True, False):
-        squares: dict[str, list[float]] = {}
-        sizes: dict[str, int] = {}
-        for unit in units:
+        squares: dict[str, list[float]] = {}  # per part, each unit's squared norm of it
+        for number, unit in enumerate(units):
             scorer.zero_grad(set_to_none=True)
             loss_on(scorer, featurizer, [unit], through_adapters).backward()
-            per_part: dict[str, float] = {}
             for name, param in tensors:
                 if param.grad is not None:
-                    key = part(name)
                     value = float((param.grad * scaled.get(id(param), 1.0)).pow(2).sum())
-                    per_part[key] = per_part.get(key, 0.0) + value
-                    sizes[key] = sizes.get(key, 0) + param.numel()
-            total = sum(per_part.values())
-            for key, value in per_part.items():
-                squares.setdefault(key, []).append(value)
-            squares.setdefault("(whole unit)", []).append(total)
-        totals = np.array(squares.pop("(whole unit)"))
+                    per_unit = squares.setdefault(part(name), [0.0] * len(units))
+                    per_unit[number] += value
+        totals = np.sum(list(squares.values()), axis=0)
         rows = [
             [
                 key,
-                str(sizes[key] // len(units)),
+                str(sizes[key]),
                 f"{np.median(np.sqrt(values)):.4f}",
                 f"{np.median(np.array(values) / np.maximum(totals, 1e-30)):.1%}",
             ]
