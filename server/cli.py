@@ -73,13 +73,15 @@ def _compare(args: argparse.Namespace) -> None:
     import shlex
     from pathlib import Path
 
+    from server.simulation.baselines import Scoring
     from server.simulation.compare import compare, parse_levels
 
     cells = parse_levels(args.epsilon or ["8"])
     command = shlex.join(["fedfuse", *sys.argv[1:]])
     config = load_config(args.config, args.set)
     out = Path(args.out)
-    print(compare(config, cells, out, args.test_cases, command, args.cpus_per_client))
+    scoring = Scoring(args.split, args.test_cases)
+    print(compare(config, cells, out, scoring, command, args.cpus_per_client))
     print(f"written: {out / 'comparison.md'}, {out / 'comparison.json'}, {out / 'ndcg_at_10.png'}")
 
 
@@ -213,7 +215,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     comparison.add_argument("--out", required=True, help="comparison folder (resumable)")
     comparison.add_argument(
-        "--test-cases", type=int, default=0, help="test users scored per platform (0 = all)"
+        "--split",
+        choices=("test", "valid"),
+        default="test",
+        help="split every method is scored on: valid to choose a setting, test to report",
+    )
+    comparison.add_argument(
+        "--test-cases", type=int, default=0, help="users scored per platform (0 = all)"
     )
     comparison.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per actor")
     comparison.set_defaults(run=_compare)

@@ -19,6 +19,7 @@ from common.sharing import seeded_arrays, shared_scorer
 from common.task import Example, PlatformTask, RankingCase
 from server.cli import main
 from server.simulation.baselines import (
+    Scoring,
     evaluation_clients,
     platform_private,
     pooled_client,
@@ -141,7 +142,7 @@ def test_local_baseline_trains_each_platform_within_its_budget(
     config = load_config(config_file)
     scorer, _ = shared_scorer(config.model, config.lora, "fedavg")
     initial = seeded_arrays(config.model, config.lora, "fedavg")
-    metrics, epsilons = train_local(config, initial, tmp_path / "state", 0)
+    metrics, epsilons = train_local(config, initial, tmp_path / "state", Scoring())
     assert sorted(metrics) == sorted(epsilons) == ["p0", "p1"]
     for platform, spent in epsilons.items():
         ledger = PrivacyLedger.load(tmp_path / "state" / platform / LEDGER_FILE)
@@ -189,6 +190,27 @@ def test_compare_writes_one_report_and_resumes_from_cached_cells(
 
     assert main([*args, "--set", "train.local_steps=3", *levels]) == 2
     assert "compares another configuration" in capsys.readouterr().err
+
+
+def test_a_comparison_on_the_validation_split_never_scores_test(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--split valid`` (choosing a setting) scores every method on the validation users,
+    says so in the report, and cannot be mixed with cells scored on test."""
+    out = tmp_path / "cmp"
+    args = ["compare", "--config", str(config_file), "--out", str(out), "--epsilon", "4:popularity"]
+    assert main([*args, "--split", "valid"]) == 0
+    [result] = json.loads((out / "comparison.json").read_text())
+    assert result["split"] == "valid"
+    for client in evaluation_clients(load_config(config_file), tmp_path / "state"):
+        counts = CountScorer(positive_counts(client.task))
+        expected = client.score(counts, "valid", 0)  # type: ignore[arg-type]
+        assert result["platforms"][client.identity.name] == expected
+        assert expected != client.score(counts, "test", 0)  # type: ignore[arg-type]
+    assert "NDCG@10 on the valid split" in (out / "comparison.md").read_text()
+    capsys.readouterr()
+    assert main(args) == 2  # the default, test, into the same folder
+    assert "scored on valid; use a new --out" in capsys.readouterr().err
 
 
 def _result(method: str, epsilon: float, ndcg: dict[str, float]) -> dict[str, object]:

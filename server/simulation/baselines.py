@@ -8,14 +8,17 @@
   federation's total number of optimiser steps, with or without DP. Raw data leaves the
   platforms, so it is a reference point, not a deployable option.
 
-Every model is scored by ``PlatformClient.evaluate`` on each platform's test split, the very
-code path the federation's evaluation uses.
+Every model is scored by ``PlatformClient.evaluate`` on each platform's test split (or, to
+tune a setting without touching test, its validation split: ``Scoring``), the very code path
+the federation's evaluation uses.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -23,6 +26,7 @@ from client.platform_client import PlatformClient, PlatformIdentity
 from client.popularity_prior import positive_counts
 from common.config import RunConfig, with_settings
 from common.evaluation import CountScorer
+from common.model import Scorer
 from common.platform_data import federation_platforms
 from common.task import Example, PlatformTask
 from server.federation.server_app import learning_rate_schedule
@@ -45,11 +49,22 @@ def evaluation_clients(config: RunConfig, state_root: Path) -> list[PlatformClie
     return platform_clients(with_settings(config, dp={"enabled": False}), state_root)
 
 
-def test_metrics(
-    clients: Sequence[PlatformClient], arrays: Arrays, max_cases: int
-) -> dict[str, Metrics]:
-    """Each platform's test metrics of the same shared tensors (plus its own private part)."""
-    return {c.identity.name: c.evaluate(arrays, "test", max_cases) for c in clients}
+@dataclass(frozen=True)
+class Scoring:
+    """Where every method of a comparison is scored: the test split for the numbers reported,
+    the validation split to choose a setting (test stays unseen); ``max_cases`` users per
+    platform, 0 = all."""
+
+    split: Literal["valid", "test"] = "test"
+    max_cases: int = 0
+
+    def score(self, client: PlatformClient, scorer: Scorer) -> Metrics:
+        """Metrics of any scorer (a baseline's own too: popularity, BPR) on ``client``'s users."""
+        return client.score(scorer, self.split, self.max_cases)
+
+    def adapters(self, clients: Sequence[PlatformClient], arrays: Arrays) -> dict[str, Metrics]:
+        """Each platform's metrics of the same shared tensors (plus its own private part)."""
+        return {c.identity.name: c.evaluate(arrays, self.split, self.max_cases) for c in clients}
 
 
 def train_rounds(client: PlatformClient, initial: Arrays) -> tuple[Arrays, float]:
@@ -70,14 +85,14 @@ def train_rounds(client: PlatformClient, initial: Arrays) -> tuple[Arrays, float
 
 
 def train_local(
-    config: RunConfig, initial: Arrays, state_root: Path, max_cases: int
+    config: RunConfig, initial: Arrays, state_root: Path, scoring: Scoring
 ) -> tuple[dict[str, Metrics], dict[str, float]]:
     """Each platform trains alone; returns its test metrics and its ε."""
     config = with_settings(config, federation={"strategy": "fedavg"})
     metrics, epsilons = {}, {}
     for client in platform_clients(config, state_root):
         arrays, epsilons[client.identity.name] = train_rounds(client, initial)
-        metrics |= test_metrics([client], arrays, max_cases)
+        metrics |= scoring.adapters([client], arrays)
     return metrics, epsilons
 
 
@@ -121,7 +136,7 @@ def pooled_client(
 
 
 def train_centralized(
-    config: RunConfig, initial: Arrays, state_root: Path, max_cases: int
+    config: RunConfig, initial: Arrays, state_root: Path, scoring: Scoring
 ) -> tuple[dict[str, Metrics], dict[str, float]]:
     """One model on the pooled train examples, as many optimiser steps per round as all
     platforms together take in the federation; returns per-platform test metrics and its ε."""
@@ -144,7 +159,7 @@ def train_centralized(
             )
     for client in clients:  # one model: its private part too
         client.private.save(platform_private(pooled, client))
-    metrics = test_metrics(clients, arrays, max_cases)
+    metrics = scoring.adapters(clients, arrays)
     return metrics, dict.fromkeys(metrics, epsilon)
 
 
@@ -166,7 +181,7 @@ def platform_private(pooled: PlatformClient, client: PlatformClient) -> Arrays:
 
 
 def dp_prior(
-    config: RunConfig, state_root: Path, max_cases: int
+    config: RunConfig, state_root: Path, scoring: Scoring
 ) -> tuple[dict[str, Metrics], dict[str, float]]:
     """Each platform ranked by its DP-released popularity prior alone (the item tower's
     prior, ablated from the model); returns test metrics and the ε the release cost."""
@@ -175,18 +190,14 @@ def dp_prior(
     for client in platform_clients(config, state_root):
         name = client.identity.name
         counts = client.prior_counts or {}
-        metrics[name] = client.score(CountScorer(counts), "test", max_cases)  # type: ignore[arg-type]
+        metrics[name] = scoring.score(client, CountScorer(counts))  # type: ignore[arg-type]
         epsilons[name] = client.ledger.spent() if client.ledger is not None else float("inf")
     return metrics, epsilons
 
 
-def popularity(config: RunConfig, state_root: Path, max_cases: int) -> dict[str, Metrics]:
+def popularity(config: RunConfig, state_root: Path, scoring: Scoring) -> dict[str, Metrics]:
     """Each platform's test metrics of its own popularity ranking."""
     return {
-        client.identity.name: client.score(
-            CountScorer(positive_counts(client.task)),  # type: ignore[arg-type]
-            "test",
-            max_cases,
-        )
+        client.identity.name: scoring.score(client, CountScorer(positive_counts(client.task)))  # type: ignore[arg-type]
         for client in evaluation_clients(config, state_root)
     }

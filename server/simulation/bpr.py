@@ -14,8 +14,9 @@ Hyper-parameters are chosen on the validation ranking cases only (NDCG@10 by the
 at ``LEARNING_RATE`` for up to ``MAX_EPOCHS`` epochs, validated every ``EVAL_EVERY`` epochs and
 stopped after ``PATIENCE`` validations without gain; the best validated state of the best grid
 point is kept (the model is not refitted on train + valid). Everything is seeded by
-``task.seed``. The chosen model is scored on test by ``PlatformClient.score``, the code path of
-every other method; users and items never seen in training get a zero vector and bias 0.
+``task.seed``. The chosen model is scored on test (a comparison on the validation split scores
+it where it was tuned) by ``PlatformClient.score``, the code path of every other method; users
+and items never seen in training get a zero vector and bias 0.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from torch import nn
 from common.config import RunConfig
 from common.evaluation import evaluate
 from common.task import Example, PlatformTask, RankingCase
-from server.simulation.baselines import Metrics, evaluation_clients, pooled_item
+from server.simulation.baselines import Metrics, Scoring, evaluation_clients, pooled_item
 
 # The documented search space, 12 points: both methods tune on ML-100K in about a minute on
 # 2 CPU cores. reg spans the optimum found there (1e-2 to 3e-2) with a point either side.
@@ -265,7 +266,7 @@ def _announce(label: str, tuning: dict) -> None:
 
 
 def bpr_local(
-    config: RunConfig, state_root: Path, max_cases: int
+    config: RunConfig, state_root: Path, scoring: Scoring
 ) -> tuple[dict[str, Metrics], dict[str, Any]]:
     """Each platform's own BPR model, tuned on its validation split; test metrics + tuning."""
     metrics, tuning = {}, {}
@@ -274,12 +275,12 @@ def bpr_local(
         model, data, tuning[name] = tune({name: client.task}, False, config.task.seed)
         _announce(f"bpr_local {name}", tuning[name])
         scorer = BPRScorer(model, data)
-        metrics[name] = client.score(scorer, "test", max_cases)  # type: ignore[arg-type]
+        metrics[name] = scoring.score(client, scorer)  # type: ignore[arg-type]
     return metrics, tuning
 
 
 def bpr_pooled(
-    config: RunConfig, state_root: Path, max_cases: int
+    config: RunConfig, state_root: Path, scoring: Scoring
 ) -> tuple[dict[str, Metrics], dict[str, Any]]:
     """One BPR model on every platform's train positives (users shared, items namespaced),
     tuned on the mean validation NDCG@10; each platform's test metrics + tuning."""
@@ -288,6 +289,6 @@ def bpr_pooled(
     model, data, tuning = tune(tasks, True, config.task.seed)
     _announce("bpr_pooled", tuning)
     return {
-        name: client.score(BPRScorer(model, data, name), "test", max_cases)  # type: ignore[arg-type]
+        name: scoring.score(client, BPRScorer(model, data, name))  # type: ignore[arg-type]
         for name, client in zip(tasks, clients, strict=True)
     }, tuning

@@ -13,8 +13,9 @@ Poisson samples come from the OS' entropy, so runs of one cell differ, and a ver
 platform needs the mean of several runs (the report shows it with its standard error, and
 every run). Each run is its own experiment with its own ledgers and budget.
 Every cell starts from the same seeded adapters, trains for the same rounds and local steps
-and is scored on every platform's test split by the same code. Finished cells are cached in
-``OUT/cells/``, so an interrupted comparison continues where it stopped.
+and is scored on every platform's test split by the same code (``--split valid`` scores the
+validation split instead, to choose a setting without looking at test). Finished cells are
+cached in ``OUT/cells/``, so an interrupted comparison continues where it stopped.
 """
 
 from __future__ import annotations
@@ -45,10 +46,10 @@ from server.federation.run_record import CONFIG_FILE, RunRecord  # noqa: E402
 from server.simulation.baselines import (  # noqa: E402
     Arrays,
     Metrics,
+    Scoring,
     dp_prior,
     evaluation_clients,
     popularity,
-    test_metrics,
     train_centralized,
     train_local,
 )
@@ -149,9 +150,9 @@ def variant(method: str, config: RunConfig) -> tuple[str, dict[str, dict[str, An
 
 
 def _federated(
-    cell: Cell, config: RunConfig, runs: Path, test_cases: int, cpus_per_client: float
+    cell: Cell, config: RunConfig, runs: Path, scoring: Scoring, cpus_per_client: float
 ) -> tuple[dict[str, Metrics], dict[str, float], bool]:
-    """Run (or resume, or reuse) the federation, then score its final adapters on test."""
+    """Run (or resume, or reuse) the federation, then score its final adapters."""
     final = runs / cell.key
     resumed = final.exists() or (runs / f"{cell.key}{INCOMPLETE}").exists()
     strategy, changes = variant(cell.method, config)
@@ -165,7 +166,7 @@ def _federated(
     clients = evaluation_clients(config, state)
     scorer, _ = shared_scorer(config.model, config.lora, strategy)
     load_adapter(scorer, RunRecord(final).adapter_dir(config.federation.rounds))
-    metrics = test_metrics(clients, trainable_arrays(scorer, clients[0].shared), test_cases)
+    metrics = scoring.adapters(clients, trainable_arrays(scorer, clients[0].shared))
     epsilons = {
         name: PrivacyLedger.load(state / name / LEDGER_FILE).spent()
         if config.dp.enabled
@@ -180,7 +181,7 @@ def run_cell(
     config: RunConfig,
     initial: Arrays,
     out: Path,
-    test_cases: int,
+    scoring: Scoring,
     cpus_per_client: float,
 ) -> dict[str, Any]:
     """Train and score one cell; returns its record (also cached in ``OUT/cells/``)."""
@@ -190,25 +191,26 @@ def run_cell(
     resumed = False  # baselines restart from scratch; a federation may continue a run
     extra: dict[str, Any] = {}
     if cell.method == "popularity":
-        metrics = popularity(config, _fresh(work), test_cases)
+        metrics = popularity(config, _fresh(work), scoring)
         epsilons = dict.fromkeys(metrics, math.inf)  # raw counts: no DP mechanism at all
     elif cell.method == "prior":
-        metrics, epsilons = dp_prior(config, _fresh(work), test_cases)
+        metrics, epsilons = dp_prior(config, _fresh(work), scoring)
     elif cell.method in BPR:
-        metrics, extra["tuning"] = BPR[cell.method](config, _fresh(work), test_cases)
+        metrics, extra["tuning"] = BPR[cell.method](config, _fresh(work), scoring)
         epsilons = dict.fromkeys(metrics, math.inf)  # plain BPR: no DP mechanism at all
     elif cell.method == "local":
-        metrics, epsilons = train_local(config, initial, _fresh(work), test_cases)
+        metrics, epsilons = train_local(config, initial, _fresh(work), scoring)
     elif cell.method == "centralized":
-        metrics, epsilons = train_centralized(config, initial, _fresh(work), test_cases)
+        metrics, epsilons = train_centralized(config, initial, _fresh(work), scoring)
     else:
         metrics, epsilons, resumed = _federated(
-            cell, config, out / "runs", test_cases, cpus_per_client
+            cell, config, out / "runs", scoring, cpus_per_client
         )
     return {
         "method": cell.method,
         "target_epsilon": cell.epsilon,
         "run": cell.run,
+        "split": scoring.split,
         "platforms": metrics,
         "epsilon": epsilons,
         "wall_s": round(time.perf_counter() - started, 1),
@@ -441,6 +443,11 @@ def plot(results: Sequence[dict[str, Any]], path: Path) -> None:
     temporary.replace(path)
 
 
+def _split(results: Sequence[dict[str, Any]]) -> str:
+    """The split the cells were scored on (cells from before ``--split`` existed: test)."""
+    return results[0].get("split", "test")
+
+
 def report(results: Sequence[dict[str, Any]], out: Path, command: str) -> str:
     """Write comparison.json (every run), comparison.md and ndcg_at_10.png (a cell run
     several times as its mean; the Markdown lists its runs too); return the Markdown."""
@@ -460,7 +467,7 @@ def report(results: Sequence[dict[str, Any]], out: Path, command: str) -> str:
         title = "non-private" if math.isinf(epsilon) else f"ε = {epsilon:g}"
         sections += [
             f"## {title}\n",
-            "NDCG@10 on the test split (± the standard error over a cell's runs):\n",
+            f"NDCG@10 on the {_split(results)} split (± the standard error over a cell's runs):\n",
             ndcg_pivot(chosen),
             "",
         ]
@@ -484,7 +491,7 @@ def compare(
     config: RunConfig,
     cells: Sequence[Cell],
     out: Path,
-    test_cases: int,
+    scoring: Scoring,
     command: str,
     cpus_per_client: float = 1.0,
     progress: Callable[[str], None] = print,
@@ -501,11 +508,14 @@ def compare(
     for index, cell in enumerate(cells, start=1):
         path = cache / f"{cell.key}.json"
         if path.exists():
+            cached = json.loads(path.read_text(encoding="utf-8"))
+            if _split([cached]) != scoring.split:
+                raise ConfigError(f"{path}: scored on {_split([cached])}; use a new --out")
             progress(f"[fedfuse] cell {index}/{len(cells)} {cell.key}: cached")
-            results.append(json.loads(path.read_text(encoding="utf-8")))
+            results.append(cached)
             continue
         progress(f"[fedfuse] cell {index}/{len(cells)} {cell.key}: started")
-        result = run_cell(cell, config, initial, out, test_cases, cpus_per_client)
+        result = run_cell(cell, config, initial, out, scoring, cpus_per_client)
         atomic_write(path, json.dumps(result, indent=2) + "\n")
         mean = _mean([m["ndcg@10"] for m in result["platforms"].values()])
         progress(
