@@ -17,8 +17,8 @@ both DP-SGD at the same fixed σ (so noise calibration is not timed):
 1. DP vs non-DP (default path): median time per optimiser step and peak memory, as ratios next
    to the targets (<= 1.10x time, <= 1.2x memory). Same steps, the same expected batch (fixed
    batches for non-DP, Poisson with the same expectation for DP) and physical batch. One
-   process' peak RSS varies by about 15 % from run to run (the allocator's reuse of freed
-   blocks), so both sides run ``--memory-runs`` times and the memory ratios are of medians.
+   process' peak RSS varies by up to about 15 % from run to run of one configuration, so both
+   sides run ``--memory-runs`` times and the memory ratios are of medians.
 2. Opacus hooks vs ghost clipping on the cross scorer (ghost cannot run the two-tower scorers),
    previous settings, and whether ``FASTER_CLIPPING`` picks the faster one here.
 3. Samples/s of each configuration as a share of the fp32 matmul rate measured in this run,
