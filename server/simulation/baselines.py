@@ -87,7 +87,7 @@ def train_rounds(client: PlatformClient, initial: Arrays) -> tuple[Arrays, float
 def train_local(
     config: RunConfig, initial: Arrays, state_root: Path, scoring: Scoring
 ) -> tuple[dict[str, Metrics], dict[str, float]]:
-    """Each platform trains alone; returns its test metrics and its ε."""
+    """Each platform trains alone; returns its metrics (``scoring``) and its ε."""
     config = with_settings(config, federation={"strategy": "fedavg"})
     metrics, epsilons = {}, {}
     for client in platform_clients(config, state_root):
@@ -139,7 +139,7 @@ def train_centralized(
     config: RunConfig, initial: Arrays, state_root: Path, scoring: Scoring
 ) -> tuple[dict[str, Metrics], dict[str, float]]:
     """One model on the pooled train examples, as many optimiser steps per round as all
-    platforms together take in the federation; returns per-platform test metrics and its ε."""
+    platforms together take in the federation; returns per-platform metrics and its ε."""
     config = with_settings(config, federation={"strategy": "fedavg"})
     clients = evaluation_clients(config, state_root)
     if config.train.local_steps:
@@ -184,7 +184,7 @@ def dp_prior(
     config: RunConfig, state_root: Path, scoring: Scoring
 ) -> tuple[dict[str, Metrics], dict[str, float]]:
     """Each platform ranked by its DP-released popularity prior alone (the item tower's
-    prior, ablated from the model); returns test metrics and the ε the release cost."""
+    prior, ablated from the model); returns its metrics and the ε the release cost."""
     config = with_settings(config, model={"scorer": "item_tower"}, prior={"enabled": True})
     metrics, epsilons = {}, {}
     for client in platform_clients(config, state_root):
@@ -196,8 +196,9 @@ def dp_prior(
 
 
 def popularity(config: RunConfig, state_root: Path, scoring: Scoring) -> dict[str, Metrics]:
-    """Each platform's test metrics of its own popularity ranking."""
-    return {
-        client.identity.name: scoring.score(client, CountScorer(positive_counts(client.task)))  # type: ignore[arg-type]
-        for client in evaluation_clients(config, state_root)
-    }
+    """Each platform's metrics of its own popularity ranking."""
+    metrics = {}
+    for client in evaluation_clients(config, state_root):
+        counts = CountScorer(positive_counts(client.task))
+        metrics[client.identity.name] = scoring.score(client, counts)  # type: ignore[arg-type]
+    return metrics

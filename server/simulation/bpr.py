@@ -268,7 +268,7 @@ def _announce(label: str, tuning: dict) -> None:
 def bpr_local(
     config: RunConfig, state_root: Path, scoring: Scoring
 ) -> tuple[dict[str, Metrics], dict[str, Any]]:
-    """Each platform's own BPR model, tuned on its validation split; test metrics + tuning."""
+    """Each platform's own BPR model, tuned on its validation split; metrics + tuning."""
     metrics, tuning = {}, {}
     for client in evaluation_clients(config, state_root):
         name = client.identity.name
@@ -283,7 +283,7 @@ def bpr_pooled(
     config: RunConfig, state_root: Path, scoring: Scoring
 ) -> tuple[dict[str, Metrics], dict[str, Any]]:
     """One BPR model on every platform's train positives (users shared, items namespaced),
-    tuned on the mean validation NDCG@10; each platform's test metrics + tuning."""
+    tuned on the mean validation NDCG@10; each platform's metrics + tuning."""
     clients = evaluation_clients(config, state_root)
     tasks = {c.identity.name: c.task for c in clients}
     model, data, tuning = tune(tasks, True, config.task.seed)

@@ -345,7 +345,7 @@ def _share(ours: dict[str, Any], theirs: dict[str, Any]) -> tuple[float, float, 
 
 
 def target_statements(results: Sequence[dict[str, Any]]) -> list[str]:
-    """The stated targets against the measured numbers (NDCG@10 on test), for every
+    """The stated targets against the measured numbers (NDCG@10 on the split scored), for every
     federated cell whose yardsticks were measured too:
 
     - DP: mean ≥ 1.10 × popularity and ≥ popularity on every platform (ε ≥ 8); ≥ 0.95 ×
