@@ -209,8 +209,10 @@ def test_a_comparison_on_the_validation_split_never_scores_test(
         assert expected != client.score(counts, "test", 0)  # type: ignore[arg-type]
     assert "NDCG@10 on the valid split" in (out / "comparison.md").read_text()
     capsys.readouterr()
-    assert main(args) == 2  # the default, test, into the same folder
+    other = [*args[:-1], "4:prior"]  # another cell, scored on test, into the same folder
+    assert main(other) == 2
     assert "scored on valid; use a new --out" in capsys.readouterr().err
+    assert not (out / "cells" / "prior@eps4.json").exists()  # refused before any training
 
 
 def _result(method: str, epsilon: float, ndcg: dict[str, float]) -> dict[str, object]:

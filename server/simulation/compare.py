@@ -502,17 +502,18 @@ def compare(
     recorded = out / CONFIG_FILE
     if recorded.exists() and recorded.read_text(encoding="utf-8") != settings:
         raise ConfigError(f"{recorded}: {out} compares another configuration; use a new --out")
+    for path in sorted(cache.glob("*.json")):  # one folder, one split: never a mixed report
+        scored = _split([json.loads(path.read_text(encoding="utf-8"))])
+        if scored != scoring.split:
+            raise ConfigError(f"{path}: scored on {scored}; use a new --out")
     atomic_write(recorded, settings)
     initial = seeded_arrays(config.model, config.lora, "fedavg")  # every method starts here
     results = []
     for index, cell in enumerate(cells, start=1):
         path = cache / f"{cell.key}.json"
         if path.exists():
-            cached = json.loads(path.read_text(encoding="utf-8"))
-            if _split([cached]) != scoring.split:
-                raise ConfigError(f"{path}: scored on {_split([cached])}; use a new --out")
             progress(f"[fedfuse] cell {index}/{len(cells)} {cell.key}: cached")
-            results.append(cached)
+            results.append(json.loads(path.read_text(encoding="utf-8")))
             continue
         progress(f"[fedfuse] cell {index}/{len(cells)} {cell.key}: started")
         result = run_cell(cell, config, initial, out, scoring, cpus_per_client)
