@@ -443,15 +443,16 @@ def plot(results: Sequence[dict[str, Any]], path: Path) -> None:
     temporary.replace(path)
 
 
-def _split(results: Sequence[dict[str, Any]]) -> str:
-    """The split the cells were scored on (cells from before ``--split`` existed: test)."""
-    return results[0].get("split", "test")
+def _split(record: dict[str, Any]) -> str:
+    """The split a cell was scored on (cells from before ``--split`` existed: test)."""
+    return record.get("split", "test")
 
 
 def report(results: Sequence[dict[str, Any]], out: Path, command: str) -> str:
     """Write comparison.json (every run), comparison.md and ndcg_at_10.png (a cell run
     several times as its mean; the Markdown lists its runs too); return the Markdown."""
     combined = combine_runs(results)
+    split = _split(results[0])
     levels = sorted({r["target_epsilon"] for r in results}, key=lambda e: (math.isinf(e), -e))
     sections = [
         "# FedFuse comparison\n",
@@ -467,7 +468,7 @@ def report(results: Sequence[dict[str, Any]], out: Path, command: str) -> str:
         title = "non-private" if math.isinf(epsilon) else f"ε = {epsilon:g}"
         sections += [
             f"## {title}\n",
-            f"NDCG@10 on the {_split(results)} split (± the standard error over a cell's runs):\n",
+            f"NDCG@10 on the {split} split (± the standard error over a cell's runs):\n",
             ndcg_pivot(chosen),
             "",
         ]
@@ -503,7 +504,7 @@ def compare(
     if recorded.exists() and recorded.read_text(encoding="utf-8") != settings:
         raise ConfigError(f"{recorded}: {out} compares another configuration; use a new --out")
     for path in sorted(cache.glob("*.json")):  # one folder, one split: never a mixed report
-        scored = _split([json.loads(path.read_text(encoding="utf-8"))])
+        scored = _split(json.loads(path.read_text(encoding="utf-8")))
         if scored != scoring.split:
             raise ConfigError(f"{path}: scored on {scored}; use a new --out")
     atomic_write(recorded, settings)
