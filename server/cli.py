@@ -210,7 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="LEVEL[:METHODS]",
         help="privacy level (a target ε, or inf for non-private), optionally with its methods "
         "(comma-separated: popularity, local, centralized, fedavg, ffa, fedsa; default those; "
-        "also prior, ffa_text, ffa_shared, ffa_user, bpr_local, bpr_pooled; 'ffa*3' runs a "
+        "also prior, bpr_local, bpr_pooled and each strategy's ablations STRATEGY_text, "
+        "STRATEGY_shared, STRATEGY_user, e.g. fedavg_shared; 'fedavg*3' runs a "
         "cell 3 times); repeatable (default: 8)",
     )
     comparison.add_argument("--out", required=True, help="comparison folder (resumable)")

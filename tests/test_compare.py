@@ -28,6 +28,7 @@ from server.simulation.baselines import (
     train_local,
 )
 from server.simulation.compare import (
+    FEDERATED,
     Cell,
     combine_runs,
     parse_levels,
@@ -310,12 +311,15 @@ def test_the_report_shows_each_cells_mean_and_every_run(tmp_path: Path) -> None:
 
 
 def test_an_ablation_without_item_factors_drops_their_share_of_the_clip_norm() -> None:
-    """The default run scales the item factors' gradient; ``ffa_shared`` has none, so its
-    scale goes (``dp.gradient_scales`` would refuse it) and the other parts keep theirs."""
+    """The default run scales the item factors' gradient; ``fedavg_shared`` has none, so its
+    scale goes (``dp.gradient_scales`` would refuse it) and the other parts keep theirs; every
+    strategy has the same ablations."""
     config = load_config(REPO / "simulations/ml100k_default.toml")
     assert "head.private_items." in config.dp.gradient_scales
-    strategy, changes = variant("ffa_shared", config)
-    assert strategy == "ffa" and changes["model"] == {"private_factors": 0}
-    kept = changes["dp"]["gradient_scales"]
-    assert kept == {k: v for k, v in config.dp.gradient_scales.items() if "private" not in k}
-    assert kept and variant("ffa", config) == ("ffa", {})
+    for name in FEDERATED:
+        strategy, changes = variant(f"{name}_shared", config)
+        assert strategy == name and changes["model"] == {"private_factors": 0}
+        kept = changes["dp"]["gradient_scales"]
+        assert kept == {k: v for k, v in config.dp.gradient_scales.items() if "private" not in k}
+        assert kept and variant(name, config) == (name, {})
+    assert variant("ffa_text", config)[1]["prior"] == {"enabled": False}

@@ -4,11 +4,12 @@ A comparison is a grid of cells, each a (method, privacy level) pair: ``populari
 ``local``, ``centralized``, ``prior`` (the DP popularity prior alone; see
 ``server/simulation/baselines.py``), ``bpr_local``, ``bpr_pooled`` (BPR matrix factorisation,
 ``server/simulation/bpr.py``), a federated strategy (``fedavg``, ``ffa``, ``fedsa``, run with
-``fedfuse simulate``) or an ablation of the default one (``ffa_text``: the text model
-alone, no prior and no private item factors; ``ffa_shared``: no private item factors;
-``ffa_user``: user-level DP), at a target ε or non-private (``inf``).
+``fedfuse simulate``) or an ablation of one (``fedavg_text``: the text model alone, no
+prior and no private item factors; ``fedavg_shared``: no private item factors;
+``fedavg_user``: user-level DP; likewise ``ffa_…`` and ``fedsa_…``), at a target ε or
+non-private (``inf``).
 ``popularity`` and the BPR methods are never private: they ignore the level, their ε is ∞.
-A level without names runs the first six. ``ffa*3`` runs a cell three times: DP noise and
+A level without names runs the first six. ``fedavg*3`` runs a cell three times: DP noise and
 Poisson samples come from the OS' entropy, so runs of one cell differ, and a verdict per
 platform needs the mean of several runs (the report shows it with its standard error, and
 every run). Each run is its own experiment with its own ledgers and budget.
@@ -57,12 +58,17 @@ from server.simulation.bpr import bpr_local, bpr_pooled  # noqa: E402
 from server.simulation.simulation import INCOMPLETE, prepare_run, simulate  # noqa: E402
 
 FEDERATED = ("fedavg", "ffa", "fedsa")
-# Ablations of the default federation: (strategy, settings changed), run like the strategy.
-VARIANTS: dict[str, tuple[str, dict[str, dict[str, Any]]]] = {
+# Ablations of a federation, named STRATEGY_ABLATION (``fedavg_text``): the settings changed.
+ABLATIONS: dict[str, dict[str, dict[str, Any]]] = {
     # the text model alone: no prior, nothing private but the mixing weights
-    "ffa_text": ("ffa", {"prior": {"enabled": False}, "model": {"private_factors": 0}}),
-    "ffa_shared": ("ffa", {"model": {"private_factors": 0}}),  # no private item factors
-    "ffa_user": ("ffa", {"dp": {"unit": "user"}}),  # user-level DP instead of per example
+    "text": {"prior": {"enabled": False}, "model": {"private_factors": 0}},
+    "shared": {"model": {"private_factors": 0}},  # no private item factors
+    "user": {"dp": {"unit": "user"}},  # user-level DP instead of per example
+}
+VARIANTS = {
+    f"{strategy}_{name}": (strategy, changes)
+    for strategy in FEDERATED
+    for name, changes in ABLATIONS.items()
 }
 DEFAULT_METHODS = ("popularity", "local", "centralized", *FEDERATED)  # a level without names
 BPR = {"bpr_local": bpr_local, "bpr_pooled": bpr_pooled}  # non-private, tuned on valid
