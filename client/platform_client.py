@@ -29,7 +29,7 @@ from common.errors import DataError
 from common.evaluation import CountScorer, evaluate
 from common.model import Scorer, TextFeaturizer
 from common.platform_data import federation_platforms, read_platform
-from common.sharing import private_names, shared_names, shared_scorer
+from common.sharing import private_names, seeded_arrays, shared_names, shared_scorer
 from common.task import PlatformTask, build_task, training_units
 from common.training import resolve_device
 
@@ -97,8 +97,11 @@ class PlatformClient:
         self.scorer.to(resolve_device(config.train.device))
         names = list(trainable_arrays(self.scorer))
         self.shared = shared_names(names, strategy)
+        # The seeded values, not what the process's shared scorer holds now: after another
+        # platform (or an earlier run) trained in this process it holds their private part.
+        seeded = seeded_arrays(config.model, config.lora, strategy)
         self.private = PrivateTensors(
-            identity.state_dir, trainable_arrays(self.scorer, private_names(names, strategy))
+            identity.state_dir, {name: seeded[name] for name in private_names(names, strategy)}
         )
         self.last_reply = LastReply(identity.state_dir)
         self.featurizer = TextFeaturizer(tokenizer, item_text, config.model.max_length)

@@ -208,3 +208,27 @@ def test_strategies_send_only_their_shared_tensors(run_config, strategy: str) ->
         assert (state / "private_adapter.safetensors").is_file()
         private = private_names(everything, strategy)
         assert private and not any(n in lora_a for n in private)
+
+
+def test_a_platform_built_after_another_trained_starts_from_the_seeded_private_part(
+    run_config,
+) -> None:
+    """One process serves several platforms (a Ray actor, compare's baselines) with one shared
+    scorer: the second platform's private part must start from the seeded values, not from
+    the first platform's trained ones the scorer still holds."""
+    from common.sharing import private_names
+
+    run_config = run_config | {"federation.strategy": "fedsa"}
+    config = load_config(run_config["config-file"])
+    backbone, _ = load_backbone(config.model.backbone)
+    seeded = trainable_arrays(build_scorer(backbone, config.model, config.lora))
+    private = private_names(seeded, "fedsa")
+    sent = {n: seeded[n] for n in shared_names(seeded, "fedsa")}
+    first = _context(run_config, {"partition-id": 0, "num-partitions": 2})
+    app(_message("train", sent, {"server-round": 1}), first)
+    trained = trainable_arrays(client_app.platform_client(first).scorer, private)
+    assert any(not np.array_equal(trained[n], seeded[n]) for n in private)
+    second = client_app.platform_client(_context(run_config, {"partition-id": 1}))
+    assert set(second.private.initial) == set(private)
+    for name in private:
+        np.testing.assert_array_equal(second.private.initial[name], seeded[name])
