@@ -95,13 +95,12 @@ class PlatformClient:
         strategy = config.federation.strategy
         self.scorer, tokenizer = shared_scorer(config.model, config.lora, strategy)
         self.scorer.to(resolve_device(config.train.device))
-        names = list(trainable_arrays(self.scorer))
-        self.shared = shared_names(names, strategy)
         # The seeded values, not what the process's shared scorer holds now: after another
         # platform (or an earlier run) trained in this process it holds their private part.
         seeded = seeded_arrays(config.model, config.lora, strategy)
+        self.shared = shared_names(seeded, strategy)
         self.private = PrivateTensors(
-            identity.state_dir, {name: seeded[name] for name in private_names(names, strategy)}
+            identity.state_dir, {name: seeded[name] for name in private_names(seeded, strategy)}
         )
         self.last_reply = LastReply(identity.state_dir)
         self.featurizer = TextFeaturizer(tokenizer, item_text, config.model.max_length)
