@@ -60,7 +60,9 @@ class ModelConfig(BaseModel):
     top_layers: int = Field(
         1, ge=1, description="item_tower: LoRA on the top layers only; the rest is cached"
     )
-    user_rank: int = Field(16, ge=1, description="item_tower: rank of the learned user map")
+    user_rank: int = Field(
+        16, ge=0, description="item_tower: rank of the learned user map (0 = none)"
+    )
     private_factors: int = Field(
         0, ge=0, description="item_tower: size of the never-shared item factors (0 = none)"
     )

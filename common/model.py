@@ -301,7 +301,9 @@ class ItemTowerHead(nn.Module):
 
     - ``recency``: one slope over history positions (0 = newest), so a user is a softmax-
       weighted mean of their history item vectors; it starts uniform.
-    - ``user_down``/``user_up``: a low-rank residual map of that mean (starts as identity).
+    - ``user_down``/``user_up``: a low-rank residual map of that mean (starts as identity);
+      ``rank`` 0 leaves the mean as it is (docs/results.md: under DP the rank-8 map's seven
+      weak directions are noise, and scoring without it ranked better).
     - ``item_score`` (optional): a linear score of the item vector alone (what the text says
       about how likely any user is to like the item: age, kind, fame), starting at 0.
     - ``private_items`` (optional): collaborative item factors of the platform's own items,
@@ -331,9 +333,10 @@ class ItemTowerHead(nn.Module):
             nn.init.normal_(self.private_items.weight, std=0.1)
         self.recency = nn.Linear(1, 1, bias=False)
         nn.init.zeros_(self.recency.weight)
-        self.user_down = nn.Linear(hidden, rank, bias=False)
-        self.user_up = nn.Linear(rank, hidden, bias=False)
-        nn.init.zeros_(self.user_up.weight)
+        self.user_down = nn.Linear(hidden, rank, bias=False) if rank else None
+        self.user_up = nn.Linear(rank, hidden, bias=False) if rank else None
+        if self.user_up is not None:
+            nn.init.zeros_(self.user_up.weight)
         self.item_score = nn.Linear(hidden, 1, bias=False) if item_score else None
         if self.item_score is not None:
             nn.init.zeros_(self.item_score.weight)
@@ -341,6 +344,12 @@ class ItemTowerHead(nn.Module):
         with torch.no_grad():
             self.mix.weight.copy_(torch.tensor([[1.0 / temperature, prior_weight]]))
             self.mix.bias.fill_(-0.5 / temperature)
+
+    def user_map(self, vectors: torch.Tensor) -> torch.Tensor:
+        """``vectors`` through the residual user map (unchanged without one)."""
+        if self.user_down is None or self.user_up is None:
+            return vectors
+        return vectors + self.user_up(self.user_down(vectors))
 
     def weights(self, history_mask: torch.Tensor) -> torch.Tensor:
         """(B, H) recency weights over the history positions present (zeros without any)."""
@@ -363,7 +372,7 @@ class ItemTowerHead(nn.Module):
         and the candidates' (B, D) or (B, W, D) vectors with their rows and prior values."""
         weights = self.weights(history_mask)
         mean = (weights.unsqueeze(-1) * history).sum(dim=1)
-        user = mean + self.user_up(self.user_down(mean))
+        user = self.user_map(mean)
         if item.dim() == 3:
             user = user.unsqueeze(1)
         cosine = nn.functional.cosine_similarity(user, item, dim=-1, eps=1e-6)
@@ -399,7 +408,7 @@ class ItemTowerHead(nn.Module):
         ``text`` (the item-score term) and ``bias`` (N,).
         """
         weights = self.weights(history_mask[None])[0]  # (H,)
-        mapped = history + self.user_up(self.user_down(history))  # (H, D)
+        mapped = self.user_map(history)  # (H, D)
         user = (weights[:, None] * mapped).sum(dim=0)
         scale = (user.norm() * item.norm(dim=-1)).clamp(min=1e-6)  # (N,)
         cosine_weight, prior_weight = self.mix.weight[0]

@@ -11,6 +11,7 @@ from common import layer_cache
 from common.config import LoraSettings, ModelConfig
 from common.errors import ConfigError
 from common.model import (
+    ItemTowerHead,
     TextFeaturizer,
     build_scorer,
     count_parameters,
@@ -234,3 +235,39 @@ def test_item_tower_private_factors_are_never_shared(tiny_bert_dir: Path) -> Non
     # FFA freezes LoRA's A, but both factors of the user map train and are averaged
     assert not trains(next(n for n in names if ".lora_A." in n), "ffa")
     assert {"head.user_down.weight", "head.user_up.weight"} <= set(shared_names(names, "ffa"))
+
+
+@pytest.mark.parametrize("rank", [0, 3])
+def test_item_tower_head_without_a_user_map_scores_the_history_mean(rank: int) -> None:
+    """``user_rank`` 0 drops the map: nothing named ``user_`` trains and the logits equal those
+    of a fresh map (a zero residual); with or without a map the explanation's parts add up to
+    the logit."""
+    torch.manual_seed(0)
+    head = ItemTowerHead(6, rank, 0.2, 1.0, factors=2, slots=8, item_score=False)
+    assert any(n.startswith("user_") for n, _ in head.named_parameters()) == bool(rank)
+    history, mask = torch.randn(4, 6), torch.tensor([1, 1, 1, 0])
+    rows, item, item_rows, prior = (
+        torch.tensor([0, 3, 5, 1]),
+        torch.randn(5, 6),
+        torch.arange(5),
+        torch.rand(5),
+    )
+    batch = (
+        history.expand(5, -1, -1),
+        mask.expand(5, -1),
+        rows.expand(5, -1),
+        item,
+        item_rows,
+        prior,
+    )
+    with torch.no_grad():
+        if rank:  # a trained map, so that the explanation is checked through it
+            head.user_up.weight.normal_()
+        logits = head.logits(*batch)
+        if not rank:
+            fresh = ItemTowerHead(6, 2, 0.2, 1.0, factors=2, slots=8, item_score=False)
+            fresh.load_state_dict(head.state_dict(), strict=False)
+            torch.testing.assert_close(logits, fresh.logits(*batch))
+    parts = head.contributions(history, mask, rows, item, item_rows, prior)
+    total = parts["history"].sum(dim=1) + parts["prior"] + parts["text"] + parts["bias"]
+    torch.testing.assert_close(total, logits, atol=1e-5, rtol=1e-5)
