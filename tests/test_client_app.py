@@ -186,7 +186,6 @@ def test_evaluate_reply_has_the_protocol_metrics(run_config) -> None:
 
 @pytest.mark.parametrize("strategy", ["ffa", "fedsa"])
 def test_strategies_send_only_their_shared_tensors(run_config, strategy: str) -> None:
-
     run_config = run_config | {"federation.strategy": strategy}
     everything = _initial_arrays(run_config)
     sent = {n: everything[n] for n in shared_names(everything, strategy)}
@@ -215,7 +214,6 @@ def test_a_platform_built_after_another_trained_starts_from_the_seeded_private_p
     """One process serves several platforms (a Ray actor, compare's baselines) with one shared
     scorer: the second platform's private part must start from the seeded values, not from
     the first platform's trained ones the scorer still holds."""
-
     run_config = run_config | {"federation.strategy": "fedsa"}
     config = load_config(run_config["config-file"])
     backbone, _ = load_backbone(config.model.backbone)
