@@ -354,8 +354,11 @@ def test_a_users_row_is_the_sum_of_their_units_gradients_clipped_to_c(
                     total[name] += p.grad
         assert all(r.shape[0] == 1 for r in rows.values())  # one row: the user's
         assert any(n.startswith("encoder.") for n in rows) == through_adapters
-        for name, row in rows.items():  # the softmax cancels mix.bias's gradient: rounding left
-            torch.testing.assert_close(row[0], total[name], rtol=1e-4, atol=1e-6, msg=name)
+        for name, row in rows.items():
+            # the softmax cancels mix.bias's gradient (every candidate gets the same bias), so
+            # what is left there is rounding of order 1e-7
+            atol = 1e-6 if name == "head.mix.bias" else 1e-7
+            torch.testing.assert_close(row[0], total[name], rtol=1e-4, atol=atol, msg=name)
         unclipped = _norm(total)
         assert _norm(summed) == pytest.approx(min(clip, unclipped), rel=1e-4)
         if clip < 1:
