@@ -42,8 +42,8 @@ from __future__ import annotations
 
 import math
 import secrets
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Collection, Iterator, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -57,7 +57,14 @@ from common.config import DPConfig, TrainConfig
 from common.errors import ConfigError
 from common.model import Scorer, TextFeaturizer
 from common.task import Example
-from common.training import batch_inputs, loss_on, make_optimizer, unit_loss
+from common.training import (
+    batch_inputs,
+    load_moments,
+    loss_on,
+    make_optimizer,
+    optimizer_moments,
+    unit_loss,
+)
 
 # Faster per-sample gradient method per device. CPU: measured by scripts/bench_dp.py (hooks
 # 1.42x faster than ghost, see README). CUDA: not yet measured in this project (no GPU was
@@ -67,11 +74,15 @@ FASTER_CLIPPING = {"cpu": "hooks", "cuda": "ghost"}
 
 @dataclass(frozen=True)
 class RoundResult:
-    """What one local round did: mean training loss, optimiser steps, mechanism (None if no DP)."""
+    """What one local round did: mean training loss, optimiser steps, mechanism (None if no DP),
+    the gradients released instead of applied (lockstep) and the optimiser state it ended with
+    (lockstep; empty otherwise)."""
 
     loss: float
     steps: int
     mechanism: Mechanism | None
+    released: dict[str, torch.Tensor] = field(default_factory=dict)
+    moments: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def expected_batch(dp: DPConfig) -> int:
@@ -164,6 +175,8 @@ class LocalTrainer:
         self.train = train
         self.dp = dp
         self.probe = probe
+        self.named = {n: p for n, p in scorer.named_parameters() if p.requires_grad}
+        self.release: Collection[str] = ()  # the round's released tensors (see run)
         # shuffling of the non-private loop only: reproducible from train.seed
         self.generator = torch.Generator().manual_seed(train.seed)
         self.first_step = 0
@@ -250,23 +263,68 @@ class LocalTrainer:
         learning_rate: float,
         noise_multiplier: float | None,
         first_step: int = 0,
+        release: Collection[str] = (),
+        moments: dict[str, np.ndarray] | None = None,
     ) -> RoundResult:
         """Run ``steps`` optimiser steps; DP when ``noise_multiplier`` is not None.
-        ``first_step``: how many steps earlier rounds ran (the adapter schedule's phase)."""
+        ``first_step``: how many steps earlier rounds ran (the adapter schedule's phase).
+
+        The lockstep schedule's step: the tensors named in ``release`` are clipped and noised
+        with the others, but their gradient is returned (``RoundResult.released``, the
+        Gaussian mechanism's output, after the gradient scales are undone) instead of applied
+        here, and ``moments`` (the optimiser state the last round ended with) is continued."""
+        if release and steps != 1:
+            raise ValueError(f"a round that releases its gradient is one step, not {steps}")
         self.first_step = first_step
+        self.release = release
         self.scorer.prepare(self.featurizer)
         self.scorer.train()
         try:
             if noise_multiplier is None:
-                return self._run_plain(steps, learning_rate)
-            return self._run_private(steps, learning_rate, noise_multiplier)
+                return self._run_plain(steps, learning_rate, moments)
+            return self._run_private(steps, learning_rate, noise_multiplier, moments)
         finally:
             for param in self.adapters:
                 param.requires_grad_(True)
 
-    def _run_plain(self, steps: int, learning_rate: float) -> RoundResult:
-        """Non-private baseline: shuffled fixed-size batches, same chunks, no clipping or noise."""
+    def _optimizer(
+        self, learning_rate: float, moments: dict[str, np.ndarray] | None
+    ) -> torch.optim.Optimizer:
         optimizer = make_optimizer(self.scorer, self.train, learning_rate)
+        if moments:
+            load_moments(optimizer, self.named, moments)
+        return optimizer
+
+    def _withhold(self) -> dict[str, torch.Tensor]:
+        """Take the released tensors' gradients out of the step: returned, not applied (a
+        tensor without a gradient, such as a frozen adapter, is skipped by the optimiser)."""
+        released = {}
+        for name in self.release:
+            param = self.named[name]
+            if param.grad is not None:
+                released[name] = param.grad.detach().clone()
+                param.grad = None
+        return released
+
+    def _result(
+        self,
+        losses: list[float],
+        steps: int,
+        mechanism: Mechanism | None,
+        released: dict[str, torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        moments: dict[str, np.ndarray] | None,
+    ) -> RoundResult:
+        kept = optimizer_moments(optimizer, self.named) if moments is not None else {}
+        loss = float(np.mean(losses)) if losses else math.nan
+        return RoundResult(loss, steps, mechanism, released, kept)
+
+    def _run_plain(
+        self, steps: int, learning_rate: float, moments: dict[str, np.ndarray] | None
+    ) -> RoundResult:
+        """Non-private baseline: shuffled fixed-size batches, same chunks, no clipping or noise."""
+        optimizer = self._optimizer(learning_rate, moments)
+        released: dict[str, torch.Tensor] = {}
         losses: list[float] = []
         while len(losses) < steps:
             for (indices,) in self._loader(self.generator):
@@ -281,22 +339,28 @@ class LocalTrainer:
                     loss = loss * (len(units) / size)
                     loss.backward()
                     total += float(loss.detach())
+                released = self._withhold()
                 optimizer.step()
                 self._after_step(adapters)
                 losses.append(total)
                 if len(losses) == steps:
                     break
-        return RoundResult(float(np.mean(losses)), steps, None)
+        return self._result(losses, steps, None, released, optimizer, moments)
 
     def _run_private(
-        self, steps: int, learning_rate: float, noise_multiplier: float
+        self,
+        steps: int,
+        learning_rate: float,
+        noise_multiplier: float,
+        moments: dict[str, np.ndarray] | None,
     ) -> RoundResult:
         mode = self.clipping_mode()
         engine = PrivacyEngine(accountant="prv")
         generator = secret_generator()  # the Poisson sample and each user's subset
+        inner = self._optimizer(learning_rate, moments)
         made = engine.make_private(
             module=self.scorer,
-            optimizer=make_optimizer(self.scorer, self.train, learning_rate),
+            optimizer=inner,
             criterion=nn.BCEWithLogitsLoss(),
             data_loader=self._loader(generator),
             noise_multiplier=noise_multiplier,
@@ -313,7 +377,10 @@ class LocalTrainer:
             self.probe(optimizer)
         scaled = scaled_tensors(self.scorer, self.dp.gradient_scales)
         if scaled:
-            _unscale_after_noise(optimizer, scaled)
+            _after_noise(optimizer, lambda: _unscale(scaled))
+        released: dict[str, torch.Tensor] = {}
+        if self.release:
+            _after_noise(optimizer, lambda: released.update(self._withhold()))
         losses: list[float] = []
         try:
             while _steps_taken(engine) < steps:
@@ -352,7 +419,7 @@ class LocalTrainer:
             model.to_standard_module()
         sigma, q, taken = _executed(engine)
         mechanism = Mechanism(sigma, q, taken, self.dp.max_grad_norm, unit=self.dp.unit)
-        return RoundResult(float(np.mean(losses)) if losses else math.nan, taken, mechanism)
+        return self._result(losses, taken, mechanism, released, inner, moments)
 
     def _physical(self, batch: list[list[Example]]) -> Iterator[list[list[Example]]]:
         """A logical batch (each privacy unit's training units) as physical chunks of at most
@@ -451,20 +518,25 @@ def _scale_rows(scaled: list[tuple[nn.Parameter, float]]) -> None:
             sample.mul_(scale)
 
 
-def _unscale_after_noise(optimizer: DPOptimizer, scaled: list[tuple[nn.Parameter, float]]) -> None:
-    """Divide the noised gradient by the scales once Opacus has added the noise, before the
-    optimiser step. The hooks already there (the accountant, an audit's probe) run first:
-    they see the Gaussian mechanism's own output."""
+def _after_noise(optimizer: DPOptimizer, action: Callable[[], None]) -> None:
+    """Run ``action`` once Opacus has added the noise, before the optimiser step. The hooks
+    already there (the accountant, an audit's probe, an earlier action) run first: they see
+    the Gaussian mechanism's own output."""
     inner = optimizer.step_hook
 
     def hook(opt: DPOptimizer) -> None:
         if inner is not None:
             inner(opt)
-        for param, scale in scaled:
-            if param.grad is not None:
-                param.grad.div_(scale)
+        action()
 
     optimizer.step_hook = hook
+
+
+def _unscale(scaled: list[tuple[nn.Parameter, float]]) -> None:
+    """Divide the noised gradient by the gradient scales (post-processing)."""
+    for param, scale in scaled:
+        if param.grad is not None:
+            param.grad.div_(scale)
 
 
 def _zero_grads(model: nn.Module, mode: str) -> None:

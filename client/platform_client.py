@@ -31,7 +31,7 @@ from common.model import Scorer, TextFeaturizer
 from common.platform_data import federation_platforms, read_platform
 from common.sharing import private_names, seeded_arrays, shared_names, shared_scorer
 from common.task import PlatformTask, build_task, training_units
-from common.training import resolve_device
+from common.training import MOMENT, resolve_device
 
 
 @dataclass(frozen=True)
@@ -112,7 +112,13 @@ class PlatformClient:
             config.dp,
         )
         units = self.trainer.privacy_units
-        self.steps = steps_per_round(units, config.train, config.dp)
+        rounds = config.federation.rounds
+        self.lockstep = config.federation.schedule == "lockstep"
+        # the optimiser steps this platform plans for the whole run; under lockstep one a
+        # round, in the rounds it is due (spread evenly over the run, see takes_step)
+        planned = steps_per_round(units, config.train, config.dp)
+        self.total_steps = min(planned, rounds) if self.lockstep else planned * rounds
+        self.steps = 1 if self.lockstep else planned
         self.ledger: PrivacyLedger | None = None
         self.noise_multiplier: float | None = None
         uses_prior = config.model.scorer == "item_tower" and config.prior.enabled
@@ -131,7 +137,7 @@ class PlatformClient:
             self.noise_multiplier = calibrate_noise(
                 config.dp,
                 self.trainer.sample_rate,
-                config.federation.rounds * self.steps,
+                self.total_steps,
                 committed,
             )
         if uses_prior:
@@ -167,6 +173,15 @@ class PlatformClient:
             unit=self.config.dp.unit,
         )
 
+    def takes_step(self, server_round: int) -> bool:
+        """Whether this platform trains in ``server_round``: always, except under lockstep,
+        where its S planned steps are spread evenly over the run's R rounds (a step in round
+        r when ⌊rS/R⌋ grows; the largest platform, S = R, steps every round)."""
+        if not self.lockstep:
+            return True
+        rounds, steps = self.config.federation.rounds, self.total_steps
+        return server_round * steps // rounds > (server_round - 1) * steps // rounds
+
     def _load(self, arrays: dict[str, np.ndarray]) -> None:
         """The server's shared tensors plus this platform's own private part (if any)."""
         load_trainable_arrays(self.scorer, arrays, self.shared)
@@ -184,21 +199,31 @@ class PlatformClient:
         round last answered gets that same answer again (re-sending a released update costs
         no privacy), so a server that crashed after the platforms trained can resume. Returns
         only the tensors the strategy shares; a private part stays in the state folder.
+        Under lockstep the round is one DP step and what is returned is the noised gradient of
+        the shared tensors; in a round the platform is not due it returns nothing and nothing
+        is charged.
         """
         stored = self.last_reply.load(server_round)
         if stored is not None:
             return stored[0], stored[1] | {"replayed": 1}
+        if not self.takes_step(server_round):  # lockstep: nothing to send, nothing charged
+            spent = self.ledger.spent() if self.ledger is not None else math.inf
+            return {}, {"num-examples": self.num_examples, "local-steps": 0, "epsilon": spent}
         planned = self.planned_mechanism()
         entry = None
         if self.ledger is not None and planned is not None:
             entry = self.ledger.charge(server_round, planned)
         self._load(arrays)
         first_step = (server_round - 1) * self.steps
-        result = self.trainer.run(self.steps, learning_rate, self.noise_multiplier, first_step)
+        release = self.shared if self.lockstep else ()
+        moments = self.private.moments() if self.lockstep else None
+        result = self.trainer.run(
+            self.steps, learning_rate, self.noise_multiplier, first_step, release, moments
+        )
         if result.mechanism != planned:
             raise RuntimeError(f"ran {result.mechanism}, but the ledger charged {planned}")
-        if self.private.names:
-            self.private.save(trainable_arrays(self.scorer, self.private.names))
+        if self.private.names or self.lockstep:
+            self.private.save(trainable_arrays(self.scorer, self.private.names) | result.moments)
         metrics: dict[str, float | int] = {
             "num-examples": self.num_examples,
             "local-steps": result.steps,
@@ -217,7 +242,10 @@ class PlatformClient:
             # The raw training loss is a function of the private data outside any DP
             # mechanism, so it leaves the platform only when DP is off.
             metrics |= {"train-loss": result.loss, "epsilon": math.inf}
-        shared = trainable_arrays(self.scorer, self.shared)
+        if self.lockstep:  # the noised gradients (the mechanism's output), not tensors
+            shared = {name: g.cpu().numpy() for name, g in result.released.items()}
+        else:
+            shared = trainable_arrays(self.scorer, self.shared)
         self.last_reply.save(server_round, shared, metrics)
         return shared, metrics
 
@@ -250,7 +278,8 @@ class PlatformClient:
 
 
 class PrivateTensors:
-    """A platform's never-shared adapter part (fedsa's B and head), kept in its state folder.
+    """A platform's never-shared adapter part (fedsa's B and head), kept in its state folder,
+    with (under lockstep) its optimiser's state, in one file written atomically.
 
     Until the first round saves it, the seeded initial values are used, so a platform never
     starts from another platform's private tensors when one process serves several.
@@ -263,8 +292,16 @@ class PrivateTensors:
         self.initial = initial
         self.names = list(initial)
 
-    def load(self) -> dict[str, np.ndarray]:
+    def _stored(self) -> dict[str, np.ndarray]:
         return load_numpy(self.path) if self.path.exists() else self.initial
+
+    def load(self) -> dict[str, np.ndarray]:
+        return {k: v for k, v in self._stored().items() if not k.startswith(MOMENT)}
+
+    def moments(self) -> dict[str, np.ndarray]:
+        """The local optimiser's state saved with the tensors (lockstep; see
+        ``common.training.optimizer_moments``): empty before the first step."""
+        return {k: v for k, v in self._stored().items() if k.startswith(MOMENT)}
 
     def save(self, arrays: dict[str, np.ndarray]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)

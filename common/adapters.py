@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from opacus import GradSampleModule
 from peft import load_peft_weights, set_peft_model_state_dict
+from safetensors.numpy import save_file as save_numpy
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -80,8 +81,12 @@ def load_trainable_arrays(
             param.copy_(torch.from_numpy(value).to(param.dtype))
 
 
-def save_adapter(model: nn.Module, out: Path | str) -> Path:
-    """Write the adapter folder atomically (staged next to ``out``, then renamed into place)."""
+def save_adapter(
+    model: nn.Module, out: Path | str, extra: dict[str, dict[str, np.ndarray]] | None = None
+) -> Path:
+    """Write the adapter folder atomically (staged next to ``out``, then renamed into place),
+    with ``extra`` safetensors files (name → arrays) inside it: the lockstep server's
+    optimiser state is saved with the tensors it belongs to, or not at all."""
     scorer = unwrap(model)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -94,6 +99,8 @@ def save_adapter(model: nn.Module, out: Path | str) -> Path:
         )
         meta = {"format_version": FORMAT_VERSION, "scorer": scorer.kind, "pooling": scorer.pooling}
         (staging / META_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        for name, arrays in (extra or {}).items():
+            save_numpy(arrays, staging / name)
         if out.exists():
             shutil.rmtree(out)
         os.replace(staging, out)

@@ -125,6 +125,13 @@ class TrainConfig(BaseModel):
         gt=0,
         description="item_tower: of the head's cosine and prior weights (none = learning_rate)",
     )
+    map_adam_epsilon: float = Field(
+        1e-8,
+        gt=0,
+        allow_inf_nan=False,
+        description="item_tower: AdamW's ε on the user map (head.user_*); larger damps its "
+        "steps where the noised gradient's second moment is small",
+    )
     adapter_every: int = Field(
         1,
         ge=1,
@@ -148,10 +155,15 @@ class TrainConfig(BaseModel):
     optimizer: Literal["adamw", "sgd"] = Field("adamw", description="local optimiser")
     momentum: float = Field(0.0, ge=0, lt=1, description="sgd: heavy-ball momentum")
     local_steps: int = Field(
-        0, ge=0, description="optimiser steps per round; 0 = local_epochs passes over the data"
+        0,
+        ge=0,
+        description="optimiser steps per round (lockstep: per run); 0 = local_epochs passes",
     )
     local_epochs: float = Field(
-        1.0, gt=0, description="expected passes over the train split per round (if no local_steps)"
+        1.0,
+        gt=0,
+        description="expected passes over the train split per round (lockstep: over the "
+        "whole run), if no local_steps",
     )
 
 
@@ -278,6 +290,12 @@ class FederationConfig(BaseModel):
 
     rounds: int = Field(
         5, ge=1, description="server rounds planned (DP noise is calibrated for all)"
+    )
+    schedule: Literal["rounds", "lockstep"] = Field(
+        "rounds",
+        description="rounds: local steps per round, the updated adapters averaged; lockstep: "
+        "one DP step per round, the platforms' noised gradients averaged and applied by one "
+        "server AdamW (see server/federation/server_optimizer.py)",
     )
     strategy: Literal["fedavg", "ffa", "fedsa"] = Field(
         "fedavg", description="aggregation rule (see common/sharing.py)"

@@ -21,6 +21,7 @@ gradients of repeated calls correctly.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import os
 from collections.abc import Sequence
@@ -141,6 +142,7 @@ class TextFeaturizer:
         # current model (the history side of a training round) and the prior per item row.
         self.cache: LayerCache | None = None
         self.item_vectors: torch.Tensor | None = None
+        self.item_vectors_of: bytes = b""  # the adapters they were computed with (a digest)
         self.prior = torch.zeros(len(self.items))
 
     def set_prior(self, prior: dict[str, float]) -> None:
@@ -492,9 +494,23 @@ class ItemTowerScorer(Scorer):
             batch["prior"],
         )
 
+    def _adapters_digest(self) -> bytes:
+        """What the item vectors depend on besides the featurizer's frozen cache: this scorer
+        (its backbone) and its adapters."""
+        digest = hashlib.blake2b(id(self).to_bytes(8, "little"), digest_size=16)
+        for name, param in self.encoder.named_parameters():
+            if "lora_" in name:
+                digest.update(param.detach().cpu().numpy().tobytes())
+        return digest.digest()
+
     @torch.no_grad()
     def prepare(self, featurizer: TextFeaturizer, batch_size: int = 256) -> None:
-        """Item vectors of the whole catalogue under the current adapters (history side)."""
+        """Item vectors of the whole catalogue under the current adapters (history side);
+        kept when the adapters have not changed since (the lockstep schedule's head-only
+        rounds, where a recomputation would cost as much as the step)."""
+        key = self._adapters_digest()
+        if featurizer.item_vectors is not None and featurizer.item_vectors_of == key:
+            return
         cache = self._cache(featurizer)
         parts = [torch.zeros(0, self.encoder.config.hidden_size, device=self.device())]
         for start in range(0, len(featurizer.items), batch_size):
@@ -506,6 +522,7 @@ class ItemTowerScorer(Scorer):
                 )
             )
         featurizer.item_vectors = torch.cat(parts)
+        featurizer.item_vectors_of = key
 
     @torch.no_grad()
     def text_vectors(self, featurizer: TextFeaturizer, texts: Sequence[str]) -> torch.Tensor:

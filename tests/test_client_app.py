@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from safetensors.numpy import load_file as load_numpy
 
 import common.sharing as sharing
 from client import client_app
@@ -228,3 +229,43 @@ def test_a_platform_built_after_another_trained_starts_from_the_seeded_private_p
     assert set(second.private.initial) == set(private)
     for name in private:
         np.testing.assert_array_equal(second.private.initial[name], seeded[name])
+
+
+def test_under_lockstep_a_platform_steps_and_is_charged_only_in_its_due_rounds(
+    tmp_path: Path, write_run_config
+) -> None:
+    """3 planned steps over 5 rounds: steps in rounds 2, 4 and 5 (⌊3r/5⌋ grows), one DP step
+    each, the noised gradients sent; rounds 1 and 3 send nothing and charge nothing, and the
+    run ends within the target ε the noise was calibrated for (the prior included)."""
+    config_file = write_run_config(
+        tmp_path / "run.toml",
+        model={"max_length": 40, "private_factors": 4},
+        train={"local_steps": 3},
+        dp={"target_epsilon": 3.0, "state_dir": str(tmp_path / "state")},
+        federation={"rounds": 5, "schedule": "lockstep"},
+    )
+    client_app._clients.clear()
+    run_config = {"config-file": str(config_file)}
+    context = _context(run_config, {"partition-id": 0, "num-partitions": 2})
+    initial = _initial_arrays(run_config)
+    stepped = []
+    for server_round in range(1, 6):
+        reply = app(_message("train", initial, {"server-round": server_round}), context)
+        assert not reply.has_error()
+        metrics = dict(reply.content["metrics"])
+        gradients = {k: a.numpy() for k, a in reply.content["arrays"].items()}
+        if metrics["local-steps"]:
+            stepped.append(server_round)
+            assert set(gradients) == set(initial)  # the shared tensors' gradients, no values
+            assert not any(np.allclose(gradients[n], initial[n]) for n in gradients)
+        else:
+            assert gradients == {} and "noise-multiplier" not in metrics
+    assert stepped == [2, 4, 5]
+    state = Path(load_config(config_file).dp.state_dir) / "p0"
+    entries = json.loads((state / LEDGER_FILE).read_text())["entries"]
+    assert [e["server_round"] for e in entries] == [0, 2, 4, 5]  # 0: the prior
+    assert [e["steps"] for e in entries[1:]] == [1, 1, 1]
+    assert 2.9 < entries[-1]["epsilon_prv"] <= 3.0
+    private = load_numpy(state / "private_adapter.safetensors")
+    assert any(key.startswith("moment::head.mix.") for key in private)
+    assert not any(key.startswith("moment::") and "lora_" in key for key in private)

@@ -495,3 +495,60 @@ def test_building_a_scorer_leaves_the_noise_generator_unseeded(tiny_bert_dir: Pa
     model, _ = load_backbone(str(tiny_bert_dir))
     build_scorer(model, ModelConfig(), LoraSettings(rank=4))
     assert torch.equal(torch.random.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("noise_multiplier", [0.0, None])
+def test_a_released_gradient_is_the_dp_step_not_applied_here(
+    tiny_bert_dir: Path, platform, noise_multiplier: float | None
+) -> None:
+    """The lockstep step (σ = 0, q = 1, clipping active): the released tensors' gradients are
+    exactly the reference's clipped mean, the released tensors stay where they were, and the
+    rest take the reference step; without DP, the same with no clipping."""
+    examples, lr = 10, 0.5
+    clip = 1e-3 if noise_multiplier is not None else HUGE_CLIP
+    dp = _full_batch(examples, clip, enabled=noise_multiplier is not None)
+    scorer, featurizer, chosen, trainer = _setup(
+        tiny_bert_dir, platform, "item_tower", examples, dp, optimizer="sgd", batch_size=4
+    )
+    expected = _reference_update(scorer, featurizer, chosen, clip, lr)
+    before = trainable_arrays(scorer)
+    release = [n for n in before if not n.startswith("head.mix.")]
+    result = trainer.run(1, lr, noise_multiplier, release=release, moments={})
+    after = trainable_arrays(scorer)
+    assert set(result.released) == set(release)
+    for name in before:
+        if name in release:
+            np.testing.assert_array_equal(after[name], before[name], err_msg=name)
+            gradient = (before[name] - expected[name]) / lr
+            np.testing.assert_allclose(
+                result.released[name].numpy(), gradient, rtol=1e-3, atol=1e-7, err_msg=name
+            )
+        else:
+            np.testing.assert_allclose(after[name], expected[name], rtol=1e-3, atol=1e-7)
+    with pytest.raises(ValueError, match="one step"):
+        trainer.run(2, lr, noise_multiplier, release=release)
+
+
+@pytest.mark.parametrize("noise_multiplier", [0.0, None])
+def test_one_step_rounds_that_keep_their_moments_are_one_optimiser(
+    tiny_bert_dir: Path, platform, noise_multiplier: float | None
+) -> None:
+    """Lockstep's private part: three rounds of one step, each continuing the optimiser state
+    the last one returned, end exactly where one round of three AdamW steps does (the middle
+    one head-only: the item vectors are recomputed whenever the adapters moved, either way)."""
+    dp = _full_batch(8, 1e-2, enabled=noise_multiplier is not None)
+    scorer, _, _, trainer = _setup(
+        tiny_bert_dir, platform, "item_tower", 8, dp, batch_size=4, adapter_every=2
+    )
+    before = trainable_arrays(scorer)
+    trainer.run(3, 1e-2, noise_multiplier)
+    expected = trainable_arrays(scorer)
+    load_trainable_arrays(scorer, before)
+    moments: dict[str, np.ndarray] = {}
+    for step in range(3):
+        moments = trainer.run(1, 1e-2, noise_multiplier, step, moments=moments).moments
+    assert any(key.endswith("::exp_avg_sq") for key in moments)
+    for name, value in trainable_arrays(scorer).items():
+        if name == "head.mix.bias":  # under the softmax its gradient is 0 up to rounding,
+            continue  # which AdamW turns into steps of ±lr: the order of a sum decides it
+        np.testing.assert_allclose(value, expected[name], rtol=1e-4, atol=1e-7, err_msg=name)

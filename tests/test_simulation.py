@@ -17,8 +17,10 @@ from client.ledger import LEDGER_FILE
 from common.config import RUN_CONFIG_ENV, RunConfig, load_config
 from common.platform_data import federation_platforms, read_platform
 from common.task import build_task, training_units
+from server.cli import main
 from server.federation import server_app
 from server.federation.run_record import RunRecord
+from server.federation.server_optimizer import MOMENTS_FILE
 from server.federation.strategy import FedFuseStrategy
 from server.simulation.simulation import prepare_run, simulate
 
@@ -119,10 +121,10 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(
     record = prepare_run(load_config(config_file), tmp_path / "runs", "resumed")
     real = server_app.save_adapter
 
-    def crash_at_round_two(scorer, out):
+    def crash_at_round_two(scorer, out, extra=None):
         if out.name == "round_002":
             raise RuntimeError("simulated crash")
-        return real(scorer, out)
+        return real(scorer, out, extra)
 
     monkeypatch.setattr(server_app, "save_adapter", crash_at_round_two)
     with pytest.raises(RuntimeError, match="simulated crash"):
@@ -241,3 +243,76 @@ def test_the_console_shows_one_line_per_event_and_the_full_log_is_in_the_run(
     assert "round 1/2 train: 2/2 platforms" in next(x for x in lines if "round 1/2 train" in x)
     log = (run / "simulation.log").read_text()
     assert "[ROUND 2/2]" in log and log.count("[ROUND 2/2]") == 1  # once, not twice
+
+
+def test_a_lockstep_run_charges_only_the_steps_taken_and_audits_clean(
+    tmp_path: Path, write_run_config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Lockstep, DP: 2 planned steps over 3 rounds (rounds 2 and 3), every platform's noised
+    gradient averaged by the server's AdamW; round 1 uploads nothing and charges nothing, and
+    `fedfuse audit` recomputes every ε and raises no flag."""
+    config = write_run_config(
+        tmp_path / "run.toml",
+        train={"local_steps": 2, "eval_max_cases": 5, "adapter_every": 2},
+        federation={"rounds": 3, "min_nodes": 2, "schedule": "lockstep"},
+    )
+    run = simulate(prepare_run(load_config(config), tmp_path / "runs", "lockstep"))
+    assert RunRecord(run).last_round() == 3
+    for platform in ("p0", "p1"):
+        ledger = json.loads((run / "platform_state" / platform / LEDGER_FILE).read_text())
+        assert [(e["server_round"], e["steps"]) for e in ledger["entries"][1:]] == [(2, 1), (3, 1)]
+    uploads = [
+        json.loads(line)
+        for line in (run / "wire_log.jsonl").read_text().splitlines()
+        if '"received"' in line and '"train"' in line
+    ]
+    assert sorted((r["round"], bool(r["tensors"])) for r in uploads) == [
+        (1, False),
+        (1, False),
+        (2, True),
+        (2, True),
+        (3, True),
+        (3, True),
+    ]
+    assert (run / "adapters" / "round_003" / MOMENTS_FILE).is_file()
+    assert main(["audit", str(run)]) == 0
+    assert "flags: 0 (audit clean)" in capsys.readouterr().out
+
+
+def test_an_interrupted_lockstep_run_resumes_exactly(
+    tmp_path: Path, write_run_config, monkeypatch
+) -> None:
+    """Without DP, on full batches (deterministic): a run that crashed before its round-3
+    checkpoint and was resumed ends exactly where the uninterrupted run does — the server's
+    optimiser state comes back from round 2's checkpoint, each platform's from its state
+    folder, and round 3's gradients are replayed, not recomputed."""
+    config = load_config(
+        write_run_config(
+            tmp_path / "run.toml",
+            train={"local_steps": 4, "eval_max_cases": 5, "optimizer": "sgd", "momentum": 0.9},
+            dp={"enabled": False, "expected_batch_size": 10_000},
+            federation={"rounds": 4, "min_nodes": 2, "schedule": "lockstep"},
+        )
+    )
+    straight = simulate(prepare_run(config, tmp_path / "runs", "straight"))
+    record = prepare_run(config, tmp_path / "runs", "resumed")
+    real = server_app.save_adapter
+
+    def crash_at_round_three(scorer, out, extra=None):
+        if out.name == "round_003":
+            raise RuntimeError("simulated crash")
+        return real(scorer, out, extra)
+
+    monkeypatch.setattr(server_app, "save_adapter", crash_at_round_three)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        simulate(record)
+    monkeypatch.setattr(server_app, "save_adapter", real)
+    resumed = simulate(RunRecord(record.root))
+    replayed = [e for e in RunRecord(resumed).events() if e.get("replayed")]
+    assert sorted(e["round"] for e in replayed) == [3, 3]
+    for file in ("adapter_model.safetensors", MOMENTS_FILE):
+        expected = load_file(straight / "adapters" / "round_004" / file)
+        got = load_file(resumed / "adapters" / "round_004" / file)
+        assert set(got) == set(expected) and expected
+        for name, value in expected.items():
+            np.testing.assert_allclose(got[name], value, rtol=1e-5, atol=1e-7, err_msg=name)

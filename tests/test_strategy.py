@@ -21,7 +21,8 @@ from flwr.app import (
 from common.config import FederationConfig, RunConfig, TrainConfig
 from server.federation.run_record import RunRecord
 from server.federation.server_app import learning_rate_schedule
-from server.federation.strategy import FedFuseStrategy, RoundFailed
+from server.federation.server_optimizer import ServerOptimizer
+from server.federation.strategy import FedFuseStrategy, LockstepStrategy, RoundFailed
 
 
 def _metadata(node: int) -> Metadata:
@@ -121,3 +122,66 @@ def test_a_round_without_any_successful_platform_stops_the_run(tmp_path: Path) -
         strategy.aggregate_train(1, [_error_reply(1), _error_reply(2)])
     assert "privacy budget exhausted" in str(caught.value)
     assert record.events()[-1] == {"event": "round-failed", "round": 3, "reason": str(caught.value)}
+
+
+def _adamw_by_hand(
+    gradients: list[np.ndarray], rates: list[float], eps: float, betas=(0.9, 0.999)
+) -> np.ndarray:
+    """The total AdamW displacement (no weight decay) after these gradients, one step each
+    at its rate."""
+    m = v = np.zeros_like(gradients[0], dtype=np.float64)
+    moved = np.zeros_like(m)
+    for step, (g, rate) in enumerate(zip(gradients, rates, strict=True), start=1):
+        m = betas[0] * m + (1 - betas[0]) * g
+        v = betas[1] * v + (1 - betas[1]) * g**2
+        m_hat, v_hat = m / (1 - betas[0] ** step), v / (1 - betas[1] ** step)
+        moved -= rate * m_hat / (np.sqrt(v_hat) + eps)
+    return moved
+
+
+def test_the_lockstep_server_applies_adamw_to_the_mean_gradient() -> None:
+    """Two steps: the unweighted mean of the platforms' gradients through AdamW, the user map
+    with its own rate and ε; a tensor no platform sent this round stays, state and all."""
+    train = TrainConfig(learning_rate=1e-3, head_learning_rate=0.05, map_adam_epsilon=1e-3)
+    lora, user = "encoder.layer.0.lora_A.default.weight", "head.user_down.weight"
+    start = {lora: np.zeros((2, 3), np.float32), user: np.ones((2, 2), np.float32)}
+    server = ServerOptimizer(train, start)
+    rng = np.random.default_rng(0)
+    first = [{n: rng.normal(size=a.shape).astype(np.float32) * 1e-3 for n, a in start.items()}]
+    first.append({n: rng.normal(size=a.shape).astype(np.float32) * 1e-3 for n, a in start.items()})
+    second = [{user: rng.normal(size=(2, 2)).astype(np.float32) * 1e-3}]  # a head-only step
+    server.step(first, 1e-3)
+    arrays = server.step(second, 5e-4)
+    mean = {n: (first[0][n] + first[1][n]) / 2 for n in start}
+    moved = _adamw_by_hand([mean[lora]], [1e-3], 1e-8)
+    np.testing.assert_allclose(arrays[lora], start[lora] + moved, rtol=1e-4)
+    # the map: the head's rate, scaled by the schedule like the adapters' (0.05, then 0.025)
+    moved = _adamw_by_hand([mean[user], second[0][user]], [0.05, 0.025], 1e-3)
+    np.testing.assert_allclose(arrays[user], start[user] + moved, rtol=1e-4)
+    assert server.moments[f"moment::{lora}::step"] == 1
+    assert server.moments[f"moment::{user}::step"] == 2
+    with pytest.raises(ValueError, match="does not hold"):
+        server.step([{"head.other": np.zeros(1, np.float32)}], 1e-3)
+
+
+def test_the_lockstep_strategy_averages_the_gradients_that_came(tmp_path: Path) -> None:
+    """Replies without tensors (a platform not due) and errors are left out of the mean; the
+    server's rate is the schedule's for the absolute round."""
+    train = TrainConfig(learning_rate=1e-3)
+    name = "encoder.layer.0.lora_B.default.weight"
+    start = {name: np.zeros((2, 2), np.float32)}
+    strategy = LockstepStrategy(
+        ServerOptimizer(train, start), RunRecord(tmp_path), lambda r: 1e-3 * r, round_offset=1
+    )
+    g = {"a": np.full((2, 2), 2.0, np.float32), "b": np.full((2, 2), -1.0, np.float32)}
+    replies = [
+        _reply(1, "a", {name: g["a"]}, 10),
+        _reply(2, "b", {name: g["b"]}, 1000),
+        _reply(3, "c", {}, 50),
+        _error_reply(4),
+    ]
+    arrays, metrics = strategy.aggregate_train(1, replies)
+    reference = ServerOptimizer(train, start)
+    expected = reference.step([{name: (g["a"] + g["b"]) / 2}], 2e-3)
+    np.testing.assert_allclose(arrays[name].numpy(), expected[name])
+    assert metrics["platforms-stepped"] == 2

@@ -441,7 +441,7 @@ def unrecorded_uploads(
     """Train uploads the server received from a platform that its ledger does not account for.
 
     The hash chain cannot show a ledger cut short after its last entry; the server's wire log
-    can: every successful upload must have a ledger entry for its round.
+    can: every successful upload that carries tensors must have a ledger entry for its round.
     """
     platform = summary["platform"]
     uploads = Counter(
@@ -450,6 +450,7 @@ def unrecorded_uploads(
         if r["direction"] == RECEIVED
         and r["type"] == "train"
         and r["error"] is None
+        and r["tensors"]  # a lockstep platform not due that round sends none
         and nodes.get(r["node"]) == platform
     )
     recorded = Counter(r["round"] for r in summary["rounds"])

@@ -9,22 +9,26 @@ from __future__ import annotations
 
 import math
 import time
+from functools import partial
 from pathlib import Path
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from safetensors.numpy import load_file as load_numpy
 
 from common.adapters import load_adapter, load_trainable_arrays, save_adapter, trainable_arrays
 from common.config import RunConfig, flower_run_config, run_configuration
 from common.sharing import seeded_arrays, shared_names, shared_scorer
 from server.federation.run_record import RunRecord
-from server.federation.strategy import FedFuseStrategy
+from server.federation.server_optimizer import MOMENTS_FILE, ServerOptimizer
+from server.federation.strategy import FedFuseStrategy, LockstepStrategy
 
 app = ServerApp()
 
 
 def learning_rate_schedule(config: RunConfig):
-    """Cosine decay from ``train.learning_rate`` to 10 % of it over the planned rounds."""
+    """Cosine decay from ``train.learning_rate`` to 10 % of it over the planned rounds (under
+    lockstep: over the run's DP steps, one a round)."""
     base, rounds = config.train.learning_rate, config.federation.rounds
 
     def rate(server_round: int) -> float:
@@ -48,9 +52,15 @@ def run_federation(grid: Grid, config: RunConfig, record: RunRecord) -> int:
     remaining = config.federation.rounds - done
     if remaining <= 0:
         return done
-    initial = ArrayRecord({n: Array(v) for n, v in trainable_arrays(scorer, names).items()})
+    shared = trainable_arrays(scorer, names)
+    initial = ArrayRecord({n: Array(v) for n, v in shared.items()})
     federation = config.federation
-    strategy = FedFuseStrategy(
+    optimizer = None
+    if federation.schedule == "lockstep":
+        saved = record.adapter_dir(done) / MOMENTS_FILE if done else None
+        moments = load_numpy(saved) if saved is not None and saved.exists() else None
+        optimizer = ServerOptimizer(config.train, shared, moments)
+    strategy = (FedFuseStrategy if optimizer is None else partial(LockstepStrategy, optimizer))(
         record,
         learning_rate_schedule(config),
         round_offset=done,
@@ -70,7 +80,8 @@ def run_federation(grid: Grid, config: RunConfig, record: RunRecord) -> int:
         absolute = done + server_round
         global_arrays = {name: array.numpy() for name, array in arrays.items()}
         load_trainable_arrays(scorer, global_arrays, names)
-        save_adapter(scorer, record.adapter_dir(absolute))
+        extra = {MOMENTS_FILE: optimizer.moments} if optimizer is not None else None
+        save_adapter(scorer, record.adapter_dir(absolute), extra)
         elapsed = time.perf_counter() - started
         print(f"[fedfuse] round {absolute}/{federation.rounds} done ({elapsed:.0f} s)", flush=True)
         return None

@@ -14,6 +14,10 @@ this strategy adds what a FedFuse run needs: the learning rate for each round, a
 a resumed run keeps counting, and a record of every reply (including a platform's failure or
 exhausted budget) in the run's metrics.jsonl, and a line per message sent or received in the
 run's wire_log.jsonl (see ``common/wire_log.py``).
+
+Under ``federation.schedule = "lockstep"`` (:class:`LockstepStrategy`) a round is one DP step:
+the platforms send noised gradients instead of trained tensors, and the server averages them
+(unweighted) and applies them with one AdamW (``server/federation/server_optimizer.py``).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from common.wire_log import (
     model_record,
 )
 from server.federation.run_record import CONFIG_FILE, RunRecord
+from server.federation.server_optimizer import ServerOptimizer
 
 
 def reply_event(kind: str, server_round: int, reply: Message, node: int) -> dict[str, object]:
@@ -113,6 +118,12 @@ class FedFuseStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self._log_replies("train", server_round, replies)
+        self._check_trained(server_round, replies)
+        average, metrics = super().aggregate_train(server_round, replies)
+        return self._server_step(average), metrics
+
+    def _check_trained(self, server_round: int, replies: list[Message]) -> None:
+        """Raise :class:`RoundFailed` (and record why) when every reply is an error."""
         if not any(reply.has_content() for reply in replies):
             absolute = self._round(server_round)
             reasons = sorted({reply.error.reason for reply in replies if reply.has_error()})
@@ -122,8 +133,6 @@ class FedFuseStrategy(FedAvg):
                 reason += f": {reasons[0]}{more}"
             self.record.append([{"event": "round-failed", "round": absolute, "reason": reason}])
             raise RoundFailed(reason)
-        average, metrics = super().aggregate_train(server_round, replies)
-        return self._server_step(average), metrics
 
     def _server_step(self, average: ArrayRecord | None) -> ArrayRecord | None:
         """``global + η · (average − global)``: η > 1 lengthens the averaged update, on the idea
@@ -203,3 +212,28 @@ class FedFuseStrategy(FedAvg):
             self.record.root / WIRE_LOG_FILE, [model_record(scorer, config.federation.strategy)]
         )
         self.model_logged = True
+
+
+class LockstepStrategy(FedFuseStrategy):
+    """One DP step per round: the noised gradients of the platforms due to step, averaged and
+    applied by the server's AdamW. A platform not due this round replies without tensors."""
+
+    def __init__(self, optimizer: ServerOptimizer, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.optimizer = optimizer
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        replies = list(replies)
+        self._log_replies("train", server_round, replies)
+        self._check_trained(server_round, replies)
+        gradients = [
+            {name: array.numpy() for name, array in reply.content["arrays"].items()}
+            for reply in replies
+            if reply.has_content() and len(reply.content["arrays"])
+        ]
+        rate = float(self.learning_rate(self._round(server_round)))
+        arrays = self.optimizer.step(gradients, rate) if gradients else self.optimizer.arrays
+        stepped = MetricRecord({"platforms-stepped": len(gradients)})
+        return ArrayRecord({name: Array(value) for name, value in arrays.items()}), stepped

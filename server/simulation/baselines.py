@@ -30,6 +30,7 @@ from common.model import Scorer
 from common.platform_data import federation_platforms
 from common.task import Example, PlatformTask
 from server.federation.server_app import learning_rate_schedule
+from server.federation.server_optimizer import ServerOptimizer
 
 Arrays = dict[str, np.ndarray]
 Metrics = dict[str, float]
@@ -69,18 +70,28 @@ class Scoring:
 
 def train_rounds(client: PlatformClient, initial: Arrays) -> tuple[Arrays, float]:
     """The federation's rounds (and its learning-rate schedule) on one client without
-    aggregation; returns the tensors and the final ε."""
+    aggregation; returns the tensors and the final ε. Under lockstep the client's gradients
+    are applied by a server optimiser of its own: a federation of one."""
     learning_rate = learning_rate_schedule(client.config)
     arrays = {name: initial[name] for name in client.shared}
+    server = ServerOptimizer(client.config.train, arrays) if client.lockstep else None
     epsilon = float("inf")
     rounds = client.config.federation.rounds
+    shown = max(1, rounds // 5)  # about five progress lines
     for server_round in range(1, rounds + 1):
-        arrays, metrics = client.train_round(server_round, arrays, learning_rate(server_round))
+        rate = learning_rate(server_round)
+        reply, metrics = client.train_round(server_round, arrays, rate)
+        if server is None:
+            arrays = reply
+        elif reply:
+            arrays = server.step([reply], rate)
         epsilon = float(metrics["epsilon"])
-        print(
-            f"[fedfuse] {client.identity.name}: round {server_round}/{rounds}, ε = {epsilon:.3f}",
-            flush=True,
-        )
+        if server_round % shown == 0 or server_round == rounds:
+            print(
+                f"[fedfuse] {client.identity.name}: round {server_round}/{rounds}, "
+                f"ε = {epsilon:.3f}",
+                flush=True,
+            )
     return arrays, epsilon
 
 
@@ -145,6 +156,9 @@ def train_centralized(
     if config.train.local_steps:
         steps = config.train.local_steps * len(clients)
         config = with_settings(config, train={"local_steps": steps})
+    if config.federation.schedule == "lockstep":  # one step a round: the federation's total
+        rounds = config.train.local_steps or sum(c.total_steps for c in clients)
+        config = with_settings(config, federation={"rounds": rounds})
     pooled = pooled_client(config, clients, state_root)
     arrays, epsilon = train_rounds(pooled, initial)
     if pooled.prior_counts is not None:  # each platform scores with its share of the release
