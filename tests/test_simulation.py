@@ -115,23 +115,28 @@ def test_two_rounds_of_each_strategy(
     assert RUN_CONFIG_ENV not in os.environ
 
 
+def _crash_before_checkpoint(record: RunRecord, server_round: int, monkeypatch) -> None:
+    """Simulate ``record``'s run until the server crashes saving round ``server_round``'s
+    checkpoint (after the platforms trained it), then undo the crash for the resume."""
+    real = server_app.save_adapter
+
+    def crash(scorer, out, extra=None):
+        if out.name == f"round_{server_round:03d}":
+            raise RuntimeError("simulated crash")
+        return real(scorer, out, extra)
+
+    monkeypatch.setattr(server_app, "save_adapter", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        simulate(record)
+    monkeypatch.setattr(server_app, "save_adapter", real)
+
+
 def test_an_interrupted_run_resumes_from_its_last_checkpoint(
     tmp_path: Path, config_file: Path, monkeypatch
 ) -> None:
     record = prepare_run(load_config(config_file), tmp_path / "runs", "resumed")
-    real = server_app.save_adapter
-
-    def crash_at_round_two(scorer, out, extra=None):
-        if out.name == "round_002":
-            raise RuntimeError("simulated crash")
-        return real(scorer, out, extra)
-
-    monkeypatch.setattr(server_app, "save_adapter", crash_at_round_two)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        simulate(record)
+    _crash_before_checkpoint(record, 2, monkeypatch)
     assert record.last_round() == 1 and record.root.name == "resumed.incomplete"
-
-    monkeypatch.setattr(server_app, "save_adapter", real)
     run = simulate(RunRecord(record.root))
     assert run.name == "resumed" and RunRecord(run).last_round() == 2
     trains = [e for e in RunRecord(run).events() if e["event"] == "train"]
@@ -296,17 +301,7 @@ def test_an_interrupted_lockstep_run_resumes_exactly(
     )
     straight = simulate(prepare_run(config, tmp_path / "runs", "straight"))
     record = prepare_run(config, tmp_path / "runs", "resumed")
-    real = server_app.save_adapter
-
-    def crash_at_round_three(scorer, out, extra=None):
-        if out.name == "round_003":
-            raise RuntimeError("simulated crash")
-        return real(scorer, out, extra)
-
-    monkeypatch.setattr(server_app, "save_adapter", crash_at_round_three)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        simulate(record)
-    monkeypatch.setattr(server_app, "save_adapter", real)
+    _crash_before_checkpoint(record, 3, monkeypatch)
     resumed = simulate(RunRecord(record.root))
     replayed = [e for e in RunRecord(resumed).events() if e.get("replayed")]
     assert sorted(e["round"] for e in replayed) == [3, 3]

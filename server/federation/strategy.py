@@ -118,12 +118,6 @@ class FedFuseStrategy(FedAvg):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         replies = list(replies)
         self._log_replies("train", server_round, replies)
-        self._check_trained(server_round, replies)
-        average, metrics = super().aggregate_train(server_round, replies)
-        return self._server_step(average), metrics
-
-    def _check_trained(self, server_round: int, replies: list[Message]) -> None:
-        """Raise :class:`RoundFailed` (and record why) when every reply is an error."""
         if not any(reply.has_content() for reply in replies):
             absolute = self._round(server_round)
             reasons = sorted({reply.error.reason for reply in replies if reply.has_error()})
@@ -133,6 +127,14 @@ class FedFuseStrategy(FedAvg):
                 reason += f": {reasons[0]}{more}"
             self.record.append([{"event": "round-failed", "round": absolute, "reason": reason}])
             raise RoundFailed(reason)
+        return self._combine(server_round, replies)
+
+    def _combine(
+        self, server_round: int, replies: list[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The example-weighted mean of the trained tensors (FedAvg), as a server step."""
+        average, metrics = super().aggregate_train(server_round, replies)
+        return self._server_step(average), metrics
 
     def _server_step(self, average: ArrayRecord | None) -> ArrayRecord | None:
         """``global + η · (average − global)``: η > 1 lengthens the averaged update, on the idea
@@ -222,12 +224,10 @@ class LockstepStrategy(FedFuseStrategy):
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.optimizer = optimizer
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
+    def _combine(
+        self, server_round: int, replies: list[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        replies = list(replies)
-        self._log_replies("train", server_round, replies)
-        self._check_trained(server_round, replies)
+        """The unweighted mean of the noised gradients that came, one server AdamW step."""
         gradients = [
             {name: array.numpy() for name, array in reply.content["arrays"].items()}
             for reply in replies
