@@ -221,6 +221,18 @@ def test_a_run_that_cannot_start_fails_before_ray_and_leaves_nothing(
     assert not runs.exists()
 
 
+@pytest.mark.parametrize("command", ["simulate", "compare"])
+def test_one_actor_gets_every_core_by_default(command: str) -> None:
+    """On 2 cores one actor with both threads beat two one-core actors (README, Scaling)."""
+    from server.cli import build_parser
+
+    extra = ["--out", "x"] if command == "compare" else []
+    args = build_parser().parse_args([command, *extra])
+    assert args.cpus_per_client == float(os.cpu_count() or 1)
+    args = build_parser().parse_args([command, *extra, "--cpus-per-client", "0.5"])
+    assert args.cpus_per_client == 0.5
+
+
 def test_a_configured_state_dir_is_honoured(tmp_path: Path, config_file: Path) -> None:
     """`--set dp.state_dir=…` was silently replaced by the run folder's platform_state."""
     state = tmp_path / "ledgers"
