@@ -182,6 +182,11 @@ class PlatformClient:
         rounds, steps = self.config.federation.rounds, self.total_steps
         return server_round * steps // rounds > (server_round - 1) * steps // rounds
 
+    def loaded_scorer(self, arrays: dict[str, np.ndarray]) -> Scorer:
+        """This platform's model with the given shared tensors and its own private part."""
+        self._load(arrays)
+        return self.scorer
+
     def _load(self, arrays: dict[str, np.ndarray]) -> None:
         """The server's shared tensors plus this platform's own private part (if any)."""
         load_trainable_arrays(self.scorer, arrays, self.shared)
@@ -250,20 +255,23 @@ class PlatformClient:
         return shared, metrics
 
     def evaluate(
-        self, arrays: dict[str, np.ndarray], split: str, max_cases: int
-    ) -> dict[str, float | int]:
+        self, arrays: dict[str, np.ndarray], split: str, max_cases: int, per_case: bool = False
+    ) -> dict[str, Any]:
         """Protocol metrics of the given adapters on this platform's valid or test split; with
         a popularity prior, also its own NDCG@10 (``prior-ndcg@10``): the yardstick the model
-        has to beat, on the same users."""
+        has to beat, on the same users. ``per_case``: each case's metrics too (``cases``)."""
         self._load(arrays)
-        metrics = self.score(self.scorer, split, max_cases)
+        metrics = self.score(self.scorer, split, max_cases, per_case)
         if self.prior_counts is not None:
             prior = self.score(CountScorer(self.prior_counts), split, max_cases)  # type: ignore[arg-type]
             metrics["prior-ndcg@10"] = prior["ndcg@10"]
         return metrics
 
-    def score(self, scorer: Scorer, split: str, max_cases: int) -> dict[str, float | int]:
-        """Protocol metrics of any scorer here (baselines bring their own, e.g. popularity)."""
+    def score(
+        self, scorer: Scorer, split: str, max_cases: int, per_case: bool = False
+    ) -> dict[str, Any]:
+        """Protocol metrics of any scorer here (baselines bring their own, e.g. popularity);
+        ``per_case`` adds each ranking case's user and metrics under ``cases``."""
         metrics = evaluate(
             scorer,
             self.featurizer,
@@ -271,10 +279,13 @@ class PlatformClient:
             split,
             self.config.train.eval_batch_size,
             max_cases,
+            per_case=per_case,
         )
-        return {"num-examples": int(metrics.pop("ranking_cases"))} | {
+        cases = metrics.pop("cases", None)
+        summary: dict[str, Any] = {"num-examples": int(metrics.pop("ranking_cases"))} | {
             key: float(value) for key, value in metrics.items() if key != "examples"
         }
+        return summary if cases is None else summary | {"cases": cases}
 
 
 class PrivateTensors:

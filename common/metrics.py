@@ -2,8 +2,8 @@
 
 Two families are provided:
 
-* Ranking metrics (HR@k, NDCG@k, MRR) for the leave-one-out protocol in which one held-out
-  positive item is ranked against sampled negatives.
+* Ranking metrics (HR@k, NDCG@k, MRR) of one held-out positive ranked against negatives
+  (sampled ones, or the whole catalogue), ties broken at random in expectation.
 * Pointwise metrics (ROC AUC, log loss) for click-style binary labels scored by a model that
   outputs logits.
 
@@ -14,6 +14,7 @@ identical numbers without depending on a training framework.
 from collections.abc import Sequence
 
 import numpy as np
+from scipy.special import digamma
 from scipy.stats import rankdata
 
 __all__ = [
@@ -21,8 +22,9 @@ __all__ = [
     "log_loss",
     "log_loss_from_logits",
     "pointwise_metrics",
-    "rank_of_positive",
+    "case_metrics",
     "ranking_metrics",
+    "tie_counts",
 ]
 
 ArrayLike = Sequence[float] | np.ndarray
@@ -59,50 +61,66 @@ def _labels_and_values(
     return y, v
 
 
-def rank_of_positive(positive_score: float, negative_scores: np.ndarray) -> float:
-    """Return the 1-based rank of the positive among itself and the negatives (higher = better).
-
-    Ties count as half a position each, i.e. the expected rank under random tie-breaking:
-    ``1 + #(neg > pos) + 0.5 * #(neg == pos)``. Optimistic tie-breaking would let a constant
-    (untrained or collapsed) scorer reach HR = 1; pessimistic tie-breaking would penalise
-    legitimately tied scores. The expected rank gives a constant scorer exactly chance level.
-    """
+def tie_counts(positive_score: float, negative_scores: ArrayLike) -> tuple[int, int]:
+    """How many negatives score strictly above the positive, and how many exactly tie it."""
     pos = float(positive_score)
     if not np.isfinite(pos):
         raise ValueError(f"positive_score must be finite, got {pos}")
     neg = _as_1d_float(negative_scores, "negative_scores")
     _check_finite(neg, "negative_scores")
-    greater = np.count_nonzero(neg > pos)
-    equal = np.count_nonzero(neg == pos)
-    return 1.0 + float(greater) + 0.5 * float(equal)
+    return int(np.count_nonzero(neg > pos)), int(np.count_nonzero(neg == pos))
 
 
-def ranking_metrics(ranks: ArrayLike, k: int = 10) -> dict[str, float]:
-    """Compute HR@k, NDCG@k and (untruncated) MRR from per-case ranks of a single relevant item.
+def _discount_prefix(k: int) -> np.ndarray:
+    """``D[n] = sum_{p=1..n} 1/log2(p+1)`` for n = 0..k: NDCG@k's gain summed over positions."""
+    return np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(2, k + 2)))])
 
-    With one relevant item the ideal DCG is 1, so NDCG@k reduces to ``1 / log2(rank + 1)`` inside
-    the cut-off. Fractional ranks from ``rank_of_positive`` go through the same formulas, so a
-    tie is never scored as an outright win. Empty input yields NaN metrics rather than a
-    misleading 0, so an evaluation that saw no data cannot pass for a bad model.
+
+def _harmonic(n: np.ndarray) -> np.ndarray:
+    """H(n) = sum_{p=1..n} 1/p for integer arrays (exact through the digamma function)."""
+    return digamma(n + 1.0) + np.euler_gamma
+
+
+def case_metrics(greater: ArrayLike, equal: ArrayLike, k: int = 10) -> dict[str, np.ndarray]:
+    """Per-case HR@k, NDCG@k and MRR of a single relevant item, each the metric's expectation
+    over a uniformly random order of the candidates tied with it.
+
+    The positive's position is uniform on ``greater + 1 .. greater + equal + 1``, so each
+    metric is its mean over those positions — not the metric of the mean position, which
+    scores a constant scorer 0 where chance is NDCG@10 ≈ 0.045 among 100 candidates.
     """
     if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
         raise ValueError(f"k must be a positive integer, got {k!r}")
-    r = _as_1d_float(ranks, "ranks")
-    _check_finite(r, "ranks")
-    if np.any(r < 1):
-        raise ValueError(f"ranks must be >= 1 (1-based), got minimum {r.min()}")
-    n = int(r.size)
-    if n == 0:
-        nan = float("nan")
-        return {f"hr@{k}": nan, f"ndcg@{k}": nan, "mrr": nan, "n": 0}
-    hit = r <= k
-    ndcg = np.where(hit, 1.0 / np.log2(r + 1.0), 0.0)
+    g = _as_1d_float(greater, "greater")
+    e = _as_1d_float(equal, "equal")
+    if g.shape != e.shape:
+        raise ValueError(f"greater and equal must have the same length, got {g.size}, {e.size}")
+    _check_finite(g, "greater")
+    _check_finite(e, "equal")
+    if np.any(g < 0) or np.any(e < 0) or np.any(g % 1) or np.any(e % 1):
+        raise ValueError("greater and equal must be counts (non-negative integers)")
+    spread = e + 1.0  # positions the tie spreads the positive over
+    first, last = g, g + e + 1.0  # positions first + 1 .. last
+    prefix = _discount_prefix(int(k))
+    inside = lambda n: np.minimum(n, k).astype(np.int64)  # noqa: E731
     return {
-        f"hr@{k}": float(np.mean(hit)),
-        f"ndcg@{k}": float(np.mean(ndcg)),
-        "mrr": float(np.mean(1.0 / r)),
-        "n": n,
+        f"hr@{k}": (np.minimum(last, k) - np.minimum(first, k)) / spread,
+        f"ndcg@{k}": (prefix[inside(last)] - prefix[inside(first)]) / spread,
+        "mrr": (_harmonic(last) - _harmonic(first)) / spread,
     }
+
+
+def ranking_metrics(greater: ArrayLike, equal: ArrayLike, k: int = 10) -> dict[str, float]:
+    """Mean HR@k, NDCG@k and (untruncated) MRR over cases given by :func:`tie_counts`.
+
+    Empty input yields NaN metrics rather than a misleading 0, so an evaluation that saw no
+    data cannot pass for a bad model.
+    """
+    per_case = case_metrics(greater, equal, k)
+    n = int(next(iter(per_case.values())).size)
+    if n == 0:
+        return {name: float("nan") for name in per_case} | {"n": 0}
+    return {name: float(np.mean(values)) for name, values in per_case.items()} | {"n": n}
 
 
 def auc(labels: ArrayLike, scores: ArrayLike) -> float:

@@ -372,9 +372,7 @@ class ItemTowerHead(nn.Module):
     ) -> torch.Tensor:
         """Logits from (B, H, D) history item vectors (newest first), their mask and item rows,
         and the candidates' (B, D) or (B, W, D) vectors with their rows and prior values."""
-        weights = self.weights(history_mask)
-        mean = (weights.unsqueeze(-1) * history).sum(dim=1)
-        user = self.user_map(mean)
+        user, taste = self.user(history, history_mask, history_rows)
         if item.dim() == 3:
             user = user.unsqueeze(1)
         cosine = nn.functional.cosine_similarity(user, item, dim=-1, eps=1e-6)
@@ -382,12 +380,49 @@ class ItemTowerHead(nn.Module):
         logits = self.mix(features).squeeze(-1)
         if self.item_score is not None:
             logits = logits + self.item_score(item).squeeze(-1)
-        if self.private_items is not None:
-            slots = self.private_items.num_embeddings
-            taste = (weights.unsqueeze(-1) * self.private_items(history_rows % slots)).sum(dim=1)
+        if self.private_items is not None and taste is not None:
             if item.dim() == 3:
                 taste = taste.unsqueeze(1)
-            logits = logits + (taste * self.private_items(item_rows % slots)).sum(dim=-1)
+            factors = self.private_items(item_rows % self.private_items.num_embeddings)
+            logits = logits + (taste * factors).sum(dim=-1)
+        return logits
+
+    def user(
+        self, history: torch.Tensor, history_mask: torch.Tensor, history_rows: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(B, D) user vectors (the mapped recency-weighted mean of the history vectors) and,
+        with private item factors, (B, F) user factors (the same mean over their rows)."""
+        weights = self.weights(history_mask)
+        user = self.user_map((weights.unsqueeze(-1) * history).sum(dim=1))
+        if self.private_items is None:
+            return user, None
+        slots = self.private_items.num_embeddings
+        taste = (weights.unsqueeze(-1) * self.private_items(history_rows % slots)).sum(dim=1)
+        return user, taste
+
+    @torch.no_grad()
+    def catalogue_logits(
+        self,
+        history: torch.Tensor,
+        history_mask: torch.Tensor,
+        history_rows: torch.Tensor,
+        items: torch.Tensor,
+        item_rows: torch.Tensor,
+        prior: torch.Tensor,
+    ) -> torch.Tensor:
+        """:meth:`logits` of B users for the same N candidates ((N, D) vectors, (N,) rows and
+        prior), as a (B, N) matrix: one product of normalised vectors instead of B × N
+        cosines, so a whole catalogue is scored for every evaluation case."""
+        user, taste = self.user(history, history_mask, history_rows)
+        unit = lambda v: v / v.norm(dim=-1, keepdim=True).clamp(min=1e-6)  # noqa: E731
+        cosine = unit(user) @ unit(items).T
+        features = torch.stack([cosine, prior.to(cosine.dtype).expand_as(cosine)], dim=-1)
+        logits = self.mix(features).squeeze(-1)
+        if self.item_score is not None:
+            logits = logits + self.item_score(items).squeeze(-1)
+        if self.private_items is not None and taste is not None:
+            factors = self.private_items(item_rows % self.private_items.num_embeddings)
+            logits = logits + taste @ factors.T
         return logits
 
     @torch.no_grad()
@@ -615,6 +650,34 @@ class ItemTowerScorer(Scorer):
             prior = featurizer.prior.to(vectors.device)[rows]
             logits = self.head.logits(history, mask, history_rows, vectors[rows], rows, prior)
             out.append(logits.float().cpu())
+        return torch.cat(out).numpy()
+
+
+    @torch.no_grad()
+    def score_catalogue(
+        self,
+        featurizer: TextFeaturizer,
+        cases: Sequence[RankingCase],
+        items: Sequence[str],
+        batch_size: int,
+    ) -> np.ndarray:
+        """(cases, items) logits: each case's user against every given catalogue item."""
+        self.prepare(featurizer, batch_size)
+        vectors = featurizer.item_vectors
+        assert vectors is not None
+        rows = torch.tensor([featurizer.item_row[i] for i in items], dtype=torch.long)
+        rows = rows.to(vectors.device)
+        prior = featurizer.prior.to(vectors.device)[rows]
+        out = []
+        for start in range(0, len(cases), batch_size):
+            chunk = cases[start : start + batch_size]
+            history, mask, history_rows = self._history(featurizer, [c.history for c in chunk])
+            logits = self.head.catalogue_logits(
+                history, mask, history_rows, vectors[rows], rows, prior
+            )
+            out.append(logits.float().cpu())
+        if not out:
+            return np.zeros((0, len(items)), dtype=np.float32)
         return torch.cat(out).numpy()
 
 

@@ -37,7 +37,7 @@ from client.popularity_prior import positive_counts
 from common.config import TaskConfig, load_config
 from common.dataset_summary import markdown_table
 from common.evaluation import CountScorer, sample_cases
-from common.metrics import rank_of_positive, ranking_metrics
+from common.metrics import case_metrics, ranking_metrics, tie_counts
 from common.platform_data import PlatformData, federation_platforms, read_platform
 from common.task import PlatformTask, RankingCase, build_task
 from server.federation.run_record import CONFIG_FILE, RunRecord
@@ -123,7 +123,7 @@ def evaluate_platform(
     that have a foreign history (the others are cold start with nothing to go on)."""
     featurizer = recommender.featurizer
     popularity = CountScorer(counts).score_cases(featurizer, [c for c, _ in cases], len(cases))
-    ranks: dict[str, list[float]] = {method: [] for method in METHODS}
+    counts: dict[str, list[tuple[int, int]]] = {method: [] for method in METHODS}
     for (case, foreign), popular in zip(cases, popularity, strict=True):
         candidates = list(case.candidates)
         own = recommender.resolve(list(case.history))  # ids of B's catalogue
@@ -136,7 +136,7 @@ def evaluate_platform(
             "prior": featurizer.prior[[featurizer.item_row[i] for i in candidates]].numpy(),
         }
         for method, values in scores.items():
-            ranks[method].append(rank_of_positive(values[0], values[1:]))
+            counts[method].append(tie_counts(values[0], values[1:]))
     has_foreign = np.array([bool(foreign) for _, foreign in cases], dtype=bool)
     lengths = [len(foreign) for _, foreign in cases if foreign]
     return {
@@ -144,11 +144,14 @@ def evaluate_platform(
         "cases": len(cases),
         "foreign_cases": int(has_foreign.sum()),
         "foreign_mean_length": float(np.mean(lengths)) if lengths else 0.0,
-        "all": {m: ranking_metrics(r, K) for m, r in ranks.items()},
+        "all": {m: ranking_metrics(*np.array(c).T, K) for m, c in counts.items()},
         "with_foreign": {
-            m: ranking_metrics(np.asarray(r)[has_foreign], K) for m, r in ranks.items()
+            m: ranking_metrics(*np.array(c)[has_foreign].T, K) for m, c in counts.items()
         },
-        "ranks": ranks,  # per case, in case order: for paired comparisons
+        # per case, in case order: for paired comparisons
+        "ndcg": {
+            m: case_metrics(*np.array(c).T, K)[f"ndcg@{K}"].tolist() for m, c in counts.items()
+        },
     }
 
 
@@ -193,9 +196,9 @@ def paired_difference(rows: Sequence[dict[str, Any]], method: str) -> dict[str, 
     """Mean and standard error of cold start's per-case NDCG@10 minus ``method``'s, over the
     cases of all ``rows``: both rank the same candidates, so the pairing removes case noise."""
     gains = [
-        ranking_metrics([cold], K)[f"ndcg@{K}"] - ranking_metrics([other], K)[f"ndcg@{K}"]
+        cold - other
         for row in rows
-        for cold, other in zip(row["ranks"]["cold_start"], row["ranks"][method], strict=True)
+        for cold, other in zip(row["ndcg"]["cold_start"], row["ndcg"][method], strict=True)
     ]
     return {"mean": float(np.mean(gains)), "se": float(np.std(gains, ddof=1) / np.sqrt(len(gains)))}
 

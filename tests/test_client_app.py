@@ -180,6 +180,7 @@ def test_evaluate_reply_has_the_protocol_metrics(run_config) -> None:
     metrics = dict(reply.content["metrics"])
     assert set(metrics) == {
         *("num-examples", "hr@10", "ndcg@10", "mrr", "auc", "logloss"),
+        *("full-ndcg@10", "full-recall@20"),  # every case scored: the whole catalogue too
         "prior-ndcg@10",  # the platform's DP popularity prior alone, on the same users
     }
     assert metrics["num-examples"] > 0 and 0 <= metrics["ndcg@10"] <= metrics["hr@10"] <= 1

@@ -7,58 +7,41 @@ import pytest
 
 from common.metrics import (
     auc,
+    case_metrics,
     log_loss,
     log_loss_from_logits,
     pointwise_metrics,
-    rank_of_positive,
     ranking_metrics,
+    tie_counts,
 )
 
-# ---------------------------------------------------------------- rank_of_positive
+# ---------------------------------------------------------------- tie_counts
 
 
-def test_rank_of_positive_counts_strictly_greater_negatives():
-    # Two negatives beat 0.5, two lose: rank 3.
-    assert rank_of_positive(0.5, np.array([0.9, 0.1, 0.7, 0.2])) == 3.0
-
-
-def test_rank_of_positive_best_and_worst():
-    assert rank_of_positive(1.0, np.array([0.1, 0.2, 0.3])) == 1.0
-    assert rank_of_positive(0.0, np.array([0.1, 0.2, 0.3])) == 4.0
-
-
-def test_rank_of_positive_no_negatives_is_rank_one():
-    assert rank_of_positive(0.3, np.array([])) == 1.0
-
-
-def test_rank_of_positive_partial_tie_counts_half():
-    # One strictly greater, two tied: 1 + 1 + 0.5 * 2 = 3.
-    assert rank_of_positive(0.5, np.array([0.9, 0.5, 0.5, 0.1])) == 3.0
-
-
-def test_constant_scorer_gets_expected_rank_not_rank_one():
-    # 99 tied negatives: expected rank 1 + 0.5 * 99 = 50.5.
-    rank = rank_of_positive(0.0, np.zeros(99))
-    assert rank == 50.5
-    metrics = ranking_metrics([rank] * 5, k=10)
-    assert metrics["hr@10"] == 0.0
-    assert metrics["ndcg@10"] == 0.0
+def test_tie_counts_counts_greater_and_equal_negatives():
+    assert tie_counts(0.5, np.array([0.9, 0.5, 0.5, 0.1, 0.7])) == (2, 2)
+    assert tie_counts(0.3, np.array([])) == (0, 0)
 
 
 @pytest.mark.parametrize(
     ("pos", "neg"),
     [(float("nan"), np.array([0.1])), (0.1, np.array([0.2, np.inf])), (0.1, np.zeros((2, 2)))],
 )
-def test_rank_of_positive_rejects_bad_input(pos, neg):
+def test_tie_counts_rejects_bad_input(pos, neg):
     with pytest.raises(ValueError):
-        rank_of_positive(pos, neg)
+        tie_counts(pos, neg)
 
 
 # ---------------------------------------------------------------- ranking_metrics
 
 
+def _ranks(*ranks: int) -> tuple[list[int], list[int]]:
+    """Untied ranks as (greater, equal) counts."""
+    return [r - 1 for r in ranks], [0] * len(ranks)
+
+
 def test_ranking_metrics_hand_values():
-    m = ranking_metrics([1, 3, 11], k=10)
+    m = ranking_metrics(*_ranks(1, 3, 11), k=10)
     assert set(m) == {"hr@10", "ndcg@10", "mrr", "n"}
     assert m["hr@10"] == pytest.approx(2 / 3)
     # (1/log2(2) + 1/log2(4) + 0) / 3 = (1 + 0.5) / 3 = 0.5
@@ -69,44 +52,64 @@ def test_ranking_metrics_hand_values():
 
 
 def test_ranking_metrics_cutoff_is_inclusive_and_key_follows_k():
-    m = ranking_metrics([5, 6], k=5)
+    m = ranking_metrics(*_ranks(5, 6), k=5)
     assert set(m) == {"hr@5", "ndcg@5", "mrr", "n"}
     assert m["hr@5"] == pytest.approx(0.5)
     assert m["ndcg@5"] == pytest.approx((1 / math.log2(6)) / 2)
 
 
-def test_ranking_metrics_fractional_rank():
-    m = ranking_metrics(np.array([2.5]), k=3)
-    assert m["hr@3"] == 1.0
-    assert m["ndcg@3"] == pytest.approx(1 / math.log2(3.5))
-    assert m["mrr"] == pytest.approx(0.4)
+def test_constant_scorer_scores_chance_not_zero():
+    # 99 tied negatives: the positive is equally likely at each of the 100 positions.
+    m = ranking_metrics([0], [99], k=10)
+    assert m["hr@10"] == pytest.approx(0.1)
+    chance = sum(1 / math.log2(p + 1) for p in range(1, 11)) / 100
+    assert m["ndcg@10"] == pytest.approx(chance)
+    assert m["ndcg@10"] == pytest.approx(0.0454, abs=1e-4)
+    assert m["mrr"] == pytest.approx(sum(1 / p for p in range(1, 101)) / 100)
 
 
-def test_ranking_metrics_fractional_rank_just_outside_cutoff_is_a_miss():
-    m = ranking_metrics([10.5], k=10)
-    assert m["hr@10"] == 0.0
-    assert m["ndcg@10"] == 0.0
-    assert m["mrr"] == pytest.approx(1 / 10.5)
+def test_a_tie_is_the_average_over_random_orderings():
+    # One negative above, two tied: positions 2, 3, 4 equally likely.
+    m = ranking_metrics([1], [2], k=3)
+    assert m["hr@3"] == pytest.approx(2 / 3)
+    assert m["ndcg@3"] == pytest.approx((1 / math.log2(3) + 1 / math.log2(4)) / 3)
+    assert m["mrr"] == pytest.approx((1 / 2 + 1 / 3 + 1 / 4) / 3)
+
+
+def test_expected_metrics_match_a_simulation_of_random_tie_breaking():
+    rng = np.random.default_rng(0)
+    scores = rng.integers(0, 4, size=(400, 30)).astype(float)  # many ties
+    greater, equal = zip(*(tie_counts(s[0], s[1:]) for s in scores), strict=True)
+    expected = case_metrics(greater, equal, k=5)
+    draws = []
+    for _ in range(300):
+        jitter = scores + rng.random(scores.shape) * 1e-3  # a random order within each tie
+        g, e = zip(*(tie_counts(s[0], s[1:]) for s in jitter), strict=True)
+        draws.append(case_metrics(g, e, k=5)["ndcg@5"].mean())
+    assert np.mean(draws) == pytest.approx(expected["ndcg@5"].mean(), abs=3e-3)
 
 
 def test_ranking_metrics_empty_is_nan():
-    m = ranking_metrics([], k=10)
+    m = ranking_metrics([], [], k=10)
     assert math.isnan(m["hr@10"])
     assert math.isnan(m["ndcg@10"])
     assert math.isnan(m["mrr"])
     assert m["n"] == 0
 
 
-@pytest.mark.parametrize("ranks", [[0.5], [1, 0], [-3], [1, float("nan")], [[1, 2]]])
-def test_ranking_metrics_rejects_invalid_ranks(ranks):
+@pytest.mark.parametrize(
+    ("greater", "equal"),
+    [([0.5], [0]), ([-1], [0]), ([1], [-2]), ([float("nan")], [0]), ([1, 2], [0]), ([[1]], [[0]])],
+)
+def test_ranking_metrics_rejects_invalid_counts(greater, equal):
     with pytest.raises(ValueError):
-        ranking_metrics(ranks)
+        ranking_metrics(greater, equal)
 
 
 @pytest.mark.parametrize("k", [0, -1, 2.5, True])
 def test_ranking_metrics_rejects_invalid_k(k):
     with pytest.raises(ValueError, match="k must be"):
-        ranking_metrics([1], k=k)
+        ranking_metrics([0], [0], k=k)
 
 
 # ---------------------------------------------------------------- auc

@@ -157,6 +157,37 @@ def test_ranking_scores_match_pointwise_logits(
         torch.testing.assert_close(torch.from_numpy(got), expected, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("private_factors", [0, 4])
+def test_item_tower_catalogue_scores_equal_its_case_scores(
+    tiny_bert_dir: Path, platform_task, private_factors: int
+) -> None:
+    """Full-catalogue evaluation's (cases, items) matrix is the per-case logits of every
+    item, with item scores, the prior and private factors included."""
+    data, task = platform_task
+    model, tokenizer = load_backbone(str(tiny_bert_dir))
+    config = ModelConfig(
+        backbone=str(tiny_bert_dir),
+        scorer="item_tower",
+        item_score=True,
+        private_factors=private_factors,
+        private_item_slots=64,
+    )
+    scorer = build_scorer(model, config, LoraSettings()).eval()
+    with torch.no_grad():  # non-trivial head values: the initial ones zero some terms
+        for param in scorer.head.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    featurizer = TextFeaturizer(tokenizer, data.item_text, max_length=64)
+    featurizer.prior = torch.rand(len(featurizer.items))
+    items = list(task.catalogue)
+    cases = task.test_ranking[:5]
+    matrix = scorer.score_catalogue(featurizer, cases, items, batch_size=2)
+    lists = [type(c)(c.user, c.history, items[0], tuple(items[1:])) for c in cases]
+    for row, got in zip(matrix, scorer.score_cases(featurizer, lists, 16), strict=True):
+        torch.testing.assert_close(
+            torch.from_numpy(row), torch.from_numpy(got), atol=1e-5, rtol=1e-4
+        )
+
+
 def test_cross_input_keeps_the_candidate_when_history_is_truncated(
     tiny_bert_dir: Path, platform_task
 ) -> None:

@@ -55,9 +55,12 @@ def test_evaluation_reports_protocol_metrics(tiny_bert_dir: Path, synthetic_dir:
     scorer = build_scorer(backbone, ModelConfig(scorer="cross"), LoraSettings(rank=4))
     featurizer = TextFeaturizer(tokenizer, data.item_text, max_length=48)
     full = evaluate(scorer, featurizer, task, "test")
-    assert set(full) == {"hr@10", "ndcg@10", "mrr", "auc", "logloss", "ranking_cases", "examples"}
+    ranking = {"hr@10", "ndcg@10", "mrr", "full-ndcg@10", "full-recall@20"}
+    assert set(full) == ranking | {"auc", "logloss", "ranking_cases", "examples"}
     assert full["ranking_cases"] == len(task.test_ranking) and full["examples"] == len(task.test)
     assert 0 <= full["ndcg@10"] <= full["hr@10"] <= 1
+    assert 0 <= full["full-ndcg@10"] <= full["ndcg@10"]  # more rivals: never a better rank
     sampled = evaluate(scorer, featurizer, task, "test", max_cases=3)
+    assert "full-ndcg@10" not in sampled  # the whole catalogue only when every case is scored
     assert sampled["ranking_cases"] == 3 and sampled["examples"] < full["examples"]
     assert scorer.training  # evaluate restores the mode it found
