@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 
 from common.config import TaskConfig
 from common.platform_data import PlatformData, distinct_codes
-from common.task import SplitSizes, split_sizes
+from common.task import SplitSizes, split_sizes, time_cuts
+
+TIME_QUANTILES = (0.7, 0.85)  # where the suggested global time split cuts
 
 
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
@@ -84,8 +87,53 @@ def overlap_line(users: Sequence[set[str]]) -> str:
     return f"users on 2+ platforms: {multi} of {len(counts)} ({share:.1f} %)"
 
 
+def _seconds(value: float) -> str:
+    """A cut as a user can paste it into ``--set task.valid_from=...``, with its UTC date."""
+    text = str(int(value)) if value.is_integer() else repr(value)
+    try:
+        when = datetime.fromtimestamp(value, UTC).strftime("%Y-%m-%d %H:%M")
+    except (OverflowError, OSError, ValueError):  # synthetic timestamps far from the epoch
+        return text
+    return f"{text} ({when} UTC)"
+
+
+def time_split_summary(
+    platforms: Sequence[PlatformData],
+    config: TaskConfig,
+    quantiles: tuple[float, float] = TIME_QUANTILES,
+) -> str:
+    """Where a global time split at ``quantiles`` of the federation's interaction times would
+    cut, and how many users and ranking cases validation and test would then have per
+    platform: the numbers to choose ``task.valid_from`` / ``task.test_from`` by, so that
+    enough users stay in test."""
+    if not sum(p.num_interactions for p in platforms):
+        return "global time split: no interactions to cut"
+    valid_from, test_from = time_cuts(platforms, quantiles)
+    line = (
+        f"global time split at quantiles {quantiles[0]:g}/{quantiles[1]:g}: "
+        f"task.valid_from={_seconds(valid_from)}, task.test_from={_seconds(test_from)}"
+    )
+    if valid_from >= test_from:
+        return f"{line}: the cuts coincide (too many tied timestamps for a time split)"
+    at_cuts = TaskConfig.model_validate(
+        config.model_dump()
+        | {"split": "global_time", "valid_from": valid_from, "test_from": test_from}
+    )
+    sizes = [split_sizes(p, at_cuts) for p in platforms]
+    header = ["platform", "valid users", "valid cases", "test users", "test cases"]
+    rows: list[list[object]] = [
+        [p.name, s.valid_users, s.valid_cases, s.test_users, s.test_cases]
+        for p, s in zip(platforms, sizes, strict=True)
+    ]
+    rows.append(
+        ["**all**", "", sum(s.valid_cases for s in sizes), "", sum(s.test_cases for s in sizes)]
+    )
+    return f"{line}\n\n{markdown_table(header, rows)}"
+
+
 def describe(platforms: Sequence[PlatformData], config: TaskConfig) -> str:
-    """The full printed summary: per-platform table, overlap matrix and overlap share."""
+    """The full printed summary: per-platform table under the configured split, overlap
+    matrix and share, and what a global time split at the default quantiles would hold out."""
     sizes = [split_sizes(p, config) for p in platforms]
     # each platform's distinct users, once: hashing 10⁷ ids is the summary's costly part
     users = [set(distinct_codes(p.users)[1]) for p in platforms]
@@ -94,5 +142,6 @@ def describe(platforms: Sequence[PlatformData], config: TaskConfig) -> str:
             platform_table(platforms, users, sizes, config.positive_threshold),
             overlap_table(platforms, users),
             overlap_line(users),
+            time_split_summary(platforms, config),
         ]
     )

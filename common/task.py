@@ -2,27 +2,45 @@
 
 Example: the user's most recent positively rated items on the platform before the target
 interaction (up to ``history_len`` item ids, newest first) and a candidate item -> label 1 if
-the target is positive, else 0. Training adds sampled never-interacted items as negatives:
-as labelled examples of their own (the pointwise objective) and, on the positive train example,
-as its ``negatives`` (the ranking objective: the positive against its own negatives, so one
-positive stays one privacy unit; see :func:`training_units`).
+the target is positive, else 0. Training adds sampled items as negatives that the user never
+interacted with in the training period: as labelled examples of their own (the pointwise
+objective) and, on the positive train example, as its ``negatives`` (the ranking objective: the
+positive against its own negatives, so one positive stays one privacy unit; see
+:func:`training_units`). Only training-period items are excluded: excluding the user's held-out
+items too would leak which items they go on to touch into the training data.
 
-Split, per user and platform, by time: the last positive and everything after it -> test, the
-second-to-last positive up to the last -> validation, the rest -> train. A user with fewer than
-three positives on the platform is train-only. Ranking cases put each held-out positive among
-``eval_negatives`` items the user never interacted with on that platform, drawn from a seeded
-generator that depends only on the data and the seed, so every method sees the same lists.
+Two splits (``task.split``), both by time:
+
+- ``leave_last`` (per user and platform): the last positive and everything after it -> test,
+  the second-to-last positive up to the last -> validation, the rest -> train; a user with
+  fewer than ``min_positives`` positives is train-only. One ranking case per held-out user and
+  split (its first positive).
+- ``global_time`` (one cut for every user and platform of a federation): train before
+  ``valid_from``, validation from ``valid_from`` to ``test_from``, test from ``test_from`` on.
+  Every held-out positive is a ranking case, users without training interactions included
+  (cold start: what a deployed model faces), and its history is the user's positives before it
+  in any period (a deployed model sees the history up to now). Nothing after a cut can shape a
+  model selected on the period before it, so the protocol cannot be tuned on by accident.
+
+Ranking cases put each held-out positive among ``eval_negatives`` items the user never
+interacted with on that platform at any time, drawn from a seeded generator that depends only
+on the data and the seed, so every method sees the same lists; full-catalogue metrics rank it
+against every item instead (``PlatformTask.catalogue``, ``seen``).
 """
 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from common.config import TaskConfig
 from common.platform_data import PlatformData, distinct_codes
+
+TRAIN, VALID, TEST = 0, 1, 2  # a row's period
 
 
 @dataclass(frozen=True)
@@ -34,6 +52,9 @@ class Example:
     candidate: str
     label: int
     negatives: tuple[str, ...] = ()  # a positive train example's own sampled negatives
+    # Unix seconds of the interaction (a sampled negative: its positive's): pooled baselines
+    # merge a person's histories across platforms by time
+    time: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -44,6 +65,7 @@ class RankingCase:
     history: tuple[str, ...]
     positive: str
     negatives: tuple[str, ...]
+    time: float = 0.0  # Unix seconds of the held-out interaction
 
     @property
     def candidates(self) -> tuple[str, ...]:
@@ -53,7 +75,12 @@ class RankingCase:
 
 @dataclass
 class PlatformTask:
-    """A platform's examples for every split, plus its ranking cases."""
+    """A platform's examples for every split, plus its ranking cases.
+
+    ``catalogue`` (sorted item ids) and ``seen`` (every item each user interacted with, at any
+    time) let an evaluator rank a case's positive against the whole catalogue, the user's
+    other items masked (common/evaluation.py).
+    """
 
     platform: str
     train: list[Example] = field(default_factory=list)
@@ -61,6 +88,8 @@ class PlatformTask:
     test: list[Example] = field(default_factory=list)
     valid_ranking: list[RankingCase] = field(default_factory=list)
     test_ranking: list[RankingCase] = field(default_factory=list)
+    catalogue: tuple[str, ...] = ()
+    seen: dict[str, frozenset[str]] = field(default_factory=dict)
 
     def split(self, name: str) -> list[Example]:
         return {"train": self.train, "valid": self.valid, "test": self.test}[name]
@@ -75,7 +104,7 @@ def _rng(seed: int, platform: str, stream: str) -> np.random.Generator:
 
 
 def _sample_unseen(
-    rng: np.random.Generator, catalogue: np.ndarray, seen: set[str], count: int
+    rng: np.random.Generator, catalogue: np.ndarray, seen: AbstractSet[str], count: int
 ) -> tuple[str, ...]:
     """``count`` distinct catalogue items not in ``seen`` (all of them if fewer exist)."""
     available = len(catalogue) - len(seen)
@@ -93,14 +122,32 @@ def _sample_unseen(
     return tuple(chosen)
 
 
+def _user_periods(
+    times: np.ndarray, positive: np.ndarray, config: TaskConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """One user's rows (in time order): each row's period (TRAIN, VALID, TEST) and whether it
+    is a ranking case. The reference :func:`split_sizes` is checked against."""
+    if config.split == "global_time":
+        period = (times >= config.valid_from).astype(np.int8) + (times >= config.test_from)
+        return period, positive & (period != TRAIN)
+    period = np.full(len(times), TRAIN, dtype=np.int8)
+    case = np.zeros(len(times), dtype=bool)
+    positions = np.flatnonzero(positive)
+    if len(positions) >= config.min_positives:
+        period[positions[-2] :] = VALID
+        period[positions[-1] :] = TEST
+        case[positions[-2:]] = True
+    return period, case
+
+
 def build_task(data: PlatformData, config: TaskConfig | None = None) -> PlatformTask:
-    """Turn a validated platform into examples and ranking cases under the fixed protocol."""
+    """Turn a validated platform into examples and ranking cases under the configured split."""
     config = config or TaskConfig()
     positive = data.positives(config.positive_threshold)
     catalogue = np.asarray(sorted(data.item_text), dtype=object)
     # Stable order: by time, ties broken by file order, so the split never depends on sorting luck.
     order = np.lexsort((np.arange(data.num_interactions), data.timestamps, data.users))
-    task = PlatformTask(platform=data.name)
+    task = PlatformTask(platform=data.name, catalogue=tuple(catalogue.tolist()))
     eval_rng = _rng(config.seed, data.name, "eval-negatives")
 
     users = data.users[order]
@@ -110,38 +157,39 @@ def build_task(data: PlatformData, config: TaskConfig | None = None) -> Platform
         # a generator per user: a user's training units depend on their own data alone, so
         # adding or removing a user (the user-level DP neighbour) changes no one else's
         train_rng = _rng(config.seed, data.name, f"train-negatives:{user}")
-        seen = {str(item) for item in data.items[rows]}
-        positive_positions = [k for k, row in enumerate(rows) if positive[row]]
-        held_out = len(positive_positions) >= config.min_positives
-        valid_start = positive_positions[-2] if held_out else len(rows)
-        test_start = positive_positions[-1] if held_out else len(rows)
+        items = [str(item) for item in data.items[rows]]
+        times = data.timestamps[rows]
+        labels = positive[rows]
+        periods, cases = _user_periods(times, labels, config)
+        seen = task.seen[user] = frozenset(items)
+        train_seen = {item for item, period in zip(items, periods, strict=True) if period == TRAIN}
 
         history: list[str] = []  # newest last while scanning
-        for k, row in enumerate(rows):
-            item = str(data.items[row])
-            label = int(positive[row])
+        for item, when, label, period, is_case in zip(
+            items, times.tolist(), labels.tolist(), periods.tolist(), cases.tolist(), strict=True
+        ):
             recent = tuple(reversed(history[-config.history_len :]))
-            example = Example(user=user, history=recent, candidate=item, label=label)
-            if k < valid_start:
+            example = Example(user, recent, item, int(label), time=when)
+            if period == TRAIN:
                 if label:
                     negatives = _sample_unseen(
-                        train_rng, catalogue, seen, config.negatives_per_positive
+                        train_rng, catalogue, train_seen, config.negatives_per_positive
                     )
-                    task.train.append(Example(user, recent, item, 1, negatives))
-                    task.train += [Example(user, recent, n, 0) for n in negatives]
+                    task.train.append(replace(example, negatives=negatives))
+                    task.train += [Example(user, recent, n, 0, time=when) for n in negatives]
                 else:
                     task.train.append(example)
             else:
                 split_examples, ranking = (
                     (task.valid, task.valid_ranking)
-                    if k < test_start
+                    if period == VALID
                     else (task.test, task.test_ranking)
                 )
                 split_examples.append(example)
-                if k in (valid_start, test_start):
+                if is_case:
                     negatives = _sample_unseen(eval_rng, catalogue, seen, config.eval_negatives)
                     if negatives:
-                        ranking.append(RankingCase(user, recent, item, negatives))
+                        ranking.append(RankingCase(user, recent, item, negatives, when))
             if label:
                 history.append(item)
     return task
@@ -158,12 +206,30 @@ def training_units(train: list[Example], objective: str) -> list[Example]:
 
 @dataclass(frozen=True)
 class SplitSizes:
-    """How many examples and test ranking cases :func:`build_task` makes from a platform."""
+    """How many examples, ranking cases and users with a case :func:`build_task` makes."""
 
     train: int
     valid: int
     test: int
     test_cases: int
+    valid_cases: int
+    valid_users: int  # users with at least one validation ranking case
+    test_users: int  # users with at least one test ranking case
+
+
+def _leave_last_periods(
+    user_codes: np.ndarray, starts: np.ndarray, is_positive: np.ndarray, min_positives: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`_user_periods` of ``leave_last`` for every row at once (rows grouped by user)."""
+    rows = np.diff(np.r_[starts, len(user_codes)])
+    positive = is_positive.astype(np.int32)
+    # positives strictly after each row, within its user: 0 from the last positive on (test),
+    # 1 from the second-to-last (validation)
+    after = np.cumsum(positive[::-1], dtype=np.int32)[::-1] - positive
+    after -= np.repeat(np.r_[after[starts[1:]] + positive[starts[1:]], 0], rows).astype(np.int32)
+    held_out = (np.add.reduceat(positive, starts) >= min_positives)[user_codes]
+    period = np.where(held_out, TEST - np.minimum(after, 2), TRAIN).astype(np.int8)
+    return period, held_out & is_positive & (after <= 1)
 
 
 def split_sizes(data: PlatformData, config: TaskConfig | None = None) -> SplitSizes:
@@ -171,7 +237,7 @@ def split_sizes(data: PlatformData, config: TaskConfig | None = None) -> SplitSi
     Python object per example: `fedfuse data check` summarises 10⁷-row platforms with it."""
     config = config or TaskConfig()
     if data.num_interactions == 0:
-        return SplitSizes(0, 0, 0, 0)
+        return SplitSizes(0, 0, 0, 0, 0, 0, 0)
     positive = data.positives(config.positive_threshold)
     users, _ = distinct_codes(data.users)
     items, _ = distinct_codes(data.items)
@@ -179,30 +245,55 @@ def split_sizes(data: PlatformData, config: TaskConfig | None = None) -> SplitSi
     order = np.lexsort((np.arange(data.num_interactions), data.timestamps, users))
     user_codes, item_codes = users[order], items[order]  # int32: memory for 10⁷ rows
     del users, items
+    # lexsort put the users' groups in code order (0, 1, ...): a code indexes per-user arrays
     starts = np.flatnonzero(np.r_[True, user_codes[1:] != user_codes[:-1]])
-    rows = np.diff(np.r_[starts, len(order)])
-    is_positive = positive[order].astype(np.int32)
-    positives = np.add.reduceat(is_positive, starts)
-    # position (within the user's rows) of each positive, counted from the last one
-    from_last = np.cumsum(is_positive[::-1], dtype=np.int32)[::-1]  # at or after each row
-    from_last -= np.repeat(np.r_[from_last[starts[1:]], 0], rows)  # ... within the user
-    position = np.arange(len(order), dtype=np.int32) - np.repeat(starts, rows).astype(np.int32)
-    held_out = positives >= config.min_positives
-    user_of_row = user_codes  # lexsort put the users' groups in code order: 0, 1, ...
-    counted = (is_positive == 1) & held_out[user_of_row]
-    valid_start, test_start = rows.copy(), rows.copy()  # users not held out: all train
-    second_last, last = counted & (from_last == 2), counted & (from_last == 1)
-    valid_start[user_of_row[second_last]] = position[second_last]
-    test_start[user_of_row[last]] = position[last]
-    # negatives are drawn from the items the user never interacted with
+    is_positive = positive[order]
+    if config.split == "global_time":
+        times = data.timestamps[order]
+        period = (times >= config.valid_from).astype(np.int8) + (times >= config.test_from)
+        case = is_positive & (period != TRAIN)
+        del times
+    else:
+        period, case = _leave_last_periods(user_codes, starts, is_positive, config.min_positives)
+    # negatives are drawn from the items the user never interacted with: in the training
+    # period for train negatives, at any time for ranking cases
     width = int(item_codes.max()) + 1
-    pairs = np.unique(user_codes.astype(np.int64) * width + item_codes)
-    seen = np.bincount(pairs // width, minlength=len(starts))
-    unseen = len(data.item_text) - seen
-    train_positives = np.where(held_out, positives - 2, positives)
-    negatives = np.minimum(config.negatives_per_positive, unseen)
-    train = valid_start + train_positives * negatives
-    valid = test_start - valid_start
-    test = rows - test_start
-    cases = held_out & (np.minimum(config.eval_negatives, unseen) > 0)
-    return SplitSizes(int(train.sum()), int(valid.sum()), int(test.sum()), int(cases.sum()))
+    pairs = user_codes.astype(np.int64) * width + item_codes
+    in_train = period == TRAIN
+
+    def unseen(mask: np.ndarray | None = None) -> np.ndarray:
+        distinct = np.unique(pairs if mask is None else pairs[mask])
+        return len(data.item_text) - np.bincount(distinct // width, minlength=len(starts))
+
+    train_positives = np.bincount(user_codes[in_train & is_positive], minlength=len(starts))
+    negatives = np.minimum(config.negatives_per_positive, unseen(in_train))
+    ranked = case & (np.minimum(config.eval_negatives, unseen()) > 0)[user_codes]
+    valid_cases, test_cases = ranked & (period == VALID), ranked & (period == TEST)
+    return SplitSizes(
+        train=int(in_train.sum() + (train_positives * negatives).sum()),
+        valid=int((period == VALID).sum()),
+        test=int((period == TEST).sum()),
+        test_cases=int(test_cases.sum()),
+        valid_cases=int(valid_cases.sum()),
+        valid_users=len(np.unique(user_codes[valid_cases])),
+        test_users=len(np.unique(user_codes[test_cases])),
+    )
+
+
+def time_cuts(
+    platforms: Sequence[PlatformData], quantiles: tuple[float, float] = (0.7, 0.85)
+) -> tuple[float, float]:
+    """``(valid_from, test_from)`` for a global time split: the interaction times at
+    ``quantiles`` over the whole federation (one cut for every platform, so no platform's
+    test period overlaps another's training period). Each cut is an observed timestamp, the
+    q-th share of interactions lying before it (fewer where timestamps tie); heavy ties can
+    make the cuts equal, which ``task.valid_from < task.test_from`` then rejects."""
+    low, high = quantiles
+    if not 0 < low < high < 1:
+        raise ValueError(f"time_cuts: quantiles must satisfy 0 < low < high < 1, got {quantiles}")
+    times = np.concatenate([np.asarray(p.timestamps, dtype=np.float64) for p in platforms] or [[]])
+    if not len(times):
+        raise ValueError("time_cuts: the federation has no interactions")
+    ranks = [min(int(q * len(times) + 1e-9), len(times) - 1) for q in quantiles]
+    cut = np.partition(times, ranks)
+    return float(cut[ranks[0]]), float(cut[ranks[1]])

@@ -175,8 +175,10 @@ def test_valid_csv_platform_prints_summary(capsys: pytest.CaptureFixture[str]):
     assert lines[0] == f"ok: 1 platform(s) valid under {(VALID / 'csv_ratings').as_posix()}"
     assert PLATFORM_HEADER in lines
     # 8 ratings, 6 of them >= 4; u1 (4 positives) is held out, u2 and u3 are train-only.
-    assert "| csv_ratings | 8 | 3 | 6 | 75.0 | 16 | 1 | 1 | 1 |" in lines
-    assert "| **all** | 8 | 3 | 6 | 75.0 | 16 | 1 | 1 | 1 |" in lines
+    # train: 8 - 2 held out + 3 negatives for each of u1's 2 train positives (6 items minus the
+    # 3 u1 touched before validation) + 4 for u2's and u3's one positive each
+    assert "| csv_ratings | 8 | 3 | 6 | 75.0 | 20 | 1 | 1 | 1 |" in lines
+    assert "| **all** | 8 | 3 | 6 | 75.0 | 20 | 1 | 1 | 1 |" in lines
     assert "users on 2+ platforms: 0 of 3 (0.0 %)" in lines
 
 
@@ -186,7 +188,8 @@ def test_valid_jsonl_label_platform_prints_summary(capsys: pytest.CaptureFixture
     lines = out.splitlines()
     assert lines[0] == f"ok: 1 platform(s) valid under {(VALID / 'jsonl_labels').as_posix()}"
     assert PLATFORM_HEADER in lines
-    assert "| jsonl_labels | 5 | 2 | 4 | 80.0 | 6 | 1 | 1 | 0 |" in lines
+    # train: 3 + 2 negatives for 7's train positive (items 7 did not touch in training) + 3
+    assert "| jsonl_labels | 5 | 2 | 4 | 80.0 | 8 | 1 | 1 | 0 |" in lines
 
 
 def test_long_description_loads_with_truncation_warning(capsys: pytest.CaptureFixture[str]):

@@ -35,6 +35,8 @@ ROWS = [
     ("d", "i4", 1, 5),
 ]
 SEEN = {user: {item for u, item, _, _ in ROWS if u == user} for user in {row[0] for row in ROWS}}
+# items each user touched in the training period (before their second-to-last positive)
+TRAIN_SEEN = {"a": {"i1", "i2", "i3", "i4"}, "b": SEEN["b"], "c": {"i1"}, "d": {"i4"}}
 CONFIG = TaskConfig(history_len=2, negatives_per_positive=3, eval_negatives=99)
 
 
@@ -143,7 +145,7 @@ def test_train_negatives_are_unseen_and_counted(task: PlatformTask):
         assert len(negatives) == CONFIG.negatives_per_positive * train_positives
         assert all(e.label == 0 for e in negatives)
         assert all(e.candidate in platform().item_text for e in negatives)
-        assert not {e.candidate for e in negatives} & SEEN[user]
+        assert not {e.candidate for e in negatives} & TRAIN_SEEN[user]
     # Each positive's negatives follow it, share its history and are distinct.
     train_a = [e for e in task.train if e.user == "a"]
     assert [e.candidate for e in train_a].index("i1") == 0
@@ -164,7 +166,7 @@ def test_each_train_positive_carries_its_own_negatives_as_a_ranking_unit(task: P
             if e.user == unit.user and e.history == unit.history and not e.label
         ]
         assert set(unit.negatives) <= set(pointwise) and len(unit.negatives) == 3
-        assert not set(unit.negatives) & SEEN[unit.user]
+        assert not set(unit.negatives) & TRAIN_SEEN[unit.user]
     # the pointwise objective trains on every labelled example, negatives not attached
     bce = training_units(task.train, "bce")
     assert len(bce) == len(task.train) and not any(e.negatives for e in bce)
@@ -201,9 +203,13 @@ def test_ranking_takes_all_unseen_items_when_fewer_exist():
         if case.user == "a":
             assert len(case.negatives) == 4
             assert set(case.negatives) == unseen_a
-    # Train negatives are capped the same way: all four unseen items per train positive.
-    negatives = [e for e in task.train if e.user == "a" and e.candidate in unseen_a]
-    assert len(negatives) == 2 * 4
+    # Train negatives are capped the same way, but only the training period counts as seen:
+    # all eight items a had not touched before validation, per train positive, a's later
+    # (held-out) items i5..i8 included: excluding them would leak a's future into training.
+    negatives = [e.candidate for e in task.train if e.user == "a" and not e.label]
+    negatives = [item for item in negatives if item not in TRAIN_SEEN["a"]]
+    assert len(negatives) == 2 * 8
+    assert set(negatives) == {f"i{k}" for k in range(1, 13)} - TRAIN_SEEN["a"]
 
 
 def test_no_ranking_case_when_every_item_was_seen():
@@ -265,16 +271,42 @@ def _random_platform(seed: int) -> PlatformData:
     return platform(rows, catalogue=int(rng.integers(12, 20)), name=f"p{seed}")
 
 
+def sizes_of(task: PlatformTask) -> SplitSizes:
+    """What split_sizes must count, read off a built task."""
+    return SplitSizes(
+        train=len(task.train),
+        valid=len(task.valid),
+        test=len(task.test),
+        test_cases=len(task.test_ranking),
+        valid_cases=len(task.valid_ranking),
+        valid_users=len({case.user for case in task.valid_ranking}),
+        test_users=len({case.user for case in task.test_ranking}),
+    )
+
+
+def _time_split(valid_from: float, test_from: float, **settings: object) -> TaskConfig:
+    return TaskConfig(split="global_time", valid_from=valid_from, test_from=test_from, **settings)
+
+
+SIZE_CONFIGS = [
+    CONFIG,
+    TaskConfig(negatives_per_positive=4, eval_negatives=5),
+    _time_split(15, 28, history_len=2, negatives_per_positive=3),
+    _time_split(0.5, 39.5, negatives_per_positive=4, eval_negatives=5),
+    _time_split(-1, 0),  # nothing trains, time 0 is already test
+    _time_split(100, 200),  # everything trains
+]
+
+
 @pytest.mark.parametrize("seed", range(40))
-def test_split_sizes_count_what_build_task_builds(seed: int) -> None:
+@pytest.mark.parametrize("config", SIZE_CONFIGS, ids=lambda c: f"{c.split}:{c.valid_from}")
+def test_split_sizes_count_what_build_task_builds(seed: int, config: TaskConfig) -> None:
     data = _random_platform(seed)
-    for config in (CONFIG, TaskConfig(negatives_per_positive=4, eval_negatives=5)):
-        task = build_task(data, config)
-        assert split_sizes(data, config) == SplitSizes(
-            len(task.train), len(task.valid), len(task.test), len(task.test_ranking)
-        )
+    assert split_sizes(data, config) == sizes_of(build_task(data, config))
 
 
 def test_split_sizes_of_the_hand_checked_platform(task: PlatformTask) -> None:
-    expected = (len(task.train), len(task.valid), len(task.test), len(task.test_ranking))
-    assert split_sizes(platform(), CONFIG) == SplitSizes(*expected)
+    assert split_sizes(platform(), CONFIG) == sizes_of(task)
+    # train: 15 rows - 6 held out + 3 negatives for each of the 5 train positives (a 2, b 2, c 1)
+    expected = SplitSizes(9 + 3 * 5, 3, 3, test_cases=2, valid_cases=2, valid_users=2, test_users=2)
+    assert sizes_of(task) == expected
