@@ -34,8 +34,44 @@ class TaskConfig(BaseModel):
         4.0, description="rating >= this is positive (rating platforms)"
     )
     eval_negatives: int = Field(99, ge=1, le=10_000, description="negatives per ranking case")
-    min_positives: int = Field(3, ge=3, description="positives a user needs to be held out")
+    min_positives: int = Field(
+        3, ge=3, description="leave_last: positives a user needs to be held out"
+    )
     seed: int = Field(0, ge=0, description="seed of negative sampling and evaluation lists")
+    split: Literal["leave_last", "global_time"] = Field(
+        "leave_last",
+        description="leave_last: each user's last two positives held out; global_time: one "
+        "cut in time for every user and platform (no tuning on the future by accident)",
+    )
+    valid_from: float | None = Field(
+        None,
+        allow_inf_nan=False,
+        description="global_time: Unix seconds where validation starts (earlier: train)",
+    )
+    test_from: float | None = Field(
+        None,
+        allow_inf_nan=False,
+        description="global_time: Unix seconds where test starts (validation ends)",
+    )
+
+    @model_validator(mode="after")
+    def _cuts_match_split(self) -> TaskConfig:
+        # the cuts are only meaningful as a pair under global_time; set under leave_last they
+        # would be silently ignored, which is how a protocol gets tuned on by accident
+        if self.split == "leave_last":
+            for key in ("valid_from", "test_from"):
+                if getattr(self, key) is not None:
+                    raise ValueError(f"task.{key} needs task.split = 'global_time'")
+            return self
+        for key in ("valid_from", "test_from"):
+            if getattr(self, key) is None:
+                raise ValueError(f"task.split = 'global_time' needs task.{key}")
+        if self.valid_from >= self.test_from:  # type: ignore[operator]
+            raise ValueError(
+                f"task.valid_from ({self.valid_from}) must be before task.test_from "
+                f"({self.test_from})"
+            )
+        return self
 
 
 class ModelConfig(BaseModel):
@@ -335,6 +371,55 @@ class AuditConfig(BaseModel):
         return self
 
 
+class BaselineConfig(BaseModel):
+    """The non-private in-house baselines of ``fedfuse compare`` (the ``[baselines]`` section):
+    BPR-MF and SASRec train exactly this point, early-stopped on validation NDCG@10 (epochs are
+    the only thing chosen inside a run); comparing points is ``fedfuse tune``'s job."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bpr_dim: int = Field(32, ge=1, le=1024, description="BPR: user and item vector size")
+    bpr_reg: float = Field(
+        1e-1, ge=0, allow_inf_nan=False, description="BPR: L2 weight on each triple's parameters"
+    )
+    sasrec_dim: int = Field(64, ge=2, le=1024, description="SASRec: item and position vector size")
+    sasrec_layers: int = Field(2, ge=1, le=12, description="SASRec: self-attention blocks")
+    sasrec_heads: int = Field(1, ge=1, le=16, description="SASRec: attention heads (divide dim)")
+    sasrec_dropout: float = Field(0.5, ge=0, lt=1, description="SASRec: dropout rate")
+    sasrec_learning_rate: float = Field(
+        3e-3, gt=0, allow_inf_nan=False, description="SASRec: AdamW learning rate"
+    )
+    sasrec_weight_decay: float = Field(
+        0.0, ge=0, allow_inf_nan=False, description="SASRec: AdamW weight decay"
+    )
+    sasrec_max_len: int | None = Field(
+        None,
+        ge=1,
+        le=1024,
+        description="SASRec: most recent items of a sequence the model reads (none = "
+        "task.history_len, what a ranking case's own history holds)",
+    )
+    sasrec_batch_size: int = Field(128, ge=1, description="SASRec: sequences per optimiser step")
+    sasrec_max_epochs: int = Field(
+        100, ge=1, description="SASRec: most passes over the users' sequences"
+    )
+    sasrec_eval_every: int = Field(
+        5, ge=1, description="SASRec: epochs between validations (early stopping)"
+    )
+    sasrec_patience: int = Field(
+        3, ge=1, description="SASRec: validations without a better NDCG@10 before stopping"
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> BaselineConfig:
+        if self.sasrec_dim % self.sasrec_heads:
+            raise ValueError(
+                f"baselines.sasrec_heads = {self.sasrec_heads} must divide "
+                f"baselines.sasrec_dim = {self.sasrec_dim}"
+            )
+        return self
+
+
 class RunConfig(BaseModel):
     """Everything a FedFuse run needs."""
 
@@ -349,6 +434,7 @@ class RunConfig(BaseModel):
     prior: PriorConfig = Field(default_factory=PriorConfig)
     federation: FederationConfig = Field(default_factory=FederationConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    baselines: BaselineConfig = Field(default_factory=BaselineConfig)
 
     @model_validator(mode="after")
     def _trainable(self) -> RunConfig:

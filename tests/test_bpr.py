@@ -1,10 +1,12 @@
-"""BPR-MF baselines: they learn planted structure, tune on validation only, pool users across
+"""BPR-MF baselines: they learn planted structure, train the configured point early-stopped on
+validation only, sample negatives from the user's real train interactions, pool users across
 platforms with namespaced items, and run as ``fedfuse compare`` cells."""
 
 from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,15 +15,18 @@ import pytest
 import torch
 
 import server.simulation.bpr as bpr
+import server.simulation.inhouse as inhouse
 from client.popularity_prior import positive_counts
+from common.config import RunConfig, load_config
 from common.evaluation import CountScorer, evaluate
 from common.task import Example, PlatformTask, RankingCase
 from server.cli import main
 from server.simulation.baselines import pooled_task
-from server.simulation.compare import DEFAULT_METHODS, Cell, parse_levels
+from server.simulation.compare import Cell, parse_levels
+from server.simulation.methods import DEFAULT_METHODS
 
 torch.set_num_threads(1)
-SMALL_GRID = ((8, 1e-3), (8, 1e-2))
+POINT = bpr.Settings(dim=8, reg=1e-2)
 
 
 class Untouchable(list):
@@ -60,12 +65,25 @@ def planted_task(
             task.split(split).append(Example(user, (), positive, 1))
             task.split(split).append(Example(user, (), negatives[0], 0))
             task.ranking(split).append(RankingCase(user, (), positive, negatives))
+    return with_catalogue(task)
+
+
+def with_catalogue(task: PlatformTask) -> PlatformTask:
+    """``task`` with the catalogue and per-user items the full-catalogue metrics read."""
+    examples = [*task.train, *task.valid, *task.test]
+    cases = [*task.valid_ranking, *task.test_ranking]
+    items = {e.candidate for e in examples} | {i for c in cases for i in c.candidates}
+    task.catalogue = tuple(sorted(items))
+    seen: dict[str, set[str]] = {}
+    for e in examples:
+        seen.setdefault(e.user, set()).add(e.candidate)
+    task.seen = {user: frozenset(items) for user, items in seen.items()}
     return task
 
 
 def test_bpr_ranks_planted_taste_far_above_popularity_and_chance() -> None:
     task = planted_task()
-    model, data, tuning = bpr.tune({"p": task}, pooled=False, grid=SMALL_GRID)
+    model, data, tuning = bpr.train_bpr({"p": task}, False, POINT)
     learned = evaluate(bpr.BPRScorer(model, data), None, task, "test")  # type: ignore[arg-type]
     popular = evaluate(CountScorer(positive_counts(task)), None, task, "test")  # type: ignore[arg-type]
     assert learned["mrr"] > 0.9 and learned["auc"] > 0.9
@@ -73,29 +91,33 @@ def test_bpr_ranks_planted_taste_far_above_popularity_and_chance() -> None:
     assert tuning["chosen"]["valid_ndcg@10"] > 0.9
 
 
-def test_tuning_reads_validation_only_and_keeps_its_best_point(
+def test_training_reads_validation_only_and_trains_the_configured_point(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     task = planted_task()
     task.test, task.test_ranking = Untouchable(task.test), Untouchable(task.test_ranking)
     splits: list[str] = []
-    protocol = bpr.evaluate
+    protocol = inhouse.evaluate
 
     def spy(scorer: object, featurizer: object, task: PlatformTask, split: str) -> dict:
         splits.append(split)
         return protocol(scorer, featurizer, task, split)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(bpr, "evaluate", spy)
-    _, _, tuning = bpr.tune({"p": task}, pooled=False, grid=SMALL_GRID)
+    monkeypatch.setattr(inhouse, "evaluate", spy)
+    settings = bpr.Settings(dim=12, reg=3e-2, eval_every=4, patience=2, max_epochs=40, seed=1)
+    model, _, tuning = bpr.train_bpr({"p": task}, False, settings)
     assert splits and set(splits) == {"valid"}
-    best = max(tuning["trials"], key=lambda t: t["valid_ndcg@10"])
-    assert tuning["chosen"] == best and len(tuning["trials"]) == len(SMALL_GRID)
+    assert model.user.shape[1] == 12 and tuning["settings"]["reg"] == 3e-2
+    chosen = tuning["chosen"]
+    assert (chosen["dim"], chosen["reg"]) == (12, 3e-2) and chosen["best_epoch"] % 4 == 0
+    assert set(chosen) == {"dim", "reg", "best_epoch", "epochs_run", "valid_ndcg@10"}
 
-    # the choice follows the validation score, whatever grid point that favours
-    monkeypatch.setattr(bpr, "valid_ndcg", lambda model, *_: -abs(model.user.shape[1] - 16))
-    grid = ((8, 1e-3), (16, 1e-3), (32, 1e-3))
-    model, _, tuning = bpr.tune({"p": task}, pooled=False, grid=grid)
-    assert tuning["chosen"]["dim"] == 16 and model.user.shape[1] == 16
+
+def test_the_point_comes_from_the_baselines_section() -> None:
+    config = RunConfig.model_validate({"baselines": {"bpr_dim": 24, "bpr_reg": 0.05}})
+    assert bpr.Settings.of(config.baselines, 7) == bpr.Settings(dim=24, reg=0.05, seed=7)
+    assert len(bpr.grid_overrides()) == len(bpr.GRID)
+    assert load_config(None, bpr.grid_overrides()[0]).baselines.bpr_dim == bpr.GRID[0][0]
 
 
 def test_early_stopping_keeps_the_best_validated_state() -> None:
@@ -112,12 +134,12 @@ def test_early_stopping_keeps_the_best_validated_state() -> None:
     assert torch.equal(model.user.detach(), seen[0]) and not torch.equal(seen[0], seen[-1])
 
 
-def test_tuning_is_deterministic() -> None:
+def test_training_is_deterministic() -> None:
     task = planted_task()
-    first, _, one = bpr.tune({"p": task}, pooled=False, grid=SMALL_GRID, seed=3)
-    second, _, two = bpr.tune({"p": task}, pooled=False, grid=SMALL_GRID, seed=3)
+    first, _, one = bpr.train_bpr({"p": task}, False, replace(POINT, seed=3))
+    second, _, two = bpr.train_bpr({"p": task}, False, replace(POINT, seed=3))
     assert one == two and torch.equal(first.item, second.item)
-    third, _, _ = bpr.tune({"p": task}, pooled=False, grid=SMALL_GRID, seed=4)
+    third, _, _ = bpr.train_bpr({"p": task}, False, replace(POINT, seed=4))
     assert not torch.equal(first.item, third.item)
 
 
@@ -132,6 +154,34 @@ def test_negatives_are_never_seen_in_train() -> None:
     assert data.items["i1"] in set(negatives.tolist())  # users of the other group may get it
     u0 = data.users["u0"]
     assert data.items["i1"] not in set(negatives[users == u0].tolist())
+
+
+def test_sampled_negatives_are_not_interactions() -> None:
+    """The protocol's sampled negatives (label-0 examples, also on their positive's
+    ``negatives``) are candidates BPR may sample; a rated dislike stays excluded."""
+    task = PlatformTask("p")
+    task.train = [
+        Example("u0", (), "a", 1, ("x", "y")),
+        Example("u0", (), "x", 0),  # sampled for u0's positive: never an interaction
+        Example("u0", (), "y", 0),
+        Example("u0", (), "b", 0),  # rated and disliked
+        Example("u1", (), "x", 1, ("a",)),
+        Example("u1", (), "a", 0),  # sampled for u1 (u0's positive is no reason to drop it)
+        Example("u1", (), "y", 0),  # u1 rated y: not among u1's own sampled negatives
+    ]
+    assert [(e.user, e.candidate) for e in inhouse.rated_train(task.train)] == [
+        ("u0", "a"),
+        ("u0", "b"),
+        ("u1", "x"),
+        ("u1", "y"),
+    ]
+    data = bpr.Interactions.of_tasks({"p": task}, pooled=False)
+    index = lambda user, item: data.users[user] * len(data.items) + data.items[item]  # noqa: E731
+    pairs = [("u0", "a"), ("u0", "b"), ("u1", "x"), ("u1", "y")]
+    assert data.seen.tolist() == sorted(index(*pair) for pair in pairs)
+    users = np.repeat([data.users["u0"]], 400)
+    drawn = set(data.sample_negatives(np.random.default_rng(0), users).tolist())
+    assert {data.items["x"], data.items["y"]} <= drawn and data.items["b"] not in drawn
 
 
 def test_pooled_model_shares_users_and_keeps_platform_items_apart() -> None:
@@ -153,10 +203,11 @@ def test_pooled_model_shares_users_and_keeps_platform_items_apart() -> None:
     ]
     assert {e.candidate for e in pooled_task(fake)[0].train} == set(data.items)  # type: ignore[arg-type]
 
-    pooled, data, _ = bpr.tune(tasks, pooled=True, grid=SMALL_GRID)
-    local, own, _ = bpr.tune({"b": b}, pooled=False, grid=SMALL_GRID)
+    pooled, data, _ = bpr.train_bpr(tasks, True, POINT)
+    local, own, _ = bpr.train_bpr({"b": b}, False, POINT)
     cold_b = PlatformTask("b", test=[e for e in b.test if e.user in cold])
     cold_b.test_ranking = [c for c in b.test_ranking if c.user in cold]
+    with_catalogue(cold_b)
     across = evaluate(bpr.BPRScorer(pooled, data, "b"), None, cold_b, "test")  # type: ignore[arg-type]
     alone = evaluate(bpr.BPRScorer(local, own), None, cold_b, "test")  # type: ignore[arg-type]
     assert across["mrr"] > 0.7
@@ -164,7 +215,7 @@ def test_pooled_model_shares_users_and_keeps_platform_items_apart() -> None:
 
 
 def test_unseen_users_and_items_score_neutral() -> None:
-    model, data, _ = bpr.tune({"p": planted_task()}, pooled=False, grid=SMALL_GRID[:1])
+    model, data, _ = bpr.train_bpr({"p": planted_task()}, False, POINT)
     scorer = bpr.BPRScorer(model, data)
     [known] = scorer.score_cases(None, [RankingCase("u0", (), "i0", ("nowhere",))], 1)
     [stranger] = scorer.score_cases(None, [RankingCase("ghost", (), "i0", ("i1", "nowhere"))], 1)
@@ -199,8 +250,8 @@ def test_compare_runs_bpr_cells_as_non_private_baselines(
     assert sorted(local) == ["p0", "p1"]
     for tuning in [*local.values(), pooled]:
         chosen = tuning["chosen"]
-        assert (chosen["dim"], chosen["reg"]) in bpr.GRID
-        assert len(tuning["trials"]) == len(bpr.GRID)
+        assert (chosen["dim"], chosen["reg"]) == (32, 1e-1)  # the [baselines] defaults
+        assert 0 < chosen["best_epoch"] <= chosen["epochs_run"]
     report = (out / "comparison.md").read_text()
     assert "| bpr_local |" in report and "| **bpr_pooled** | **mean** |" in report
     capsys.readouterr()

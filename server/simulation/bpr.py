@@ -9,22 +9,25 @@ BPR pairwise loss on (user, positive, unseen item) triples of the TRAIN split on
   every platform (true of the ML-100K platforms), item ids get their platform as a prefix (the
   ``platform\\x1fitem`` convention of ``server.simulation.baselines.pooled_task``).
 
-Hyper-parameters are chosen on the validation ranking cases only (NDCG@10 by the protocol's
-``common.evaluation.evaluate``), never on test: every (dim, reg) of ``GRID`` is trained with Adam
-at ``LEARNING_RATE`` for up to ``MAX_EPOCHS`` epochs, validated every ``EVAL_EVERY`` epochs and
-stopped after ``PATIENCE`` validations without gain; the best validated state of the best grid
-point is kept (the model is not refitted on train + valid). Everything is seeded by
-``task.seed``. The chosen model is scored on test (a comparison on the validation split scores
-it where it was tuned) by ``PlatformClient.score``, the code path of every other method; users
-and items never seen in training get a zero vector and bias 0.
+The model trains the ``[baselines]`` point (``bpr_dim``, ``bpr_reg``) with Adam at
+``LEARNING_RATE`` for up to ``MAX_EPOCHS`` epochs, validated every ``EVAL_EVERY`` epochs on the
+validation ranking cases (NDCG@10 by the protocol's ``common.evaluation.evaluate``, never test)
+and stopped after ``PATIENCE`` validations without gain; the best validated state is kept (the
+model is not refitted on train + valid). The epoch is all a run chooses: comparing points is
+``fedfuse tune``'s job, over the same budget for every method (``GRID`` is BPR's documented
+search space). Negatives are items the user never interacted with in the training period (the
+protocol's sampled negatives are not interactions: ``server.simulation.inhouse``). Everything is
+seeded by ``task.seed``. The model is scored on test (a comparison on the validation split
+scores it where it was early-stopped) by ``PlatformClient.score``, the code path of every other
+method; users and items never seen in training get a zero vector and bias 0.
 """
 
 from __future__ import annotations
 
-import math
+import logging
 import zlib
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,15 +35,20 @@ import numpy as np
 import torch
 from torch import nn
 
-from common.config import RunConfig
-from common.evaluation import evaluate
+from common.config import BaselineConfig, RunConfig
 from common.task import Example, PlatformTask, RankingCase
 from server.simulation.baselines import Metrics, Scoring, evaluation_clients, pooled_item
+from server.simulation.inhouse import EarlyStopping, Interactions, mean_valid_ndcg
 
-# The documented search space, 12 points: both methods tune on ML-100K in about a minute on
-# 2 CPU cores. reg spans the optimum found there (1e-2 to 3e-2) with a point either side.
+__all__ = ["GRID", "BPRModel", "BPRScorer", "Interactions", "Settings", "bpr_local", "bpr_pooled"]
+
+logger = logging.getLogger(__name__)
+
+# BPR's documented search space for ``fedfuse tune`` (``baselines.bpr_dim`` × ``bpr_reg``),
+# 15 points. On ML-100K's validation split reg 1e-2 was best under ``leave_last`` and 1e-1 to
+# 3e-1 under ``global_time`` (where BPR barely reaches popularity), so reg spans both.
 GRID: tuple[tuple[int, float], ...] = tuple(
-    (dim, reg) for dim in (16, 32, 64) for reg in (1e-3, 1e-2, 3e-2, 1e-1)
+    (dim, reg) for dim in (16, 32, 64) for reg in (1e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 )
 LEARNING_RATE = 1e-2  # Adam; fixed, the grid searches capacity and regularisation instead
 BATCH_SIZE = 1024
@@ -48,12 +56,16 @@ MAX_EPOCHS = 100
 EVAL_EVERY = 3
 PATIENCE = 3  # validations without a better NDCG@10 before stopping
 INIT_STD = 0.1
-NEGATIVE_RETRIES = 50  # rejection rounds for a negative; a user who saw everything gets none
+
+
+def grid_overrides(grid: Sequence[tuple[int, float]] = GRID) -> list[list[str]]:
+    """``GRID`` as ``--set`` overrides, one list per point (what ``fedfuse tune`` runs)."""
+    return [[f"baselines.bpr_dim={dim}", f"baselines.bpr_reg={reg!r}"] for dim, reg in grid]
 
 
 @dataclass(frozen=True)
 class Settings:
-    """One grid point plus the fixed optimiser settings."""
+    """The configured point plus the fixed optimiser settings."""
 
     dim: int
     reg: float
@@ -64,54 +76,9 @@ class Settings:
     patience: int = PATIENCE
     seed: int = 0
 
-
-class Interactions:
-    """Indexed train positives and every user's seen items (what negatives must avoid)."""
-
-    def __init__(self, records: Iterable[tuple[str, str, int]]) -> None:
-        """``records``: (user, item, label) of train examples; label 1 makes a positive."""
-        users: dict[str, int] = {}
-        items: dict[str, int] = {}
-        seen: list[tuple[int, int]] = []
-        positive: list[tuple[int, int]] = []
-        for user, item, label in records:
-            pair = (users.setdefault(user, len(users)), items.setdefault(item, len(items)))
-            seen.append(pair)
-            if label == 1:
-                positive.append(pair)
-        self.users, self.items = users, items
-        codes = lambda pairs: np.unique(  # noqa: E731
-            np.asarray(pairs, np.int64).reshape(-1, 2) @ np.array([len(items), 1], np.int64)
-        )
-        self.seen = codes(seen)  # sorted user * n_items + item
-        self.positives = codes(positive)  # a repeated like counts once
-
     @classmethod
-    def of_tasks(cls, tasks: dict[str, PlatformTask], pooled: bool) -> Interactions:
-        """The train splits of ``tasks``; ``pooled``: item ids namespaced by platform."""
-        key = pooled_item if pooled else lambda _, item: item
-        return cls(
-            (e.user, key(name, e.candidate), e.label)
-            for name, task in tasks.items()
-            for e in task.train
-        )
-
-    def sample_negatives(self, rng: np.random.Generator, users: np.ndarray) -> np.ndarray:
-        """An item each user never had in train, uniformly; -1 where none was found."""
-        n_items = len(self.items)
-        if not n_items:
-            return np.full(len(users), -1, dtype=np.int64)
-        negatives = rng.integers(0, n_items, size=len(users))
-        todo = np.arange(len(users))
-        for _ in range(NEGATIVE_RETRIES):
-            codes = users[todo] * n_items + negatives[todo]
-            at = np.minimum(np.searchsorted(self.seen, codes), len(self.seen) - 1)
-            todo = todo[self.seen[at] == codes]
-            if not len(todo):
-                return negatives
-            negatives[todo] = rng.integers(0, n_items, size=len(todo))
-        negatives[todo] = -1
-        return negatives
+    def of(cls, baselines: BaselineConfig, seed: int) -> Settings:
+        return cls(dim=baselines.bpr_dim, reg=baselines.bpr_reg, seed=seed)
 
 
 class BPRModel(nn.Module):
@@ -169,6 +136,14 @@ class BPRScorer:
             for items in [self._items(case.candidates)]
         ]
 
+    def score_catalogue(
+        self, featurizer: object, cases: Sequence[RankingCase], items: Sequence[str], _: int
+    ) -> np.ndarray:
+        """(cases, items) scores in one product: a full-catalogue ranking is one matrix."""
+        rows = self._items(items)
+        users = np.array([self._user(case.user) for case in cases], dtype=np.int64)
+        return self.user[users] @ self.item[rows].T + self.bias[rows]
+
     def score_examples(
         self, featurizer: object, examples: Sequence[Example], batch_size: int
     ) -> np.ndarray:
@@ -188,7 +163,7 @@ def fit(data: Interactions, settings: Settings, validate: Validator) -> tuple[BP
     model = BPRModel(len(data.users), len(data.items), settings.dim, generator)
     optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr)
     users, items = np.divmod(data.positives, max(len(data.items), 1))
-    best, best_epoch, best_state, stale = -math.inf, 0, None, 0
+    stopping = EarlyStopping(settings.patience)
     for epoch in range(1, settings.max_epochs + 1):
         order = rng.permutation(len(users))
         u, i = users[order], items[order]
@@ -202,91 +177,65 @@ def fit(data: Interactions, settings: Settings, validate: Validator) -> tuple[BP
             optimiser.step()
         if epoch % settings.eval_every and epoch != settings.max_epochs:
             continue
-        score = validate(model)
-        if score > best:
-            best, best_epoch, stale = score, epoch, 0
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        else:
-            stale += 1
-            if stale >= settings.patience:
-                break
-    assert best_state is not None
-    model.load_state_dict(best_state)
-    record = {"dim": settings.dim, "reg": settings.reg, "best_epoch": best_epoch}
-    return model, record | {"epochs_run": epoch, "valid_ndcg@10": best}
+        if stopping.update(epoch, validate(model), model):
+            break
+    stopping.restore(model)
+    return model, {"dim": settings.dim, "reg": settings.reg} | stopping.record(epoch)
 
 
 def valid_ndcg(
     model: BPRModel, data: Interactions, tasks: dict[str, PlatformTask], pooled: bool
 ) -> float:
     """Mean over platforms of the protocol's validation NDCG@10 (test is never read)."""
-    values = [
-        evaluate(
-            BPRScorer(model, data, name if pooled else None),  # type: ignore[arg-type]
-            None,  # type: ignore[arg-type]
-            task,
-            "valid",
-        )["ndcg@10"]
-        for name, task in tasks.items()
-    ]
-    return float(np.mean(values))
+    return mean_valid_ndcg(tasks, lambda name: BPRScorer(model, data, name if pooled else None))
 
 
-def tune(
-    tasks: dict[str, PlatformTask],
-    pooled: bool,
-    seed: int = 0,
-    grid: Sequence[tuple[int, float]] = GRID,
-    fixed: Settings = Settings(dim=0, reg=0.0),
+def train_bpr(
+    tasks: dict[str, PlatformTask], pooled: bool, settings: Settings
 ) -> tuple[BPRModel, Interactions, dict[str, Any]]:
-    """Every (dim, reg) of ``grid`` fitted on the train positives of ``tasks`` (``pooled``:
-    items namespaced by platform) with the rest of ``fixed``; the best by validation NDCG@10 is
-    kept (ties: the earlier grid point). Returns it, its indexed data and the tuning record."""
+    """The configured point fitted on the train interactions of ``tasks`` (``pooled``: items
+    namespaced by platform), early-stopped on the mean validation NDCG@10. Returns the model,
+    its indexed data and the tuning record (``chosen``: the epoch and its NDCG@10)."""
     data = Interactions.of_tasks(tasks, pooled)
-    best: tuple[BPRModel, dict] | None = None
-    trials = []
-    for dim, reg in grid:
-        settings = replace(fixed, dim=dim, reg=reg, seed=seed)
-        model, record = fit(data, settings, lambda m: valid_ndcg(m, data, tasks, pooled))
-        trials.append(record)
-        if best is None or record["valid_ndcg@10"] > best[1]["valid_ndcg@10"]:
-            best = (model, record)
-    assert best is not None
-    common = {k: v for k, v in asdict(fixed).items() if k not in ("dim", "reg")} | {"seed": seed}
-    return best[0], data, {"chosen": best[1], "settings": common, "trials": trials}
+    model, chosen = fit(data, settings, lambda m: valid_ndcg(m, data, tasks, pooled))
+    return model, data, {"chosen": chosen, "settings": asdict(settings)}
 
 
 def _announce(label: str, tuning: dict) -> None:
     chosen = tuning["chosen"]
-    print(
-        f"[fedfuse] {label}: dim {chosen['dim']}, reg {chosen['reg']:g}, "
-        f"epoch {chosen['best_epoch']}, valid NDCG@10 {chosen['valid_ndcg@10']:.4f}",
-        flush=True,
+    logger.info(
+        "%s: dim %d, reg %g, epoch %d, valid NDCG@10 %.4f",
+        label,
+        chosen["dim"],
+        chosen["reg"],
+        chosen["best_epoch"],
+        chosen["valid_ndcg@10"],
     )
 
 
 def bpr_local(
     config: RunConfig, state_root: Path, scoring: Scoring
 ) -> tuple[dict[str, Metrics], dict[str, Any]]:
-    """Each platform's own BPR model, tuned on its validation split; metrics + tuning."""
+    """Each platform's own BPR model at the configured point; metrics + tuning record."""
+    settings = Settings.of(config.baselines, config.task.seed)
     metrics, tuning = {}, {}
     for client in evaluation_clients(config, state_root):
         name = client.identity.name
-        model, data, tuning[name] = tune({name: client.task}, False, config.task.seed)
+        model, data, tuning[name] = train_bpr({name: client.task}, False, settings)
         _announce(f"bpr_local {name}", tuning[name])
-        scorer = BPRScorer(model, data)
-        metrics[name] = scoring.score(client, scorer)  # type: ignore[arg-type]
+        metrics[name] = scoring.score(client, BPRScorer(model, data))  # type: ignore[arg-type]
     return metrics, tuning
 
 
 def bpr_pooled(
     config: RunConfig, state_root: Path, scoring: Scoring
 ) -> tuple[dict[str, Metrics], dict[str, Any]]:
-    """One BPR model on every platform's train positives (users shared, items namespaced),
-    tuned on the mean validation NDCG@10; each platform's metrics + tuning."""
+    """One BPR model on every platform's train interactions (users shared, items namespaced),
+    early-stopped on the mean validation NDCG@10; each platform's metrics + tuning record."""
     clients = evaluation_clients(config, state_root)
     tasks = {c.identity.name: c.task for c in clients}
-    model, data, tuning = tune(tasks, True, config.task.seed)
+    settings = Settings.of(config.baselines, config.task.seed)
+    model, data, tuning = train_bpr(tasks, True, settings)
     _announce("bpr_pooled", tuning)
     return {
         name: scoring.score(client, BPRScorer(model, data, name))  # type: ignore[arg-type]
