@@ -7,6 +7,7 @@ exit code 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -17,12 +18,14 @@ from common.errors import FedFuseError
 
 def _data_prepare(args: argparse.Namespace) -> None:
     from common.dataset_summary import describe
-    from common.movielens import build_ml100k
+    from common.movielens import build_ml1m, build_ml100k
     from common.platform_data import path_error, read_dataset, write_dataset
     from common.synthetic import SyntheticConfig, generate
 
     if args.dataset == "ml100k":
         tables = build_ml100k()
+    elif args.dataset == "ml1m":
+        tables = build_ml1m()
     else:
         tables = generate(
             SyntheticConfig(
@@ -39,6 +42,7 @@ def _data_prepare(args: argparse.Namespace) -> None:
         out = write_dataset(args.out, tables, force=args.force)
     except OSError as err:  # a read-only or full disk: the user's to fix, not a bug
         raise path_error(args.out, "write", err) from None
+    del tables  # ML-1M's million rows would otherwise stay in memory beside the re-read data
     platforms = read_dataset(out)
     print(f"wrote {len(platforms)} platforms to {out}\n")
     print(describe(platforms, load_config(args.config, args.set).task))
@@ -67,7 +71,12 @@ def _simulate(args: argparse.Namespace) -> None:
         record.read_config()  # a clear error for a folder that is not a run
     else:
         record = prepare_run(load_config(args.config, args.set), Path(args.runs), args.name)
-    print(f"finished: {simulate(record, args.cpus_per_client, args.gpus_per_client)}")
+    final = simulate(record, args.cpus_per_client, args.gpus_per_client)
+    if args.side_by_side:
+        from server.simulation.joining import side_by_side
+
+        print(side_by_side(final), flush=True)
+    print(f"finished: {final}")
 
 
 def _compare(args: argparse.Namespace) -> None:
@@ -77,13 +86,67 @@ def _compare(args: argparse.Namespace) -> None:
     from server.simulation.baselines import Scoring
     from server.simulation.compare import compare, parse_levels
 
-    cells = parse_levels(args.epsilon or ["8"])
     command = shlex.join(["fedfuse", *sys.argv[1:]])
+    if args.frozen or args.runs is not None or args.rescore or args.blend:
+        _compare_frozen(args, command)
+        return
+    cells = parse_levels(args.epsilon or ["8"])
     config = load_config(args.config, args.set)
     out = Path(args.out)
     scoring = Scoring(args.split, args.test_cases)
-    print(compare(config, cells, out, scoring, command, args.cpus_per_client))
+    from server.simulation.frozen import WARNING, mark_unfrozen
+
+    if args.split == "test":  # settings not chosen by fedfuse tune: said once, and marked
+        print(WARNING, file=sys.stderr)
+    text = compare(config, cells, out, scoring, command, args.cpus_per_client)
+    print(mark_unfrozen(out) if args.split == "test" else text)
     print(f"written: {out / 'comparison.md'}, {out / 'comparison.json'}, {out / 'ndcg_at_10.png'}")
+
+
+def _compare_frozen(args: argparse.Namespace, command: str) -> None:
+    """``compare --frozen``: methods, levels and settings come from the frozen files, so an
+    option that would choose them here is refused rather than silently ignored."""
+    from pathlib import Path
+
+    from server.simulation.baselines import Scoring
+    from server.simulation.frozen import compare_frozen
+
+    if not args.frozen:
+        raise FedFuseError("--runs, --rescore and --blend go with --frozen (otherwise: METHOD*N)")
+    options = (("--config", args.config), ("--set", args.set), ("--epsilon", args.epsilon))
+    given = [name for name, value in options if value]
+    if given:
+        raise FedFuseError(
+            f"--frozen: drop {', '.join(given)}: methods, levels and settings come from the "
+            "frozen files (runs per file: --runs N)"
+        )
+    out = Path(args.out)
+    scoring = Scoring(args.split, args.test_cases)
+    frozen = [Path(p) for p in args.frozen]
+    runs = 1 if args.runs is None else args.runs
+    text = compare_frozen(
+        frozen, runs, out, scoring, command, args.cpus_per_client, args.rescore, blends=args.blend
+    )
+    print(text)
+    print(f"written: {out / 'comparison.md'}, {out / 'comparison.json'}, {out / 'ndcg_at_10.png'}")
+
+
+def _tune(args: argparse.Namespace) -> None:
+    import shlex
+    from pathlib import Path
+
+    from server.simulation.compare import parse_levels
+    from server.simulation.tuning import read_grid, tune
+
+    specs = [f"{level}:popularity" for level in args.epsilon or ["8"]]  # levels alone
+    levels = [cell.epsilon for cell in parse_levels(specs)]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    grid = read_grid(args.grid, methods, args.config, args.set)
+    command = shlex.join(["fedfuse", *sys.argv[1:]])
+    out = Path(args.out)
+    cases, cpus, unequal = args.valid_cases, args.cpus_per_client, args.allow_unequal
+    print(tune(grid, levels, args.runs, out, command, cases, cpus, allow_unequal=unequal))
+    print(f"written: {out / 'tuning.md'}, {out / 'frozen'}/")
 
 
 def _audit(args: argparse.Namespace) -> None:
@@ -180,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="action", required=True
     )
     prepare = data.add_parser("prepare", help="build platforms from an embedded dataset")
-    prepare.add_argument("--dataset", choices=["ml100k", "synthetic"], default="ml100k")
+    prepare.add_argument("--dataset", choices=["ml100k", "ml1m", "synthetic"], default="ml100k")
     prepare.add_argument(
         "--out", required=True, help="folder to create (one subfolder per platform)"
     )
@@ -212,6 +275,13 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument(
         "--gpus-per-client", type=float, default=0.0, help="Ray GPU share per actor (0 = CPU)"
     )
+    simulate.add_argument(
+        "--no-side-by-side",
+        dest="side_by_side",
+        action="store_false",
+        help="skip the closing table: the platform's in-house model, the federated model and "
+        "their blend (trains each platform's BPR and SASRec after the run)",
+    )
     simulate.set_defaults(run=_simulate)
 
     comparison = commands.add_parser(
@@ -239,8 +309,59 @@ def build_parser() -> argparse.ArgumentParser:
     comparison.add_argument(
         "--test-cases", type=int, default=0, help="users scored per platform (0 = all)"
     )
+    comparison.add_argument(
+        "--frozen",
+        nargs="+",
+        metavar="FILE",
+        help="score exactly these configurations frozen by fedfuse tune (method, level and "
+        "settings from each file); a scoring on test is recorded beside each file",
+    )
+    comparison.add_argument(
+        "--runs", type=int, metavar="N", help="with --frozen: runs of each frozen file (default 1)"
+    )
+    comparison.add_argument(
+        "--rescore",
+        action="store_true",
+        help="with --frozen: score on test again a configuration already scored there "
+        "(the report says so)",
+    )
+    comparison.add_argument(
+        "--blend",
+        action="store_true",
+        help="with --frozen: also each platform's in-house model (its better own BPR or "
+        "SASRec) and its blend with each frozen fedavg/local model (weight fitted on valid)",
+    )
     _add_cpus_option(comparison)
     comparison.set_defaults(run=_compare)
+
+    tuning = commands.add_parser(
+        "tune",
+        help="choose each method's settings on the validation split with equal effort, and "
+        "freeze the winners for compare --frozen",
+    )
+    _add_config_options(tuning)
+    tuning.add_argument("--grid", required=True, help="grid TOML (docs/protocol.md)")
+    tuning.add_argument(
+        "--methods", required=True, help="comma-separated methods to tune (compare's names)"
+    )
+    tuning.add_argument(
+        "--epsilon",
+        action="append",
+        metavar="LEVEL",
+        help="privacy level: a target ε, or inf for non-private; repeatable (default: 8)",
+    )
+    tuning.add_argument("--runs", type=int, default=1, help="runs per configuration (default 1)")
+    tuning.add_argument("--out", required=True, help="tuning folder (resumable)")
+    tuning.add_argument(
+        "--allow-unequal",
+        action="store_true",
+        help="accept methods with different numbers of configurations (the report says so)",
+    )
+    tuning.add_argument(
+        "--valid-cases", type=int, default=0, help="users scored per platform (0 = all)"
+    )
+    _add_cpus_option(tuning)
+    tuning.set_defaults(run=_tune)
 
     audit = commands.add_parser(
         "audit", help="check a run's privacy ledgers and wire logs; writes audit.json/.html"
@@ -302,8 +423,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Console(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stdout`` is when a record arrives (tests and
+    callers may swap it between commands)."""
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: ANN201
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, _value: object) -> None:
+        """The stream is always the current stdout."""
+
+
+def _show_progress() -> None:
+    """Library modules log their progress; the command decides it reaches the console, as
+    ``[fedfuse] …`` lines on stdout like the command's own."""
+    handler = _Console()
+    handler.setFormatter(logging.Formatter("[fedfuse] %(message)s"))
+    for package in ("common", "client", "server"):
+        logger = logging.getLogger(package)
+        if not logger.handlers:
+            logger.addHandler(handler)
+            logger.setLevel(logging.INFO)
+            logger.propagate = False
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _show_progress()
     try:
         args.run(args)
     except FedFuseError as err:

@@ -74,5 +74,6 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, write_run_config) -> 
         model={"max_length": 32, "private_factors": 8},
         train={"batch_size": 16, "local_steps": 2, "eval_max_cases": 5},
         federation={"rounds": 2, "min_nodes": 2, "strategy": "ffa"},
+        baselines={"sasrec_max_epochs": 4, "sasrec_eval_every": 2},  # the in-house models
     )
     return simulate(prepare_run(load_config(config), root / "runs", "tiny"))

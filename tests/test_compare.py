@@ -27,15 +27,9 @@ from server.simulation.baselines import (
     pooled_task,
     train_local,
 )
-from server.simulation.compare import (
-    FEDERATED,
-    Cell,
-    combine_runs,
-    parse_levels,
-    report,
-    target_statements,
-    variant,
-)
+from server.simulation.compare import Cell, parse_levels, variant
+from server.simulation.comparison_report import combine_runs, report, target_statements
+from server.simulation.methods import FEDERATED
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -151,7 +145,10 @@ def test_local_baseline_trains_each_platform_within_its_budget(
         assert spent == pytest.approx(ledger.spent()) and spent <= config.dp.target_epsilon
     trained = {n: p.detach().numpy() for n, p in scorer.named_parameters() if p.requires_grad}
     assert any(not np.allclose(trained[n], initial[n]) for n in initial)
-    assert all(np.isfinite(list(m.values())).all() for m in metrics.values())
+    for platform_metrics in metrics.values():
+        values = [v for k, v in platform_metrics.items() if k != "cases"]
+        assert np.isfinite(values).all()
+        assert len(platform_metrics["cases"]["user"]) == platform_metrics["num-examples"]
 
 
 def test_compare_writes_one_report_and_resumes_from_cached_cells(
@@ -323,3 +320,30 @@ def test_an_ablation_without_item_factors_drops_their_share_of_the_clip_norm() -
         assert kept == {k: v for k, v in config.dp.gradient_scales.items() if "private" not in k}
         assert kept and variant(name, config) == (name, {})
     assert variant("ffa_text", config)[1]["prior"] == {"enabled": False}
+
+
+def test_blend_cells_reuse_their_partners_model_and_fit_the_weight_on_validation(
+    config_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``inhouse`` is each platform's better own model; ``inhouse+local`` blends it with the
+    very tensors the ``local`` cell trained (no second training, no second charge)."""
+    out = tmp_path / "cmp"
+    fast = ["--set", "baselines.sasrec_max_epochs=2", "--set", "baselines.sasrec_eval_every=1"]
+    args = ["compare", "--config", str(config_file), "--out", str(out), *fast]
+    assert main([*args, "--epsilon", "4:local,inhouse,inhouse+local"]) == 0
+    results = {r["method"]: r for r in json.loads((out / "comparison.json").read_text())}
+    for platform in ("p0", "p1"):
+        chosen = results["inhouse"]["inhouse"][platform]
+        assert chosen["model"] in ("bpr_local", "sasrec_local")
+        fitted = results["inhouse+local"]["blend"][platform]
+        assert 0.0 <= fitted["weight"] <= 1.0
+        assert fitted["valid_ndcg@10"] >= max(  # the fit never loses to either part alone
+            fitted["dp_alone_valid_ndcg@10"], fitted["inhouse_valid_ndcg@10"] - 1e-9
+        )
+        ledger = PrivacyLedger.load(out / "runs" / "local@eps4" / platform / LEDGER_FILE)
+        assert [e["server_round"] for e in ledger.entries] == [0, 1, 2]  # trained once
+        assert results["inhouse+local"]["epsilon"][platform] == pytest.approx(ledger.spent())
+        assert math.isinf(results["inhouse"]["epsilon"][platform])
+    report = (out / "comparison.md").read_text()
+    assert "inhouse+local (ε = 4, 1 run) over inhouse (no DP, 1 run)" in report
+    capsys.readouterr()

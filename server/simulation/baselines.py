@@ -18,9 +18,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
+from safetensors.numpy import save_file
 
 from client.platform_client import PlatformClient, PlatformIdentity
 from client.popularity_prior import positive_counts
@@ -33,7 +34,8 @@ from server.federation.server_app import learning_rate_schedule
 from server.federation.server_optimizer import ServerOptimizer
 
 Arrays = dict[str, np.ndarray]
-Metrics = dict[str, float]
+LOCAL_ARRAYS = "local_shared.safetensors"
+Metrics = dict[str, Any]  # metric name -> value; ``cases``: per-case columns
 POOLED = "centralized"
 
 
@@ -60,12 +62,16 @@ class Scoring:
     max_cases: int = 0
 
     def score(self, client: PlatformClient, scorer: Scorer) -> Metrics:
-        """Metrics of any scorer (a baseline's own too: popularity, BPR) on ``client``'s users."""
-        return client.score(scorer, self.split, self.max_cases)
+        """Metrics of any scorer (a baseline's own too: popularity, BPR) on ``client``'s users,
+        with each case's metrics (``cases``) for intervals over users."""
+        return client.score(scorer, self.split, self.max_cases, per_case=True)
 
     def adapters(self, clients: Sequence[PlatformClient], arrays: Arrays) -> dict[str, Metrics]:
         """Each platform's metrics of the same shared tensors (plus its own private part)."""
-        return {c.identity.name: c.evaluate(arrays, self.split, self.max_cases) for c in clients}
+        return {
+            c.identity.name: c.evaluate(arrays, self.split, self.max_cases, per_case=True)
+            for c in clients
+        }
 
 
 def train_rounds(client: PlatformClient, initial: Arrays) -> tuple[Arrays, float]:
@@ -103,8 +109,16 @@ def train_local(
     metrics, epsilons = {}, {}
     for client in platform_clients(config, state_root):
         arrays, epsilons[client.identity.name] = train_rounds(client, initial)
+        kept = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
+        save_file(kept, str(local_arrays(client)))
         metrics |= scoring.adapters([client], arrays)
     return metrics, epsilons
+
+
+def local_arrays(client: PlatformClient) -> Path:
+    """Where ``local`` keeps a platform's trained shared tensors (its state folder), so a
+    blend with the in-house model scores that very model (server/simulation/joining.py)."""
+    return client.identity.state_dir / LOCAL_ARRAYS
 
 
 def pooled_item(platform: str, item: str) -> str:
