@@ -316,9 +316,14 @@ def test_blends_are_derived_from_the_frozen_partners(
     results = json.loads((out / "comparison.json").read_text())
     assert [(r["method"], r["target_epsilon"]) for r in results] == [
         ("local", 4.0),
+        ("popularity", math.inf),
         ("inhouse", math.inf),
         ("inhouse+local", 4.0),
     ]
+    chosen = next(r for r in results if r["method"] == "inhouse")["inhouse"]["p0"]
+    for model in ("bpr_local", "sasrec_local"):  # both candidates scored, the choice named
+        assert 0 <= chosen[model]["ndcg@10"] <= 1 and "valid_ndcg@10" in chosen[model]
+    assert chosen["model"] in ("bpr_local", "sasrec_local")
     sha = json.loads(frozen.read_text())["sha256"]
     assert all(r["frozen"]["sha256"] == sha for r in results)
     ledger = PrivacyLedger.load(out / "runs" / "local@eps4" / "p0" / LEDGER_FILE)

@@ -289,7 +289,8 @@ def compare_frozen(
 def derived_cells(frozen: Sequence[Frozen], runs: int) -> list[tuple[Frozen, Any]]:
     """Cells that add no setting of their own to frozen ones: each frozen blend partner's
     ``inhouse+PARTNER`` (its configuration, level and runs: it blends that very trained
-    model with the in-house one, fitted on validation) and, once, ``inhouse`` alone."""
+    model with the in-house one, fitted on validation) and, once, ``popularity`` and
+    ``inhouse`` alone."""
     partners = [f for f in frozen if f.method in PARTNERS]
     if not partners:
         raise ConfigError(f"--blend needs a frozen {' or '.join(PARTNERS)} configuration")
@@ -298,7 +299,8 @@ def derived_cells(frozen: Sequence[Frozen], runs: int) -> list[tuple[Frozen, Any
         for f in partners
         for k in range(1, runs + 1)
     ]
-    return [(partners[0], comparison.Cell(INHOUSE, math.inf)), *cells]
+    alone = [comparison.Cell(m, math.inf) for m in ("popularity", INHOUSE)]
+    return [*((partners[0], cell) for cell in alone), *cells]
 
 
 def _summary(frozen: Sequence[Frozen]) -> list[dict[str, Any]]:
