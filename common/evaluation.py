@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from common.metrics import case_metrics, pointwise_metrics, tie_counts
+from common.metrics import case_metrics, list_metrics, pointwise_metrics
 from common.model import Scorer, TextFeaturizer
 from common.task import Example, PlatformTask, RankingCase
 
@@ -102,12 +102,12 @@ def full_catalogue_counts(
         scores = catalogue_scores(scorer, featurizer, chunk, items, batch_size)
         if not np.all(np.isfinite(scores)):
             raise ValueError("catalogue scores must be finite")
+        rows, positives = np.arange(len(chunk)), [column[c.positive] for c in chunk]
         masked = np.zeros(scores.shape, dtype=bool)
         for row, case in enumerate(chunk):
-            seen = [column[i] for i in task.seen.get(case.user, ()) if i in column]
-            masked[row, seen] = True
-            masked[row, column[case.positive]] = True  # the positive is not its own rival
-        positive = scores[np.arange(len(chunk)), [column[c.positive] for c in chunk]]
+            masked[row, [column[i] for i in task.seen.get(case.user, ()) if i in column]] = True
+        masked[rows, positives] = True  # the positive is not its own rival
+        positive = scores[rows, positives]
         rivals = ~masked
         greater[start : start + len(chunk)] = ((scores > positive[:, None]) & rivals).sum(1)
         equal[start : start + len(chunk)] = ((scores == positive[:, None]) & rivals).sum(1)
@@ -143,9 +143,7 @@ def score_cases_metrics(
     """Every ranking metric of each case: among its sampled negatives (HR@k, NDCG@k, MRR) and,
     with ``full_catalogue``, over the whole catalogue (``full-ndcg@10``, ``full-recall@20``:
     with one held-out positive, recall@20 is whether it is in the top 20)."""
-    scores = scorer.score_cases(featurizer, cases, batch_size) if cases else []
-    counts = np.array([tie_counts(s[0], s[1:]) for s in scores], dtype=np.int64).reshape(-1, 2)
-    values = case_metrics(counts[:, 0], counts[:, 1], k)
+    values = list_metrics(scorer.score_cases(featurizer, cases, batch_size) if cases else [], k)
     if full_catalogue:
         greater, equal = full_catalogue_counts(scorer, featurizer, task, cases, batch_size)
         values[f"full-ndcg@{FULL_K}"] = case_metrics(greater, equal, FULL_K)[f"ndcg@{FULL_K}"]

@@ -23,6 +23,7 @@ __all__ = [
     "log_loss_from_logits",
     "pointwise_metrics",
     "case_metrics",
+    "list_metrics",
     "ranking_metrics",
     "tie_counts",
 ]
@@ -108,6 +109,12 @@ def case_metrics(greater: ArrayLike, equal: ArrayLike, k: int = 10) -> dict[str,
         f"ndcg@{k}": (prefix[inside(last)] - prefix[inside(first)]) / spread,
         "mrr": (_harmonic(last) - _harmonic(first)) / spread,
     }
+
+
+def list_metrics(scores: Sequence[np.ndarray], k: int = 10) -> dict[str, np.ndarray]:
+    """:func:`case_metrics` of ranked lists, each a scorer's scores with the positive's first."""
+    counts = np.array([tie_counts(s[0], s[1:]) for s in scores], dtype=np.int64).reshape(-1, 2)
+    return case_metrics(counts[:, 0], counts[:, 1], k)
 
 
 def ranking_metrics(greater: ArrayLike, equal: ArrayLike, k: int = 10) -> dict[str, float]:

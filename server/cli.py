@@ -427,13 +427,9 @@ class _Console(logging.StreamHandler):
     """A handler writing to whatever ``sys.stdout`` is when a record arrives (tests and
     callers may swap it between commands)."""
 
-    @property  # type: ignore[override]
-    def stream(self):  # noqa: ANN201
-        return sys.stdout
-
-    @stream.setter
-    def stream(self, _value: object) -> None:
-        """The stream is always the current stdout."""
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stdout
+        super().emit(record)
 
 
 def _show_progress() -> None:

@@ -110,15 +110,15 @@ def train_local(
     for client in platform_clients(config, state_root):
         arrays, epsilons[client.identity.name] = train_rounds(client, initial)
         kept = {k: np.ascontiguousarray(v) for k, v in arrays.items()}
-        save_file(kept, str(local_arrays(client)))
+        save_file(kept, str(local_arrays(client.identity.state_dir)))
         metrics |= scoring.adapters([client], arrays)
     return metrics, epsilons
 
 
-def local_arrays(client: PlatformClient) -> Path:
-    """Where ``local`` keeps a platform's trained shared tensors (its state folder), so a
+def local_arrays(state_dir: Path) -> Path:
+    """Where ``local`` keeps a platform's trained shared tensors (in its state folder), so a
     blend with the in-house model scores that very model (server/simulation/joining.py)."""
-    return client.identity.state_dir / LOCAL_ARRAYS
+    return state_dir / LOCAL_ARRAYS
 
 
 def pooled_item(platform: str, item: str) -> str:

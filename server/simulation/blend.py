@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from common.evaluation import catalogue_scores
-from common.metrics import case_metrics, tie_counts
+from common.metrics import list_metrics
 from common.task import Example, RankingCase
 
 WEIGHTS = tuple(np.round(np.linspace(0.0, 1.0, 21), 2))  # the in-house model's share
@@ -108,11 +108,11 @@ def fit_weight(
     first = inhouse.score_cases(featurizer, cases, batch_size)
     second = other.score_cases(featurizer, cases, batch_size)
     standard = [(standardise(a), standardise(b)) for a, b in zip(first, second, strict=True)]
-    found: dict[float, float] = {}
-    for weight in WEIGHTS:
-        mixed = [weight * a + (1 - weight) * b for a, b in standard]
-        counts = np.array([tie_counts(s[0], s[1:]) for s in mixed]).reshape(-1, 2)
-        ndcg = case_metrics(counts[:, 0], counts[:, 1], 10)["ndcg@10"]
-        found[float(weight)] = float(ndcg.mean())
+    found = {
+        float(weight): float(
+            list_metrics([weight * a + (1 - weight) * b for a, b in standard])["ndcg@10"].mean()
+        )
+        for weight in WEIGHTS
+    }
     best = max(found, key=lambda w: (found[w], -w))
     return best, found

@@ -37,6 +37,7 @@ from client.platform_client import PlatformClient
 from common.atomic import atomic_write
 from common.config import RunConfig, with_settings
 from common.errors import ConfigError
+from common.platform_data import federation_platforms
 from common.sharing import seeded_arrays
 from server.federation.run_record import CONFIG_FILE, RunRecord
 from server.simulation.baselines import (
@@ -174,11 +175,11 @@ def _partner(
         clients, arrays, epsilons, _ = _federated_model(partner, config, out / "runs", cpus)
         return clients, {c.identity.name: arrays for c in clients}, epsilons
     work = out / "runs" / partner.key
-    clients = evaluation_clients(config, work)
-    if not all(local_arrays(c).exists() for c in clients):
+    names = [name for name, _ in federation_platforms(config.data)]
+    if not all(local_arrays(work / name).exists() for name in names):
         train_local(config, initial, _fresh(work), scoring)
-    kept = {c.identity.name: load_file(str(local_arrays(c))) for c in clients}
-    return clients, kept, spent(config, work, list(kept))
+    kept = {name: load_file(str(local_arrays(work / name))) for name in names}
+    return evaluation_clients(config, work), kept, spent(config, work, names)
 
 
 def run_cell(

@@ -44,7 +44,6 @@ BLENDS = tuple(f"{INHOUSE}+{partner}" for partner in PARTNERS)
 
 SIDE_BY_SIDE_FILE = "joining.md"  # the main job's in-house / federated / blend table
 
-_trained: dict[tuple[str, str], tuple[str, CaseScorer, float]] = {}  # one process, one training
 
 
 def _key(config: RunConfig) -> str:
@@ -54,6 +53,7 @@ def _key(config: RunConfig) -> str:
 
 
 Candidate = tuple[str, CaseScorer, float]  # a platform's own model: name, scorer, valid NDCG@10
+_trained: dict[tuple[str, str], list[Candidate]] = {}  # one process, one training
 
 
 def inhouse_candidates(config: RunConfig, client: PlatformClient) -> list[Candidate]:
