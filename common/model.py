@@ -652,6 +652,36 @@ class ItemTowerScorer(Scorer):
             out.append(logits.float().cpu())
         return torch.cat(out).numpy()
 
+    @torch.no_grad()
+    def score_cases(
+        self, featurizer: TextFeaturizer, cases: Sequence[RankingCase], batch_size: int
+    ) -> list[np.ndarray]:
+        """Each case's user vector once for all its candidates: the (case × candidate) pairs
+        of the generic path would rebuild the same user a hundred times per case."""
+        if not cases:
+            return []
+        self.prepare(featurizer, batch_size)
+        vectors = featurizer.item_vectors
+        assert vectors is not None
+        prior = featurizer.prior.to(vectors.device)
+        out: list[np.ndarray] = []
+        for start in range(0, len(cases), batch_size):
+            chunk = cases[start : start + batch_size]
+            width = max(len(c.candidates) for c in chunk)
+            rows = torch.tensor(
+                [
+                    [featurizer.item_row[i] for i in c.candidates]
+                    + [featurizer.item_row[c.positive]] * (width - len(c.candidates))
+                    for c in chunk
+                ],
+                dtype=torch.long,
+                device=vectors.device,
+            )
+            history, mask, history_rows = self._history(featurizer, [c.history for c in chunk])
+            logits = self.head.logits(history, mask, history_rows, vectors[rows], rows, prior[rows])
+            logits = logits.float().cpu().numpy()
+            out.extend(logits[k, : len(c.candidates)] for k, c in enumerate(chunk))
+        return out
 
     @torch.no_grad()
     def score_catalogue(

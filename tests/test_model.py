@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -147,8 +148,9 @@ def test_ranking_scores_match_pointwise_logits(
     """The fast ranking path (item vectors reused for two_tower) equals scoring pairs one by one."""
     data, task = platform_task
     scorer, featurizer = _eval_scorer(tiny_bert_dir, kind, data.item_text)
-    cases = task.test_ranking[:2]
-    scores = scorer.score_cases(featurizer, cases, batch_size=16)
+    cases = task.test_ranking[:3]  # chunks of 2 cases, of different lengths
+    cases = [cases[0], replace(cases[1], negatives=cases[1].negatives[:3]), cases[2]]
+    scores = scorer.score_cases(featurizer, cases, batch_size=2)
     for case, got in zip(cases, scores, strict=True):
         pairs = [Example(case.user, case.history, item, 0) for item in case.candidates]
         with torch.no_grad():
