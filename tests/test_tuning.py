@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from common.config import load_config
 from common.errors import ConfigError
 from server.cli import main
 from server.simulation import compare, tuning
-from server.simulation.frozen import UNFROZEN, WARNING, sidecar_path
+from server.simulation.frozen import UNFROZEN, WARNING, load_frozen, sidecar_path, with_inhouse
 from server.simulation.tuning import read_grid
 
 
@@ -183,12 +184,17 @@ def test_the_winner_is_chosen_on_validation_by_its_mean_and_frozen(
     )
     assert fedavg["sha256"] == hashlib.sha256(canonical.encode()).hexdigest()
 
-    popularity = json.loads((out / "frozen" / "popularity@eps4.json").read_text())
+    # popularity ignores the level: tuned once, non-private, frozen at inf
+    assert not (out / "frozen" / "popularity@eps4.json").exists()
+    popularity = json.loads((out / "frozen" / "popularity@nonprivate.json").read_text())
+    assert (popularity["level"], popularity["epsilon"]) == ("nonprivate", "inf")
     assert popularity["grid_point"] == "popularity[1]"  # a tie: the first declared
     assert popularity["config"]["train"]["learning_rate"] == 1e-3
 
     table = (out / "tuning.md").read_text()
     assert "Equal effort" in table and "validation split only" in table
+    assert table.index("## ε = 4") < table.index("| fedavg |") < table.index("## non-private")
+    assert table.index("## non-private") < table.index("| popularity |")
     assert "| fedavg | fedavg[2] | train.learning_rate=0.003 | 0.3100 | 0.3000, 0.3200 | " in table
     assert table.count("**winner**") == 2
     assert "| fedavg | fedavg[3] | train.learning_rate=0.01 | 0.2500 | 0.5000, 0.0000 |  |" in table
@@ -225,7 +231,7 @@ def _tune_popularity(tmp_path: Path, config_file: Path) -> Path:
     grid = _grid(tmp_path, '[[common]]\n"train.learning_rate" = 1e-3\n')
     args = ["tune", "--config", str(config_file), "--grid", str(grid), "--methods", "popularity"]
     assert main([*args, "--epsilon", "4", "--out", str(tmp_path / "tune")]) == 0
-    return tmp_path / "tune" / "frozen" / "popularity@eps4.json"
+    return tmp_path / "tune" / "frozen" / "popularity@nonprivate.json"
 
 
 def test_a_frozen_configuration_is_scored_on_test_once(
@@ -330,3 +336,57 @@ def test_blends_are_derived_from_the_frozen_partners(
     assert [e["server_round"] for e in ledger.entries] == [0, 1, 2]
     assert main(["compare", "--blend", "--out", str(tmp_path / "x")]) == 2
     assert "go with --frozen" in _error(capsys)
+
+
+@pytest.mark.parametrize(
+    ("methods", "levels", "expected"),
+    [
+        (["fedavg", "inhouse"], [8.0], [(8.0, ["fedavg"]), (math.inf, ["inhouse"])]),
+        (
+            ["fedavg", "bpr_local"],
+            [8.0, math.inf],
+            [(8.0, ["fedavg"]), (math.inf, ["fedavg", "bpr_local"])],
+        ),
+        (["popularity"], [1.0, 8.0], [(math.inf, ["popularity"])]),
+        (["local"], [8.0, 8.0], [(8.0, ["local"])]),
+    ],
+)
+def test_non_private_methods_are_tuned_once_at_inf(
+    methods: list[str], levels: list[float], expected: list[tuple[float, list[str]]]
+) -> None:
+    assert tuning.level_schedule(methods, levels) == expected
+
+
+def test_a_frozen_inhouse_model_is_the_one_every_blend_runs(
+    tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``inhouse`` is tuned like any method (its own ``[baselines]`` grid, frozen at inf); with
+    its frozen file, ``--blend`` blends exactly that in-house model and scores it alone once."""
+    grid = _grid(
+        tmp_path,
+        '[[local]]\n"baselines.sasrec_max_epochs" = 3\n"baselines.sasrec_eval_every" = 1\n'
+        '[[inhouse]]\n"baselines.sasrec_max_epochs" = 1\n"baselines.sasrec_eval_every" = 1\n',
+    )
+    args = ["tune", "--config", str(config_file), "--grid", str(grid), "--methods", "local,inhouse"]
+    assert main([*args, "--epsilon", "4", "--out", str(tmp_path / "tune")]) == 0
+    local, own = (
+        tmp_path / "tune" / "frozen" / f"{m}.json" for m in ("local@eps4", "inhouse@nonprivate")
+    )
+    out = tmp_path / "test"
+    assert main(["compare", "--frozen", str(local), str(own), "--blend", "--out", str(out)]) == 0
+    records = json.loads((out / "comparison.json").read_text())
+    assert [r["method"] for r in records] == ["local", "inhouse", "popularity", "inhouse+local"]
+    results = {r["method"]: r for r in records}
+    alone = results["inhouse"]["inhouse"]["p0"]
+    blended = results["inhouse+local"]["blend"]["p0"]
+    assert blended["inhouse_valid_ndcg@10"] == alone["valid_ndcg@10"]  # the same training
+    assert alone[alone["model"]]["valid_ndcg@10"] == alone["valid_ndcg@10"]
+    shas = {json.loads(p.read_text())["sha256"] for p in (local, own)}
+    assert results["inhouse"]["frozen"]["sha256"] in shas
+    assert results["inhouse+local"]["frozen"]["sha256"] not in shas  # covers both choices
+
+    other = load_config(config_file, ["task.seed=7"])
+    frozen_local = load_frozen(local)
+    moved = replace(load_frozen(own), config=other)
+    with pytest.raises(ConfigError, match=r"inhouse@nonprivate\.json: \[task\] differs from"):
+        with_inhouse(frozen_local, moved)

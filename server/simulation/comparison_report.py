@@ -37,7 +37,6 @@ POPULARITY_GAIN = 1.10  # at ε = 8: mean NDCG@10 over popularity's
 LOW_EPSILON_SHARE = 0.95  # at lower ε: of popularity, on every platform
 
 
-
 def _mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else math.nan
 
@@ -296,9 +295,7 @@ def report(results: Sequence[dict[str, Any]], out: Path, command: str) -> str:
         "\n".join(
             line
             for metric in ("ndcg@10", "full-ndcg@10")
-            for line in gain_lines(
-                results, [*FEDERATED, *VARIANTS, *BLENDS], YARDSTICKS, metric
-            )
+            for line in gain_lines(results, [*FEDERATED, *VARIANTS, *BLENDS], YARDSTICKS, metric)
         )
         or "(no pair of cells with per-case metrics)",
         "",
@@ -327,5 +324,3 @@ def report(results: Sequence[dict[str, Any]], out: Path, command: str) -> str:
     atomic_write(out / "comparison.md", text)
     plot(results, out / "ndcg_at_10.png")
     return text
-
-

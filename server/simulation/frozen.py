@@ -17,7 +17,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -294,13 +294,30 @@ def derived_cells(frozen: Sequence[Frozen], runs: int) -> list[tuple[Frozen, Any
     partners = [f for f in frozen if f.method in PARTNERS]
     if not partners:
         raise ConfigError(f"--blend needs a frozen {' or '.join(PARTNERS)} configuration")
+    own = next((f for f in frozen if f.method == INHOUSE), None)
+    if own is not None:  # the in-house model as tuned, in every blend; scored alone as given
+        partners = [with_inhouse(f, own) for f in partners]
     cells = [
         (f, comparison.Cell(f"{INHOUSE}+{f.method}", f.epsilon, k))
         for f in partners
         for k in range(1, runs + 1)
     ]
-    alone = [comparison.Cell(m, math.inf) for m in ("popularity", INHOUSE)]
+    alone = [comparison.Cell(m, math.inf) for m in ("popularity", INHOUSE)[: 1 + (own is None)]]
     return [*((partners[0], cell) for cell in alone), *cells]
+
+
+def with_inhouse(partner: Frozen, own: Frozen) -> Frozen:
+    """``partner`` with the frozen in-house model's ``[baselines]``: what its blend runs. Its
+    hash covers both choices, so a cached blend of another in-house choice is not reused."""
+    for section in ("data", "task"):
+        if getattr(partner.config, section) != getattr(own.config, section):
+            raise ConfigError(
+                f"{own.path}: [{section}] differs from {partner.path}'s; a blend needs both "
+                "models on one dataset and task"
+            )
+    config = partner.config.model_copy(update={"baselines": own.config.baselines})
+    sha256 = hashlib.sha256(f"{partner.sha256}+{own.sha256}".encode()).hexdigest()
+    return replace(partner, config=config, sha256=sha256)
 
 
 def _summary(frozen: Sequence[Frozen]) -> list[dict[str, Any]]:

@@ -71,9 +71,7 @@ def _run_variance(per_run: np.ndarray) -> float:
 
 def has_cases(runs: Sequence[dict[str, Any]], metric: str) -> bool:
     """Whether every run recorded per-case values of ``metric`` on every platform."""
-    return all(
-        "cases" in m and metric in m["cases"] for r in runs for m in r["platforms"].values()
-    )
+    return all("cases" in m and metric in m["cases"] for r in runs for m in r["platforms"].values())
 
 
 def paired_gains(

@@ -45,7 +45,6 @@ BLENDS = tuple(f"{INHOUSE}+{partner}" for partner in PARTNERS)
 SIDE_BY_SIDE_FILE = "joining.md"  # the main job's in-house / federated / blend table
 
 
-
 def _key(config: RunConfig) -> str:
     """What the in-house models depend on: the data, the task and the baselines' settings."""
     parts = (config.data, config.task, config.baselines)
@@ -179,9 +178,7 @@ def side_by_side(run_dir: Path, split: str = "test") -> str:
                 f"{epsilons[name]:.3f}",
             ]
         )
-    rows.append(
-        ["**mean**", *(f"**{sum(v) / len(v):.4f}**" for v in means.values()), ""]
-    )
+    rows.append(["**mean**", *(f"**{sum(v) / len(v):.4f}**" for v in means.values()), ""])
     text = "\n".join(
         [
             f"## Does joining pay? NDCG@10 on the {split} split, all users\n",

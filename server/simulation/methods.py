@@ -39,5 +39,7 @@ NONPRIVATE = {
     "sasrec_pooled": sasrec_pooled,
 }
 METHODS = (*DEFAULT_METHODS, "prior", *VARIANTS, *NONPRIVATE, INHOUSE, *BLENDS)
+# methods whose result does not depend on the privacy level: tuned and frozen once, at inf
+LEVELLESS = ("popularity", *NONPRIVATE, INHOUSE)
 # Yardsticks a federated cell's gain is stated against, with its 95 % interval (intervals.py)
 YARDSTICKS = ("local", "popularity", "bpr_local", "sasrec_local", INHOUSE, "inhouse+local")

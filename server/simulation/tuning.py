@@ -29,7 +29,7 @@ from common.sharing import seeded_arrays
 from server.simulation import compare as comparison
 from server.simulation.baselines import Scoring
 from server.simulation.frozen import freeze, load_frozen, sidecar_path
-from server.simulation.methods import METHODS
+from server.simulation.methods import LEVELLESS, METHODS
 
 logger = logging.getLogger(__name__)
 
@@ -124,9 +124,7 @@ def read_grid(
     path = Path(path)
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise ConfigError(
-            f"--methods: unknown {unknown or 'none given'}; known: {METHODS}"
-        )
+        raise ConfigError(f"--methods: unknown {unknown or 'none given'}; known: {METHODS}")
     try:
         raw = tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
@@ -135,9 +133,7 @@ def read_grid(
         raise ConfigError(f"{path}: invalid TOML: {err}") from None
     for name in raw:
         if name != COMMON and name not in METHODS:
-            raise ConfigError(
-                f"{path}: {name}: unknown method; known: {COMMON}, {METHODS}"
-            )
+            raise ConfigError(f"{path}: {name}: unknown method; known: {COMMON}, {METHODS}")
     declared = {name: _configurations(path, name, value) for name, value in raw.items()}
     for name in sorted(set(declared) - {COMMON} - set(methods)):
         logger.info("%s: %s is not in --methods; its configurations are not tuned", path, name)
@@ -281,6 +277,22 @@ def _freeze(
     return path
 
 
+def level_schedule(
+    methods: Sequence[str], levels: Sequence[float]
+) -> list[tuple[float, list[str]]]:
+    """Which methods each level tunes: a DP method at every ``--epsilon`` level, a
+    non-private one (:data:`LEVELLESS`) once, at ε = inf, whatever the levels asked."""
+    private = [m for m in methods if m not in LEVELLESS]
+    plain = [m for m in methods if m in LEVELLESS]
+    schedule = [
+        (epsilon, private + (plain if math.isinf(epsilon) else []))
+        for epsilon in dict.fromkeys(levels)
+    ]
+    if plain and not any(math.isinf(epsilon) for epsilon in levels):
+        schedule.append((math.inf, plain))
+    return [(epsilon, names) for epsilon, names in schedule if names]
+
+
 def tune(
     grid: Grid,
     levels: Sequence[float],
@@ -301,10 +313,10 @@ def tune(
         progress(f"[fedfuse] budget {line}")
     scoring = Scoring("valid", max_cases)  # the only split tune ever scores
     tables, frozen = [], []
-    for epsilon in levels:
+    for epsilon, methods in level_schedule(list(grid.points), levels):
         rows = []
-        for method, points in grid.points.items():
-            scores = []
+        for method in methods:
+            points, scores = grid.points[method], []
             for point in points:
                 results = _run_point(point, epsilon, runs, out, scoring, cpus_per_client, progress)
                 scores.append((point, [_score(r) for r in results], results))
