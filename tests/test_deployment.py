@@ -316,7 +316,8 @@ def test_two_rounds_over_tls_survive_a_supernode_stopped_mid_round(
     assert failure["node"] in sent - answered  # the lost node, not the SuperLink reporting it
 
     server_log = processes.log("run")
-    assert "Received 2 results and 1 failures" in server_log
+    # each Flower line once (opacus' root handler printed them twice: issue 35)
+    assert server_log.count("Received 2 results and 1 failures") == 1
     assert "finished:completed" in server_log
     run_dir = runs / "r1"
     assert (run_dir / "adapters" / "round_002" / "adapter_config.json").is_file()

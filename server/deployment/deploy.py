@@ -20,6 +20,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -207,6 +208,35 @@ def submit_command(flwr_home: Path, app: Path, config_file: Path, run_dir: Path)
     return FlowerCommand(argv, flower_env(flwr_home))
 
 
+def tracked_app(app: Path, into: Path) -> Path:
+    """A copy of the Flower app at ``into`` holding only the files git tracks that its
+    ``fab-include`` selects, and its ``pyproject.toml``: ``flwr run`` bundles every file the
+    patterns match, so untracked scratch files beside the code would ship to every machine."""
+    from flwr.cli.build import get_filtered_fab_paths
+
+    app_dir = _existing(app / "pyproject.toml", "Flower app").parent
+    try:
+        listed = subprocess.run(
+            ["git", "-C", str(app_dir), "ls-files", "-z", "--cached"],
+            capture_output=True,
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError):
+        raise FedFuseError(
+            f"{app_dir}: not a git work tree (the app bundle holds only the files git tracks)"
+        ) from None
+    tracked = {
+        name: app_dir / name
+        for name in os.fsdecode(listed.stdout).split("\0")
+        if name and (app_dir / name).is_file()
+    }
+    config = tomllib.loads((app_dir / "pyproject.toml").read_text(encoding="utf-8"))
+    for name in [*get_filtered_fab_paths(tracked, config), "pyproject.toml"]:
+        (into / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(app_dir / name, into / name)
+    return into
+
+
 def _announce(command: FlowerCommand) -> None:
     print(f"$ {command.show()}", flush=True)
 
@@ -310,12 +340,17 @@ def _run(args: argparse.Namespace) -> None:
 
     home = _flwr_home(args)
     run_dir = Path(args.runs) / check_name(args.name, "run name")
-    submit = submit_command(home, Path(args.app), Path(args.config), run_dir)
     if args.dry_run:
-        _announce(submit)
+        _announce(submit_command(home, Path(args.app), Path(args.config), run_dir))
         return
     write_connection(home, args.superlink, Path(args.ca))
-    submitted = _call(submit, capture=True)
+    with tempfile.TemporaryDirectory(prefix="fedfuse-app-") as staged:
+        app = Path(args.app).resolve()
+        config = Path(args.config).resolve()
+        bundled = tracked_app(app, Path(staged))
+        if config.is_relative_to(app) and (bundled / config.relative_to(app)).is_file():
+            config = bundled / config.relative_to(app)  # a tracked file: it travels in the FAB
+        submitted = _call(submit_command(home, bundled, config, run_dir), capture=True)
     try:
         run_id = int(json.loads(submitted.stdout)["run-id"])
     except (json.JSONDecodeError, KeyError, TypeError, ValueError):

@@ -7,6 +7,7 @@ folder that already holds checkpoints is resumed from its last complete round.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from functools import partial
@@ -98,9 +99,16 @@ def run_federation(grid: Grid, config: RunConfig, record: RunRecord) -> int:
     return record.last_round()
 
 
+def single_flower_log() -> None:
+    """Opacus calls ``logging.basicConfig`` on import, so Flower's records, printed by its own
+    handler, reached the root logger's too: ``fedfuse deploy run`` showed every line twice."""
+    logging.getLogger("flwr").propagate = False
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run`` and the simulation engine."""
+    single_flower_log()
     settings = flower_run_config(dict(context.run_config))
     config = run_configuration(settings)
     run_dir = Path(str(settings.get("run-dir", "runs/flwr-run")))
