@@ -37,3 +37,14 @@ class DataError(FedFuseError):
 
 class ConfigError(FedFuseError):
     """A problem in a run configuration file or a command-line override."""
+
+
+class Stopped(BaseException):
+    """Ctrl-C (SIGINT) or SIGTERM: a BaseException like KeyboardInterrupt, so that no
+    ``except Exception`` on the way (Flower's, Ray's) swallows it. ``where`` names the folder
+    the stopped command can resume from, when it has one; the CLI exits 128 + the signal."""
+
+    def __init__(self, signum: int, where: Path | None = None) -> None:
+        super().__init__(signum, where)
+        self.signum = signum
+        self.where = where

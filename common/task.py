@@ -34,10 +34,12 @@ import zlib
 from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 
 from common.config import TaskConfig
+from common.errors import DataError
 from common.platform_data import PlatformData, distinct_codes
 
 TRAIN, VALID, TEST = 0, 1, 2  # a row's period
@@ -278,6 +280,22 @@ def split_sizes(data: PlatformData, config: TaskConfig | None = None) -> SplitSi
         valid_users=len(np.unique(user_codes[valid_cases])),
         test_users=len(np.unique(user_codes[test_cases])),
     )
+
+
+def check_ranking_cases(
+    path: Path | str, platforms: Sequence[PlatformData], config: TaskConfig, split: str
+) -> None:
+    """Refuse a federation without one ranking case on ``split``: there would be nothing to
+    evaluate (Flower's weighted mean of the platforms' metrics divides by zero). ``fedfuse
+    data check`` and ``fedfuse simulate`` both call it, so they accept the same data."""
+    if any(getattr(split_sizes(p, config), f"{split}_cases") for p in platforms):
+        return
+    need = (
+        f"a user with at least {config.min_positives} positive interactions"
+        if config.split == "leave_last"
+        else f"a positive interaction in the {split} period of task.split = global_time"
+    )
+    raise DataError(path, f"no platform has a {split} ranking case: the {split} split needs {need}")
 
 
 def time_cuts(

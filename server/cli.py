@@ -1,7 +1,8 @@
 """The ``fedfuse`` command: one entry point, one subcommand per job.
 
-Bad input (data or configuration) ends with a one-line ``fedfuse: error: ...`` on stderr and
-exit code 2; anything else is a bug and keeps its traceback.
+Bad input (data, configuration, or a path the system refuses) ends with a one-line
+``fedfuse: error: ...`` on stderr and exit code 2; Ctrl-C and SIGTERM end with one line saying
+how to resume; anything else is a bug and keeps its traceback. :data:`EXIT_CODES` lists them.
 """
 
 from __future__ import annotations
@@ -9,11 +10,27 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
+import threading
+import warnings
 from collections.abc import Sequence
+from pathlib import Path
+from typing import NoReturn
 
 from common.config import load_config
-from common.errors import FedFuseError
+from common.errors import FedFuseError, Stopped
+from server.federation.run_record import CONFIG_FILE, check_finished
+
+# docs/exit-codes.md shows the same table
+EXIT_CODES = """exit codes:
+  0    done
+  1    audit: flags raised (any other command: a bug, shown with its traceback)
+  2    bad input: data, configuration, arguments, or a path that cannot be read or written
+       (one line on stderr: fedfuse: error: ...)
+  130  stopped by Ctrl-C (SIGINT); the line says how to resume
+  141  the reader of the output went away (e.g. `| head`); nothing more is printed
+  143  stopped by SIGTERM; the line says how to resume"""
 
 
 def _data_prepare(args: argparse.Namespace) -> None:
@@ -51,26 +68,40 @@ def _data_prepare(args: argparse.Namespace) -> None:
 def _data_check(args: argparse.Namespace) -> None:
     from common.dataset_summary import describe
     from common.platform_data import read_dataset
+    from common.task import check_ranking_cases
 
+    config = load_config(args.config, args.set)
     platforms = read_dataset(args.path)
+    if config.federation.fraction_evaluate > 0:  # what simulate would refuse, refused here
+        check_ranking_cases(args.path, platforms, config.task, config.federation.eval_split)
     for platform in platforms:
         for warning in platform.warnings:
             print(f"warning: {warning}", file=sys.stderr)
     print(f"ok: {len(platforms)} platform(s) valid under {args.path}\n")
-    print(describe(platforms, load_config(args.config, args.set).task))
+    print(describe(platforms, config.task))
 
 
 def _simulate(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from server.federation.run_record import RunRecord
-    from server.simulation.simulation import prepare_run, simulate
+    from server.simulation.simulation import (
+        check_resources,
+        prepare_run,
+        resume_settings,
+        simulate,
+    )
 
     if args.resume:
+        if args.name:
+            raise FedFuseError("--resume continues a run in its folder: drop --name")
         record = RunRecord(args.resume)
         record.read_config()  # a clear error for a folder that is not a run
+        if args.config or args.set:  # applied to the recorded settings unless a file is given
+            recorded = record.root / CONFIG_FILE
+            resume_settings(record, load_config(args.config or recorded, args.set))
     else:
-        record = prepare_run(load_config(args.config, args.set), Path(args.runs), args.name)
+        config = load_config(args.config, args.set)
+        check_resources(args.cpus_per_client, args.gpus_per_client, config.train.device)
+        record = prepare_run(config, Path(args.runs), args.name)
     final = simulate(record, args.cpus_per_client, args.gpus_per_client)
     if args.side_by_side:
         from server.simulation.joining import side_by_side
@@ -79,20 +110,34 @@ def _simulate(args: argparse.Namespace) -> None:
     print(f"finished: {final}")
 
 
+def _output_folder(out: Path) -> None:
+    """Create a command's output folder first: one that cannot be written fails before any
+    work, in one line naming it."""
+    from common.platform_data import path_error
+
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise path_error(out, "create the output folder", err) from None
+
+
 def _compare(args: argparse.Namespace) -> None:
     import shlex
-    from pathlib import Path
 
     from server.simulation.baselines import Scoring
     from server.simulation.compare import compare, parse_levels
+    from server.simulation.simulation import check_resources
 
     command = shlex.join(["fedfuse", *sys.argv[1:]])
     if args.frozen or args.runs is not None or args.rescore or args.blend:
+        check_resources(args.cpus_per_client, 0.0)
         _compare_frozen(args, command)
         return
     cells = parse_levels(args.epsilon or ["8"])
     config = load_config(args.config, args.set)
+    check_resources(args.cpus_per_client, 0.0, config.train.device)
     out = Path(args.out)
+    _output_folder(out)
     scoring = Scoring(args.split, args.test_cases)
     from server.simulation.frozen import WARNING, mark_unfrozen
 
@@ -121,6 +166,7 @@ def _compare_frozen(args: argparse.Namespace, command: str) -> None:
             "frozen files (runs per file: --runs N)"
         )
     out = Path(args.out)
+    _output_folder(out)
     scoring = Scoring(args.split, args.test_cases)
     frozen = [Path(p) for p in args.frozen]
     runs = 1 if args.runs is None else args.runs
@@ -133,10 +179,12 @@ def _compare_frozen(args: argparse.Namespace, command: str) -> None:
 
 def _tune(args: argparse.Namespace) -> None:
     import shlex
-    from pathlib import Path
 
     from server.simulation.compare import parse_levels
+    from server.simulation.simulation import check_resources
     from server.simulation.tuning import read_grid, tune
+
+    check_resources(args.cpus_per_client, 0.0)
 
     specs = [f"{level}:popularity" for level in args.epsilon or ["8"]]  # levels alone
     levels = [cell.epsilon for cell in parse_levels(specs)]
@@ -144,6 +192,7 @@ def _tune(args: argparse.Namespace) -> None:
     grid = read_grid(args.grid, methods, args.config, args.set)
     command = shlex.join(["fedfuse", *sys.argv[1:]])
     out = Path(args.out)
+    _output_folder(out)
     cases, cpus, unequal = args.valid_cases, args.cpus_per_client, args.allow_unequal
     print(tune(grid, levels, args.runs, out, command, cases, cpus, allow_unequal=unequal))
     print(f"written: {out / 'tuning.md'}, {out / 'frozen'}/")
@@ -235,8 +284,21 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse's usage errors as one line too, like every other error (subcommands' parsers
+    are made of this class as well)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"fedfuse: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedfuse", description=__doc__.splitlines()[0])
+    parser = _Parser(
+        prog="fedfuse",
+        description=__doc__.splitlines()[0],
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
     data = commands.add_parser("data", help="prepare and validate platform data").add_subparsers(
@@ -445,18 +507,90 @@ def _show_progress() -> None:
             logger.propagate = False
 
 
+def _raise_stopped(signum: int, frame: object) -> None:
+    raise Stopped(signum)
+
+
+def _resume_hint(args: argparse.Namespace, stopped: Stopped) -> str:
+    """How to continue the stopped command, where it can be continued."""
+    if args.command == "simulate":
+        run = stopped.where or args.resume
+        return f"; resume with `fedfuse simulate --resume {run}`" if run else "; nothing started"
+    if args.command in ("compare", "tune"):
+        return f"; the same command resumes from {args.out}"
+    return ""
+
+
+def _stop(args: argparse.Namespace, stopped: Stopped) -> int:
+    """One line, then exit 128 + the signal. Flower's ServerApp thread, still waiting for
+    replies that will never come, would keep a normal exit waiting forever: ``os._exit``
+    then ends the process (every file it wrote was replaced atomically)."""
+    code = 128 + stopped.signum
+    name = signal.Signals(stopped.signum).name
+    print(f"fedfuse: stopped by {name}{_resume_hint(args, stopped)}", file=sys.stderr, flush=True)
+    waiting = [t for t in threading.enumerate() if t is not threading.main_thread()]
+    if any(not t.daemon for t in waiting):
+        try:
+            sys.stdout.flush()
+        finally:
+            os._exit(code)
+    return code
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:  # `fedfuse config show | head -1`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
+        return 128 + signal.SIGPIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     _show_progress()
+    # peft 0.21 calls a transformers 5 method that is deprecated but still correct (as in
+    # pyproject's pytest filter): not a line for the console, whose stderr is for errors
+    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+    # SIGTERM like Ctrl-C: a line and a resumable run; a caller's handler comes back after
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_stopped) if main_thread else None
     try:
+        return _run(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The command, its failures turned into one line and an exit code (:data:`EXIT_CODES`)."""
+    try:
+        if args.command in ("recommend", "serve"):
+            check_finished(Path(args.run_dir))
         args.run(args)
+        sys.stdout.flush()  # a closed pipe is met here, not in the interpreter's last flush
     except FedFuseError as err:
         print(f"fedfuse: error: {err}", file=sys.stderr)
         return 2
     except ValueError as err:  # pydantic validation of CLI numbers, e.g. --overlap 2
         print(f"fedfuse: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        return _stop(args, Stopped(signal.SIGINT))
+    except Stopped as stopped:
+        return _stop(args, stopped)
+    except BrokenPipeError:
+        raise
+    except OSError as err:  # a path the system refuses (read-only, not a folder, disk full)
+        if err.filename is None:
+            raise
+        print(f"fedfuse: error: {os.fsdecode(err.filename)}: {err.strerror}", file=sys.stderr)
+        return 2
     return 0
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            raise  # to main(): the reader went away, not a logging fault to report
+        super().handleError(record)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,16 @@ METRICS_FILE = "metrics.jsonl"
 ADAPTERS_DIR = "adapters"
 ROUND_PATTERN = re.compile(r"^round_(\d{3,})$")
 LOCK_FILE = ".run.lock"
+INCOMPLETE = ".incomplete"  # a run folder's suffix until its last round is done
+
+
+def check_finished(root: Path) -> None:
+    """Recommendations come from a finished run (README): an ``.incomplete`` folder holds a
+    model trained for fewer rounds than planned, so it is refused rather than served."""
+    if root.name.endswith(INCOMPLETE):
+        raise FedFuseError(
+            f"{root}: the run is not finished; `fedfuse simulate --resume {root}` completes it"
+        )
 
 
 class RunRecord:

@@ -25,6 +25,7 @@ from server.federation.server_optimizer import MOMENTS_FILE, ServerOptimizer
 from server.federation.strategy import FedFuseStrategy, LockstepStrategy
 
 app = ServerApp()
+log = logging.getLogger(__name__)
 
 
 def learning_rate_schedule(config: RunConfig):
@@ -73,6 +74,14 @@ def run_federation(grid: Grid, config: RunConfig, record: RunRecord) -> int:
         min_evaluate_nodes=federation.min_nodes,
         min_available_nodes=federation.min_nodes,
     )
+    if not done and config.dp.enabled and config.dp.noise_multiplier is None:
+        # the platforms' first replies wait for it: say so rather than look stuck
+        log.info(
+            "round 1 starts once each platform has calibrated its DP noise to ε = %g over "
+            "all %d rounds (a minute or more per platform for long runs at small ε)",
+            config.dp.target_epsilon,
+            federation.rounds,
+        )
     started = time.perf_counter()
 
     def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:

@@ -155,7 +155,16 @@ class FedFuseStrategy(FedAvg):
     ) -> MetricRecord | None:
         replies = list(replies)
         self._log_replies("evaluate", server_round, replies)
+        if not any(self._evaluated_cases(reply) for reply in replies):
+            return None  # the platforms asked hold no case: Flower's mean would divide by 0
         return super().aggregate_evaluate(server_round, replies)
+
+    def _evaluated_cases(self, reply: Message) -> float:
+        """The weight Flower's mean gives ``reply``: its ranking cases (0 for an error)."""
+        if reply.has_error():
+            return 0.0
+        metrics = next(iter(reply.content.metric_records.values()), None)
+        return float(metrics.get(self.weighted_by_key, 0.0)) if metrics is not None else 0.0
 
     def _log_replies(self, kind: str, server_round: int, replies: list[Message]) -> None:
         # An error the SuperLink generates for a lost node comes from the SuperLink itself: the

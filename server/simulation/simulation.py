@@ -11,33 +11,86 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stderr
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from common.config import RUN_CONFIG_ENV, DPConfig, RunConfig, load_config, with_settings
-from common.errors import FedFuseError
-from common.platform_data import federation_platforms
+from common.errors import ConfigError, FedFuseError, Stopped
+from common.platform_data import federation_platforms, path_error, read_platform
+from common.task import check_ranking_cases
 from server.federation.report import write_report
-from server.federation.run_record import CONFIG_FILE, RunRecord
+from server.federation.run_record import CONFIG_FILE, INCOMPLETE, RunRecord
 
-INCOMPLETE = ".incomplete"
 LOG_FILE = "simulation.log"
 PLATFORM_STATE = "platform_state"
 
 
+# settings a resumed run may change: where things are and what runs it, never what the
+# platforms' ledgers were charged for (rounds, σ, data sampling, model shapes)
+RESUMABLE = ("data.path", "model.backbone", "train.device")
+
+log = logging.getLogger(__name__)
+
+
+def check_resources(cpus_per_client: float, gpus_per_client: float, device: str = "auto") -> None:
+    """Ray waits forever for an actor that cannot fit and finds a missing GPU only inside an
+    actor, minutes later: such settings are refused before Ray starts."""
+    cores = os.cpu_count() or 1
+    if not 0 < cpus_per_client <= cores:
+        raise ConfigError(
+            f"--cpus-per-client {cpus_per_client:g}: give a share above 0 and at most this "
+            f"machine's {cores} CPUs (an actor that cannot fit would wait forever)"
+        )
+    if gpus_per_client < 0 or (gpus_per_client > 1 and not float(gpus_per_client).is_integer()):
+        raise ConfigError(
+            f"--gpus-per-client {gpus_per_client:g}: give 0 (CPU), a share up to 1, or whole GPUs"
+        )
+    if gpus_per_client == 0 and device != "cuda":
+        return
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus_per_client > gpus:
+        raise ConfigError(
+            f"--gpus-per-client {gpus_per_client:g}: this machine has {gpus} CUDA GPU(s) "
+            "(use 0 to train on the CPU)"
+        )
+    if device == "cuda" and not gpus:
+        raise ConfigError("train.device = cuda: no CUDA GPU is visible (use auto or cpu)")
+    if device == "cuda" and gpus_per_client == 0:
+        raise ConfigError(
+            "train.device = cuda needs --gpus-per-client above 0 (Ray hides the GPUs from "
+            "actors without a share)"
+        )
+
+
 def check_startable(config: RunConfig) -> None:
     """Everything that can be checked before Ray starts: a bad backbone, data folder, audit
-    setting or gradient scale then costs no start-up time and leaves no run folder behind."""
+    setting or gradient scale, a node count Flower would wait for forever, or a split with
+    nothing to evaluate then costs no start-up time and leaves no run folder behind."""
     from client.dp_training import scaled_tensors
     from common.model import resolve_backbone
     from common.sharing import shared_scorer
     from server.audit.canary_audit import check_audit_platform
 
     resolve_backbone(config.model.backbone)
-    federation_platforms(config.data)
+    platforms = federation_platforms(config.data)
+    federation = config.federation
+    if federation.min_nodes > len(platforms):
+        raise ConfigError(
+            f"federation.min_nodes = {federation.min_nodes} but {config.data.path} holds "
+            f"{len(platforms)} platform(s): no round could start (set it to at most "
+            f"{len(platforms)})"
+        )
+    if federation.fraction_evaluate > 0:
+        data = [read_platform(folder, name) for name, folder in platforms]
+        check_ranking_cases(config.data.path, data, config.task, federation.eval_split)
     check_audit_platform(config)
     if config.dp.enabled and config.dp.gradient_scales:
         scorer, _ = shared_scorer(config.model, config.lora, config.federation.strategy)
@@ -51,6 +104,11 @@ def prepare_run(config: RunConfig, runs: Path, name: str | None) -> RunRecord:
     another folder than the default: then that folder is used as given, so a platform's budget
     can span several runs.
     """
+    if name is not None and (not name or "/" in name or "\0" in name or name in (".", "..")):
+        raise ConfigError(
+            f"--name {name!r}: give a plain folder name (no '/', not '.' or '..'); the run "
+            "folder is always created under --runs"
+        )
     check_startable(config)  # before anything is written
     name = name or f"{config.federation.strategy}-{datetime.now(UTC):%Y%m%d-%H%M%S}"
     root = runs / f"{name}{INCOMPLETE}"
@@ -60,8 +118,44 @@ def prepare_run(config: RunConfig, runs: Path, name: str | None) -> RunRecord:
     state = (root / PLATFORM_STATE if in_run else Path(config.dp.state_dir)).resolve()
     config = with_settings(config, dp={"state_dir": str(state)})
     record = RunRecord(root)
+    try:
+        root.mkdir(parents=True)
+    except OSError as err:  # a read-only, missing or non-folder --runs: before anything else
+        raise path_error(runs, "create the run folder", err) from None
     record.write_config(config.model_dump(mode="json"))
     return record
+
+
+def _flat(config: RunConfig) -> dict[str, Any]:
+    return {
+        f"{section}.{key}": value
+        for section, values in config.model_dump(mode="json").items()
+        for key, value in values.items()
+    }
+
+
+def resume_settings(record: RunRecord, config: RunConfig) -> None:
+    """Apply to a resumed run the settings in ``config`` (its ``--config`` and ``--set``) that
+    may change on a resume (:data:`RESUMABLE`); any other change is refused, because the
+    ledgers were charged for the recorded ones (and the ledger's folder stays where it is)."""
+    recorded = load_config(record.root / CONFIG_FILE)
+    old, new = _flat(recorded), _flat(config)
+    if config.dp.state_dir == DPConfig.model_fields["state_dir"].default:
+        new["dp.state_dir"] = old["dp.state_dir"]  # a file's default is no move of the ledgers
+    changed = sorted(key for key in old if old[key] != new[key])
+    refused = [key for key in changed if key not in RESUMABLE]
+    if refused:
+        raise ConfigError(
+            f"--resume {record.root}: {', '.join(refused)} cannot change on a resume (the "
+            f"ledgers were charged for the recorded values); only {', '.join(RESUMABLE)} can"
+        )
+    if changed:
+        sections: dict[str, dict[str, Any]] = {}
+        for key in changed:
+            section, _, field = key.partition(".")
+            sections.setdefault(section, {})[field] = new[key]
+        record.write_config(with_settings(recorded, **sections).model_dump(mode="json"))
+        log.info("resuming with %s", ", ".join(f"{key} = {new[key]}" for key in changed))
 
 
 def simulate(record: RunRecord, cpus_per_client: float = 1.0, gpus_per_client: float = 0.0) -> Path:
@@ -71,8 +165,30 @@ def simulate(record: RunRecord, cpus_per_client: float = 1.0, gpus_per_client: f
     hides GPUs from actors without one; ``train.device = "auto"`` then trains on what it sees.
     The run folder is held by this process throughout (:meth:`RunRecord.owned`).
     """
+    config = load_config(record.root / CONFIG_FILE)
+    check_resources(cpus_per_client, gpus_per_client, config.train.device)
     with record.owned():
         return _simulate(record, cpus_per_client, gpus_per_client)
+
+
+@contextmanager
+def stoppable(record: RunRecord) -> Iterator[None]:
+    """Ctrl-C and SIGTERM become :class:`Stopped` naming the run folder. Ray's driver replaces
+    the SIGTERM handler with ``sys.exit(15)``; ours is put back afterwards."""
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise Stopped(signal.SIGINT, record.root) from None
+    except SystemExit as exit:
+        if exit.code != signal.SIGTERM:
+            raise
+        raise Stopped(signal.SIGTERM, record.root) from None
+    except Stopped as stopped:
+        raise Stopped(stopped.signum, record.root) from None
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, handler)
 
 
 @contextmanager
@@ -131,7 +247,7 @@ def _simulate(record: RunRecord, cpus_per_client: float, gpus_per_client: float)
         flush=True,
     )
     try:
-        with logs_to(record.root / LOG_FILE):
+        with stoppable(record), logs_to(record.root / LOG_FILE):
             run_simulation(
                 server_app=server_app,
                 client_app=client_app,
@@ -145,7 +261,12 @@ def _simulate(record: RunRecord, cpus_per_client: float, gpus_per_client: float)
         raise FedFuseError(
             f"{err}; after fixing it, `fedfuse simulate --resume {record.root}`"
         ) from None
-    except Exception:
+    except Exception as err:
+        if isinstance(err, OSError) and err.filename is not None:  # a full or read-only disk
+            raise FedFuseError(
+                f"{os.fsdecode(err.filename)}: {err.strerror}; after fixing it, "
+                f"`fedfuse simulate --resume {record.root}`"
+            ) from None
         print(
             f"[fedfuse] interrupted after round {record.last_round()} (see "
             f"{record.root / LOG_FILE}); continue with `fedfuse simulate --resume {record.root}`",
