@@ -86,7 +86,8 @@ class PlatformClient:
         self.config = config
         if task is None or item_text is None:
             data = read_platform(identity.data_dir, identity.name)
-            task, item_text = build_task(data, config.task), data.item_text
+            carried = config.model.carried_history
+            task, item_text = build_task(data, config.task, carried), data.item_text
         self.task = task
         # audit mode: the audited platform trains on its canaries too (client/canaries.py)
         item_text = insert_canaries(
@@ -103,7 +104,10 @@ class PlatformClient:
             identity.state_dir, {name: seeded[name] for name in private_names(seeded, strategy)}
         )
         self.last_reply = LastReply(identity.state_dir)
-        self.featurizer = TextFeaturizer(tokenizer, item_text, config.model.max_length)
+        # items liked elsewhere are encoded like the platform's own, but never ranked or counted
+        self.featurizer = TextFeaturizer(
+            tokenizer, item_text | task.carried_text, config.model.max_length
+        )
         self.trainer = LocalTrainer(
             self.scorer,
             self.featurizer,
@@ -144,7 +148,7 @@ class PlatformClient:
             counts = popularity_prior(
                 identity.state_dir,
                 self.task,
-                self.featurizer.items,
+                list(item_text),
                 config.prior.noise_multiplier if self.ledger is not None else None,
                 self.ledger,
             )

@@ -115,6 +115,12 @@ class ModelConfig(BaseModel):
         description="item_tower: learn a score of each item from its text alone "
         "(under DP it random-walks: see docs/results.md)",
     )
+    carried_history: bool = Field(
+        False,
+        description="item_tower: also read each person's liked items from other platforms, "
+        "as they brought them (the platform's carried/ folder): a second user vector whose "
+        "cosine with the item is a third, learned feature of the logit",
+    )
 
 
 class LoraSettings(BaseModel):

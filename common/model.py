@@ -54,6 +54,9 @@ ATTENTION_PROJECTIONS: tuple[tuple[str, ...], ...] = (
     ("query_key_value",),
 )
 
+# (B, C, D) vectors of the items each person brought from other platforms, and their mask
+Carried = tuple[torch.Tensor, torch.Tensor]
+
 
 def resolve_backbone(backbone: str) -> Path:
     """The local folder of the backbone; ``default`` is the all-MiniLM-L6-v2 wheel's model.
@@ -328,8 +331,10 @@ class ItemTowerHead(nn.Module):
         factors: int = 0,
         slots: int = 0,
         item_score: bool = True,
+        carried: bool = False,
     ):
         super().__init__()
+        self.carried = carried
         self.private_items = nn.Embedding(slots, factors) if factors else None
         if self.private_items is not None:
             nn.init.normal_(self.private_items.weight, std=0.1)
@@ -342,9 +347,10 @@ class ItemTowerHead(nn.Module):
         self.item_score = nn.Linear(hidden, 1, bias=False) if item_score else None
         if self.item_score is not None:
             nn.init.zeros_(self.item_score.weight)
-        self.mix = nn.Linear(2, 1)
+        self.mix = nn.Linear(3 if carried else 2, 1)
         with torch.no_grad():
-            self.mix.weight.copy_(torch.tensor([[1.0 / temperature, prior_weight]]))
+            initial = [1.0 / temperature, prior_weight] + [1.0 / temperature] * carried
+            self.mix.weight.copy_(torch.tensor([initial]))
             self.mix.bias.fill_(-0.5 / temperature)
 
     def user_map(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -369,14 +375,20 @@ class ItemTowerHead(nn.Module):
         item: torch.Tensor,
         item_rows: torch.Tensor,
         prior: torch.Tensor,
+        carried: Carried | None = None,
     ) -> torch.Tensor:
         """Logits from (B, H, D) history item vectors (newest first), their mask and item rows,
-        and the candidates' (B, D) or (B, W, D) vectors with their rows and prior values."""
+        and the candidates' (B, D) or (B, W, D) vectors with their rows and prior values;
+        ``carried``: the (B, C, D) vectors and mask of what each person brought from elsewhere
+        (none: as if nothing was brought)."""
         user, taste = self.user(history, history_mask, history_rows)
-        if item.dim() == 3:
-            user = user.unsqueeze(1)
-        cosine = nn.functional.cosine_similarity(user, item, dim=-1, eps=1e-6)
-        features = torch.stack([cosine, prior.to(cosine.dtype)], dim=-1)
+        users = [user] + ([self.elsewhere(carried, len(user), user)] if self.carried else [])
+        cosines = []
+        for vector in users:
+            vector = vector.unsqueeze(1) if item.dim() == 3 else vector
+            cosines.append(nn.functional.cosine_similarity(vector, item, dim=-1, eps=1e-6))
+        cosine = cosines[0]
+        features = torch.stack([cosine, prior.to(cosine.dtype), *cosines[1:]], dim=-1)
         logits = self.mix(features).squeeze(-1)
         if self.item_score is not None:
             logits = logits + self.item_score(item).squeeze(-1)
@@ -386,6 +398,15 @@ class ItemTowerHead(nn.Module):
             factors = self.private_items(item_rows % self.private_items.num_embeddings)
             logits = logits + (taste * factors).sum(dim=-1)
         return logits
+
+    def elsewhere(self, carried: Carried | None, count: int, like: torch.Tensor) -> torch.Tensor:
+        """(B, D) vectors of what each person brought from other platforms: the same mapped
+        recency-weighted mean as their history here (zeros for nothing brought)."""
+        if carried is None:
+            return torch.zeros_like(like)
+        vectors, mask = carried
+        assert len(vectors) == count
+        return self.user_map((self.weights(mask).unsqueeze(-1) * vectors).sum(dim=1))
 
     def user(
         self, history: torch.Tensor, history_mask: torch.Tensor, history_rows: torch.Tensor
@@ -409,6 +430,7 @@ class ItemTowerHead(nn.Module):
         items: torch.Tensor,
         item_rows: torch.Tensor,
         prior: torch.Tensor,
+        carried: Carried | None = None,
     ) -> torch.Tensor:
         """:meth:`logits` of B users for the same N candidates ((N, D) vectors, (N,) rows and
         prior), as a (B, N) matrix: one product of normalised vectors instead of B × N
@@ -416,7 +438,11 @@ class ItemTowerHead(nn.Module):
         user, taste = self.user(history, history_mask, history_rows)
         unit = lambda v: v / v.norm(dim=-1, keepdim=True).clamp(min=1e-6)  # noqa: E731
         cosine = unit(user) @ unit(items).T
-        features = torch.stack([cosine, prior.to(cosine.dtype).expand_as(cosine)], dim=-1)
+        extra = []
+        if self.carried:
+            extra = [unit(self.elsewhere(carried, len(user), user)) @ unit(items).T]
+        prior = prior.to(cosine.dtype).expand_as(cosine)
+        features = torch.stack([cosine, prior, *extra], dim=-1)
         logits = self.mix(features).squeeze(-1)
         if self.item_score is not None:
             logits = logits + self.item_score(items).squeeze(-1)
@@ -448,7 +474,7 @@ class ItemTowerHead(nn.Module):
         mapped = self.user_map(history)  # (H, D)
         user = (weights[:, None] * mapped).sum(dim=0)
         scale = (user.norm() * item.norm(dim=-1)).clamp(min=1e-6)  # (N,)
-        cosine_weight, prior_weight = self.mix.weight[0]
+        cosine_weight, prior_weight = self.mix.weight[0, :2]
         shares = cosine_weight * weights[None, :] * (item @ mapped.T) / scale[:, None]
         if self.private_items is not None:
             slots = self.private_items.num_embeddings
@@ -520,6 +546,7 @@ class ItemTowerScorer(Scorer):
             item = item.view(*batch["item_rows"].shape, -1)
         else:
             item = batch["item_vectors"]
+        carried = (batch["carried"], batch["carried_mask"]) if "carried" in batch else None
         return self.head.logits(
             batch["history"],
             batch["history_mask"],
@@ -527,6 +554,7 @@ class ItemTowerScorer(Scorer):
             item,
             batch["item_rows"],
             batch["prior"],
+            carried,
         )
 
     def _adapters_digest(self) -> bytes:
@@ -584,6 +612,15 @@ class ItemTowerScorer(Scorer):
         rows = rows.to(featurizer.item_vectors.device)
         return featurizer.item_vectors[rows], mask.to(rows.device), rows
 
+    def _carried(
+        self, featurizer: TextFeaturizer, cases: Sequence[Example | RankingCase]
+    ) -> Carried | None:
+        """The (B, C, D) vectors and mask of what each person brought, when the head reads it."""
+        if not self.head.carried:
+            return None
+        vectors, mask, _ = self._history(featurizer, [c.carried for c in cases])
+        return vectors, mask
+
     def batch(
         self,
         featurizer: TextFeaturizer,
@@ -622,14 +659,19 @@ class ItemTowerScorer(Scorer):
             if through_adapters
             else {"item_vectors": featurizer.item_vectors[rows.to(featurizer.item_vectors.device)]}
         )
-        return candidates | {
-            "item_rows": rows,
-            "candidate_mask": mask,
-            "history": history,
-            "history_mask": history_mask,
-            "history_rows": history_rows,
-            "prior": featurizer.prior[rows],
-        }
+        carried = self._carried(featurizer, examples)
+        return (
+            candidates
+            | {
+                "item_rows": rows,
+                "candidate_mask": mask,
+                "history": history,
+                "history_mask": history_mask,
+                "history_rows": history_rows,
+                "prior": featurizer.prior[rows],
+            }
+            | ({} if carried is None else {"carried": carried[0], "carried_mask": carried[1]})
+        )
 
     @torch.no_grad()
     def score_examples(
@@ -648,7 +690,10 @@ class ItemTowerScorer(Scorer):
             history, mask, history_rows = self._history(featurizer, [e.history for e in chunk])
             rows = rows.to(vectors.device)
             prior = featurizer.prior.to(vectors.device)[rows]
-            logits = self.head.logits(history, mask, history_rows, vectors[rows], rows, prior)
+            carried = self._carried(featurizer, chunk)
+            logits = self.head.logits(
+                history, mask, history_rows, vectors[rows], rows, prior, carried
+            )
             out.append(logits.float().cpu())
         return torch.cat(out).numpy()
 
@@ -678,7 +723,10 @@ class ItemTowerScorer(Scorer):
                 device=vectors.device,
             )
             history, mask, history_rows = self._history(featurizer, [c.history for c in chunk])
-            logits = self.head.logits(history, mask, history_rows, vectors[rows], rows, prior[rows])
+            carried = self._carried(featurizer, chunk)
+            logits = self.head.logits(
+                history, mask, history_rows, vectors[rows], rows, prior[rows], carried
+            )
             logits = logits.float().cpu().numpy()
             out.extend(logits[k, : len(c.candidates)] for k, c in enumerate(chunk))
         return out
@@ -703,7 +751,13 @@ class ItemTowerScorer(Scorer):
             chunk = cases[start : start + batch_size]
             history, mask, history_rows = self._history(featurizer, [c.history for c in chunk])
             logits = self.head.catalogue_logits(
-                history, mask, history_rows, vectors[rows], rows, prior
+                history,
+                mask,
+                history_rows,
+                vectors[rows],
+                rows,
+                prior,
+                self._carried(featurizer, chunk),
             )
             out.append(logits.float().cpu())
         if not out:
@@ -763,6 +817,7 @@ def build_scorer(backbone: PreTrainedModel, model: ModelConfig, lora: LoraSettin
                 model.private_factors,
                 model.private_item_slots,
                 model.item_score,
+                model.carried_history,
             )
         elif model.scorer == "cross":
             head = nn.Linear(hidden, 1)

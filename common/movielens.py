@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import DataError
-from common.platform_data import MAX_ID_CHARS, PlatformTables
+from common.platform_data import CARRIED, MAX_ID_CHARS, PlatformTables
 
 # Each movie goes to exactly one platform: the first group in this order that shares a genre
 # with it. The order keeps the niche groups from being swallowed by the two largest genres
@@ -222,9 +222,39 @@ def build_platforms(release: Release, source: Path | None = None) -> list[Platfo
         if item in rated:
             catalogue[group].append(record)
     return [
-        PlatformTables(name=group, interactions=interactions[group], items=catalogue[group])
+        PlatformTables(
+            name=group,
+            interactions=interactions[group],
+            items=catalogue[group],
+            carried=carried_tables(group, interactions, catalogue),
+        )
         for group in GENRE_GROUPS
     ]
+
+
+def carried_tables(
+    platform: str,
+    interactions: dict[str, list[dict[str, object]]],
+    catalogue: dict[str, list[dict[str, object]]],
+) -> PlatformTables:
+    """What ``platform``'s users would bring from the other platforms: each one's own ratings
+    there (the same person, by user id), items named ``OTHER:ITEM`` with their texts."""
+    users = {row["user_id"] for row in interactions[platform]}
+    others = [group for group in GENRE_GROUPS if group != platform]
+    rows = [
+        row | {"item_id": f"{group}:{row['item_id']}"}
+        for group in others
+        for row in interactions[group]
+        if row["user_id"] in users
+    ]
+    used = {row["item_id"] for row in rows}
+    texts = [
+        record | {"item_id": f"{group}:{record['item_id']}"}
+        for group in others
+        for record in catalogue[group]
+        if f"{group}:{record['item_id']}" in used
+    ]
+    return PlatformTables(name=f"{platform}/{CARRIED}", interactions=rows, items=texts)
 
 
 def build_ml100k(source: Path | None = None) -> list[PlatformTables]:

@@ -1,9 +1,11 @@
 """One platform's data: read, validate and write the on-disk format.
 
 A platform is a folder holding an interactions file and an items file, each as CSV, TSV or
-JSON Lines (``interactions.csv|tsv|jsonl``, ``items.csv|tsv|jsonl``). Every problem found is
-raised as a :class:`DataError` naming the file, row and column, because a platform operator
-must be able to fix their export without reading our code.
+JSON Lines (``interactions.csv|tsv|jsonl``, ``items.csv|tsv|jsonl``), and optionally a
+``carried/`` subfolder in the same format: what its users brought from other platforms (their
+own histories there, item texts included), which ``model.carried_history`` reads. Every
+problem found is raised as a :class:`DataError` naming the file, row and column, because a
+platform operator must be able to fix their export without reading our code.
 
 Interactions files reach millions of rows, so they are parsed by pyarrow and checked a column
 at a time; items files, and any file pyarrow cannot parse, are read record by record with
@@ -41,6 +43,7 @@ if TYPE_CHECKING:
 FORMATS = {".csv": ",", ".tsv": "\t", ".jsonl": None}
 INTERACTIONS = "interactions"
 ITEMS = "items"
+CARRIED = "carried"  # a platform's subfolder: its users' histories from other platforms
 INTERACTION_COLUMNS = ("user_id", "item_id", "timestamp")
 ITEM_COLUMNS = ("item_id", "title")
 MAX_TEXT_CHARS = 1000
@@ -727,6 +730,13 @@ def read_platform(root: Path | str, name: str | None = None) -> PlatformData:
     )
 
 
+def read_carried(data: PlatformData) -> PlatformData | None:
+    """What the platform's users brought from other platforms (its ``carried/`` subfolder,
+    validated like a platform), or None without one; read only by a model that uses it."""
+    folder = data.root / CARRIED
+    return read_platform(folder, f"{data.name}/{CARRIED}") if folder.is_dir() else None
+
+
 @_reading
 def platform_dirs(path: Path | str) -> list[Path]:
     """``path`` itself if it is a platform, else its platform subfolders (sorted by name)."""
@@ -757,8 +767,12 @@ def federation_platforms(data: DataConfig) -> list[tuple[str, Path]]:
 
 
 def read_dataset(path: Path | str) -> list[PlatformData]:
-    """Every platform under ``path`` (see :func:`platform_dirs`), validated."""
-    return [read_platform(root) for root in platform_dirs(path)]
+    """Every platform under ``path`` (see :func:`platform_dirs`), validated, its ``carried/``
+    data too."""
+    platforms = [read_platform(root) for root in platform_dirs(path)]
+    for platform in platforms:
+        read_carried(platform)
+    return platforms
 
 
 @dataclass(frozen=True)
@@ -768,6 +782,7 @@ class PlatformTables:
     name: str
     interactions: list[dict[str, object]]
     items: list[dict[str, object]]
+    carried: PlatformTables | None = None  # written to the platform's CARRIED/ subfolder
 
 
 def _write_tsv(path: Path, rows: list[dict[str, object]]) -> None:
@@ -801,6 +816,10 @@ def write_dataset(
             folder.mkdir()
             _write_tsv(folder / f"{ITEMS}.tsv", platform.items)
             _write_tsv(folder / f"{INTERACTIONS}.tsv", platform.interactions)
+            if platform.carried is not None and platform.carried.interactions:
+                (folder / CARRIED).mkdir()
+                _write_tsv(folder / CARRIED / f"{ITEMS}.tsv", platform.carried.items)
+                _write_tsv(folder / CARRIED / f"{INTERACTIONS}.tsv", platform.carried.interactions)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             os.replace(out, trash / out.name)

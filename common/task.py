@@ -31,7 +31,7 @@ against every item instead (``PlatformTask.catalogue``, ``seen``).
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -40,9 +40,10 @@ import numpy as np
 
 from common.config import TaskConfig
 from common.errors import DataError
-from common.platform_data import PlatformData, distinct_codes
+from common.platform_data import CARRIED, PlatformData, distinct_codes, read_carried
 
 TRAIN, VALID, TEST = 0, 1, 2  # a row's period
+CARRIED_PREFIX = "carried:"  # item ids from a platform's carried/ data, apart from its own
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,9 @@ class Example:
     # Unix seconds of the interaction (a sampled negative: its positive's): pooled baselines
     # merge a person's histories across platforms by time
     time: float = 0.0
+    # the person's liked items on other platforms before ``time``, newest first, as they
+    # brought them (``carried_history``; ids namespaced by CARRIED_PREFIX)
+    carried: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,6 +72,7 @@ class RankingCase:
     positive: str
     negatives: tuple[str, ...]
     time: float = 0.0  # Unix seconds of the held-out interaction
+    carried: tuple[str, ...] = ()  # as Example.carried
 
     @property
     def candidates(self) -> tuple[str, ...]:
@@ -92,6 +97,8 @@ class PlatformTask:
     test_ranking: list[RankingCase] = field(default_factory=list)
     catalogue: tuple[str, ...] = ()
     seen: dict[str, frozenset[str]] = field(default_factory=dict)
+    carried_text: dict[str, str] = field(default_factory=dict)  # texts of carried item ids
+    carried: CarriedHistory | None = None  # what each person brought, with times
 
     def split(self, name: str) -> list[Example]:
         return {"train": self.train, "valid": self.valid, "test": self.test}[name]
@@ -142,14 +149,62 @@ def _user_periods(
     return period, case
 
 
-def build_task(data: PlatformData, config: TaskConfig | None = None) -> PlatformTask:
-    """Turn a validated platform into examples and ranking cases under the configured split."""
+class CarriedHistory:
+    """Each person's liked items from other platforms (the platform's ``carried/`` data), to
+    look up what they had liked elsewhere before a given time."""
+
+    def __init__(self, data: PlatformData, config: TaskConfig) -> None:
+        liked = data.positives(config.positive_threshold)
+        order = np.lexsort((np.arange(data.num_interactions), data.timestamps, data.users))
+        order = order[liked[order]]
+        self.limit = config.history_len
+        self.times: dict[str, np.ndarray] = {}
+        self.items: dict[str, list[str]] = {}
+        users = data.users[order]
+        for rows in np.split(order, np.flatnonzero(users[1:] != users[:-1]) + 1):
+            if len(rows):
+                user = str(data.users[rows[0]])
+                self.times[user] = data.timestamps[rows]
+                self.items[user] = [CARRIED_PREFIX + str(i) for i in data.items[rows]]
+        self.text = {CARRIED_PREFIX + k: v for k, v in data.item_text.items()}
+
+    def events(self) -> Iterator[tuple[str, float, str]]:
+        """Every (user, time, item) brought, each person's in time order."""
+        for user, times in self.times.items():
+            yield from zip([user] * len(times), times.tolist(), self.items[user], strict=True)
+
+    def before(self, user: str, when: float) -> tuple[str, ...]:
+        """The person's liked items elsewhere strictly before ``when``, newest first."""
+        times = self.times.get(user)
+        if times is None:
+            return ()
+        end = int(np.searchsorted(times, when, side="left"))
+        return tuple(reversed(self.items[user][max(0, end - self.limit) : end]))
+
+
+def build_task(
+    data: PlatformData, config: TaskConfig | None = None, carried: bool = False
+) -> PlatformTask:
+    """Turn a validated platform into examples and ranking cases under the configured split;
+    ``carried``: each example and case also holds the person's history from elsewhere (the
+    platform's ``carried/`` data, which must then exist)."""
     config = config or TaskConfig()
     positive = data.positives(config.positive_threshold)
     catalogue = np.asarray(sorted(data.item_text), dtype=object)
     # Stable order: by time, ties broken by file order, so the split never depends on sorting luck.
     order = np.lexsort((np.arange(data.num_interactions), data.timestamps, data.users))
     task = PlatformTask(platform=data.name, catalogue=tuple(catalogue.tolist()))
+    elsewhere = None
+    if carried:
+        brought = read_carried(data)
+        if brought is None:
+            raise DataError(
+                data.root / CARRIED,
+                "model.carried_history needs the platform's carried/ folder (its users' "
+                "histories from other platforms; fedfuse data prepare writes it for MovieLens)",
+            )
+        elsewhere = task.carried = CarriedHistory(brought, config)
+        task.carried_text.update(elsewhere.text)
     eval_rng = _rng(config.seed, data.name, "eval-negatives")
 
     users = data.users[order]
@@ -171,14 +226,17 @@ def build_task(data: PlatformData, config: TaskConfig | None = None) -> Platform
             items, times.tolist(), labels.tolist(), periods.tolist(), cases.tolist(), strict=True
         ):
             recent = tuple(reversed(history[-config.history_len :]))
-            example = Example(user, recent, item, int(label), time=when)
+            brought = elsewhere.before(user, when) if elsewhere is not None else ()
+            example = Example(user, recent, item, int(label), time=when, carried=brought)
             if period == TRAIN:
                 if label:
                     negatives = _sample_unseen(
                         train_rng, catalogue, train_seen, config.negatives_per_positive
                     )
                     task.train.append(replace(example, negatives=negatives))
-                    task.train += [Example(user, recent, n, 0, time=when) for n in negatives]
+                    task.train += [
+                        Example(user, recent, n, 0, time=when, carried=brought) for n in negatives
+                    ]
                 else:
                     task.train.append(example)
             else:
@@ -191,7 +249,7 @@ def build_task(data: PlatformData, config: TaskConfig | None = None) -> Platform
                 if is_case:
                     negatives = _sample_unseen(eval_rng, catalogue, seen, config.eval_negatives)
                     if negatives:
-                        ranking.append(RankingCase(user, recent, item, negatives, when))
+                        ranking.append(RankingCase(user, recent, item, negatives, when, brought))
             if label:
                 history.append(item)
     return task

@@ -2,7 +2,9 @@
 
 - ``inhouse``: what a platform already runs, non-private, on its own data: per platform the
   better on validation NDCG@10 of its own BPR and its own SASRec (``bpr_local``,
-  ``sasrec_local``), as a platform would choose its production model.
+  ``sasrec_local``), as a platform would choose its production model. When people bring
+  their histories from elsewhere (``model.carried_history``), its own SASRec over those too
+  (``sasrec_carried``) is a third candidate: what the platform gets from them without joining.
 - ``inhouse+fedavg``: that model blended (server/simulation/blend.py, the weight fitted on the
   platform's validation cases) with the federation's DP model of the same level and run — the
   ``fedavg`` cell's run folder, trained (or reused) exactly as that cell trains it.
@@ -34,7 +36,7 @@ from server.federation.run_record import CONFIG_FILE, RunRecord
 from server.simulation.baselines import Arrays, Metrics, Scoring, evaluation_clients
 from server.simulation.blend import BlendScorer, CaseScorer, fit_weight
 from server.simulation.bpr import BPRScorer, Settings, train_bpr
-from server.simulation.sasrec import SASRecScorer, SASRecSettings, fit
+from server.simulation.sasrec import SASRecScorer, SASRecSettings, fit, sasrec_carried_scorer
 
 logger = logging.getLogger(__name__)
 
@@ -46,9 +48,11 @@ SIDE_BY_SIDE_FILE = "joining.md"  # the main job's in-house / federated / blend 
 
 
 def _key(config: RunConfig) -> str:
-    """What the in-house models depend on: the data, the task and the baselines' settings."""
+    """What the in-house models depend on: the data, the task, the baselines' settings and
+    whether people's carried histories are read."""
     parts = (config.data, config.task, config.baselines)
-    return hashlib.sha256("".join(p.model_dump_json() for p in parts).encode()).hexdigest()
+    text = "".join(p.model_dump_json() for p in parts) + str(config.model.carried_history)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 Candidate = tuple[str, CaseScorer, float]  # a platform's own model: name, scorer, valid NDCG@10
@@ -74,6 +78,9 @@ def inhouse_candidates(config: RunConfig, client: PlatformClient) -> list[Candid
                 sasrec_record["valid_ndcg@10"],
             ),
         ]
+        if client.task.carried is not None:  # people brought their histories: use them too
+            carried, record = sasrec_carried_scorer(client.task, config)
+            _trained[key].append(("sasrec_carried", carried, record["valid_ndcg@10"]))
     return _trained[key]
 
 

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from common.config import RunConfig
+from common.errors import ConfigError
 from common.task import Example, PlatformTask, RankingCase
 from server.simulation.baselines import Metrics, Scoring, evaluation_clients, pooled_item
 from server.simulation.inhouse import EarlyStopping, Interactions, mean_valid_ndcg, rated_train
@@ -292,10 +293,14 @@ class SASRecScorer:
 
 
 def fit(
-    tasks: dict[str, PlatformTask], pooled: bool, settings: SASRecSettings
+    tasks: dict[str, PlatformTask],
+    pooled: bool,
+    settings: SASRecSettings,
+    scored: Sequence[str] | None = None,
 ) -> tuple[SASRec, Sequences, dict[str, Any]]:
     """Train the configured point on the train sequences of ``tasks``, early-stopped on the
-    mean validation NDCG@10 over them; returns the best validated model and its record."""
+    mean validation NDCG@10 over them (over ``scored`` only, when given); returns the best
+    validated model and its record."""
     torch.manual_seed(settings.seed)  # initialisation and dropout
     rng = np.random.default_rng([settings.seed, zlib.crc32(b"sasrec"), int(pooled)])
     sequences = Sequences(tasks, pooled)
@@ -308,7 +313,7 @@ def fit(
 
     def validate() -> float:
         return mean_valid_ndcg(
-            tasks,
+            {name: tasks[name] for name in scored or tasks},
             lambda name: SASRecScorer(
                 model, sequences.data.items, settings.max_len, name if pooled else None, merged
             ),
@@ -337,6 +342,40 @@ def _announce(label: str, chosen: dict[str, Any]) -> None:
         chosen["epochs_run"],
         chosen["valid_ndcg@10"],
     )
+
+
+def with_carried(task: PlatformTask, config: RunConfig) -> dict[str, PlatformTask]:
+    """The platform and what its people brought (``task.carried``) as a second "platform" of
+    positives split at the same global cuts, for :func:`fit` pooled: a platform's own SASRec
+    over each person's history here and elsewhere merged by time, as it could train alone
+    once people bring their histories (no federation needed)."""
+    if task.carried is None or config.task.split != "global_time":
+        raise ConfigError(
+            "an in-house model over carried histories needs model.carried_history and "
+            "task.split = global_time"
+        )
+    cuts = (config.task.valid_from, config.task.test_from)
+    brought = PlatformTask(platform=f"{task.platform}/carried")
+    for user, when, item in task.carried.events():
+        period = int(when >= cuts[0]) + int(when >= cuts[1])  # type: ignore[operator]
+        (brought.train, brought.valid, brought.test)[period].append(
+            Example(user, (), item, 1, time=when)
+        )
+    return {task.platform: task, brought.platform: brought}
+
+
+def sasrec_carried_scorer(
+    task: PlatformTask, config: RunConfig
+) -> tuple[SASRecScorer, dict[str, Any]]:
+    """The platform's own SASRec trained and scoring over merged own + carried histories
+    (:func:`with_carried`); a case reads the person's positives anywhere before its time."""
+    settings = SASRecSettings.of(config)
+    tasks = with_carried(task, config)
+    model, sequences, chosen = fit(tasks, True, settings, scored=[task.platform])
+    _announce(f"sasrec_carried {task.platform}", chosen)
+    merged = timeline(tasks, ("train", "valid", "test"), sequences.data.items)
+    scorer = SASRecScorer(model, sequences.data.items, settings.max_len, task.platform, merged)
+    return scorer, chosen
 
 
 def sasrec_local(
