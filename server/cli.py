@@ -227,7 +227,9 @@ def _recommend(args: argparse.Namespace) -> None:
     shown, recommendations = recommender.request(args.user, args.history, args.k)
     who = f"user {args.user}" if args.user else "the liked titles given"
     print(f"Top {len(recommendations)} on {args.platform} for {who}")
-    liked = "; ".join(h.text + ("" if h.row is not None else " (from elsewhere)") for h in shown)
+    liked = "; ".join(
+        recommender.title(h) + ("" if h.row is not None else " (from elsewhere)") for h in shown
+    )
     print(f"history, newest first: {liked or '(none: popularity only)'}\n")
     for rank, item in enumerate(recommendations, start=1):
         print(f"{rank:2d}. {item.title}  [score {item.score:.3f}]")
@@ -235,13 +237,42 @@ def _recommend(args: argparse.Namespace) -> None:
 
 
 def _serve(args: argparse.Namespace) -> None:
-    from server.serving.http_app import serve
+    """Checks what can fail fast (the host and --insecure-no-auth, the port) before the run
+    is loaded, then the token, then serves until interrupted."""
+    import ipaddress
+    from pathlib import Path
+
+    from server.serving.access import TOKEN_FILE, Tokens, read_or_create_token
+    from server.serving.http_app import LOOPBACK_NAMES, create_app, is_loopback, listen, serve
     from server.serving.recommender import Recommender
 
-    recommender = Recommender(args.run_dir, args.platform, args.platform_state)
-    size = f"{len(recommender.data.item_text)} items, {len(recommender.users)} users"
-    print(f"serving {args.platform} ({size}) at http://{args.host}:{args.port}/")
-    serve(recommender, args.host, args.port)
+    if args.insecure_no_auth and not is_loopback(args.host):
+        raise FedFuseError(
+            f"--insecure-no-auth answers anyone who connects: loopback only, not {args.host}"
+        )
+    sock = listen(args.host, args.port)
+    try:
+        recommender = Recommender(args.run_dir, args.platform, args.platform_state)
+        tokens = None
+        if not args.insecure_no_auth:
+            path = Path(args.token_file) if args.token_file else recommender.state / TOKEN_FILE
+            token, made = read_or_create_token(path)
+            print(f"operator token {'made in' if made else 'read from'} {path} (keep it secret)")
+            tokens = Tokens(token)
+        hosts = [*LOOPBACK_NAMES, *args.allowed_host]
+        try:
+            wildcard = ipaddress.ip_address(args.host).is_unspecified
+        except ValueError:  # a name
+            wildcard = False
+        if not wildcard and args.host not in hosts:
+            hosts.append(args.host)
+        app = create_app(recommender, tokens, hosts, openapi=args.openapi)
+        size = f"{len(recommender.data.item_text)} items, {len(recommender.users)} users"
+        mode = "NO AUTHENTICATION (loopback)" if tokens is None else "bearer tokens"
+        print(f"serving {args.platform} ({size}; {mode}) at http://{args.host}:{args.port}/")
+        serve(app, sock)
+    finally:
+        sock.close()
 
 
 def _config_show(args: argparse.Namespace) -> None:
@@ -467,7 +498,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_served_platform(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    serve.add_argument("--port", type=int, default=8000, help="port to listen on (default 8000)")
+    serve.add_argument("--port", type=int, default=8000, help="port, 1-65535 (default 8000)")
+    serve.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="the operator token (0600; made if missing; default: the platform state folder's "
+        "serve.token); user tokens are derived from it (docs/serving.md)",
+    )
+    serve.add_argument(
+        "--insecure-no-auth",
+        action="store_true",
+        help="answer every caller as the operator, without a token (loopback hosts only)",
+    )
+    serve.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a Host header to accept besides 127.0.0.1, localhost and --host "
+        "(the name a gateway or browser uses; repeatable)",
+    )
+    serve.add_argument(
+        "--openapi", action="store_true", help="serve the API schema at /openapi.json"
+    )
     serve.set_defaults(run=_serve)
 
     config = commands.add_parser("config", help="inspect the run configuration").add_subparsers(

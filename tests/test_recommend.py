@@ -4,12 +4,16 @@ where the platform's private part comes from, and the `fedfuse recommend` comman
 from __future__ import annotations
 
 import json
+import os
+import re
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load_file, save_file
 
 from client.platform_client import PrivateTensors
 from common.task import Example
@@ -48,10 +52,10 @@ def test_scores_are_the_models_and_their_explanations_add_up(recommender: Recomm
     history, seen = recommender.user_history(user)
     items = recommender.recommend(history, seen, k=5)
     for item in items:
-        parts = sum(s.value for s in item.because) + item.prior + item.text + item.bias
+        parts = sum(s.value for s in item.because) + item.prior + item.text + item.base
         assert parts == pytest.approx(item.score, abs=1e-5)
         assert len(item.because) == min(len(history), recommender.history_len)
-        assert "Because" in item.explanation()
+        assert item.explanation()
     shown = tuple(h.key for h in history[: recommender.history_len])
     examples = [Example(user, shown, item.item, 0) for item in items]
     evaluated = recommender.scorer.score_examples(recommender.featurizer, examples, 8)
@@ -126,12 +130,15 @@ def test_recommend_command_prints_json_and_explanations(
     document = json.loads(capsys.readouterr().out)
     assert document["user"] == user and len(document["recommendations"]) == 3
     first = document["recommendations"][0]
-    assert {"item", "title", "score", "because", "prior", "text", "bias", "explanation"} <= set(
+    assert {"item", "title", "score", "because", "prior", "text", "base", "explanation"} <= set(
         first
     )
     assert main(args) == 0
     text = capsys.readouterr().out
-    assert text.startswith(f"Top 3 on p0 for user {user}") and text.count("Because") == 3
+    assert text.startswith(f"Top 3 on p0 for user {user}")
+    explanations = [line for line in text.splitlines() if line.startswith("    ")]
+    assert explanations == [f"    {r['explanation']}" for r in document["recommendations"]]
+    assert "genres:" not in text
 
 
 @pytest.mark.parametrize(
@@ -150,3 +157,143 @@ def test_recommend_command_bad_input_is_one_line(
     assert main(args) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and error[0].startswith("fedfuse: error: ") and message in error[0]
+
+
+# --- explanations a person would find useful --------------------------------------------------
+
+
+def test_each_recommendation_is_explained_by_its_own_history_items(
+    recommender: Recommender,
+) -> None:
+    """A share is the history item's part of *this* item's score minus its part of the
+    average catalogue item's: what lifts every item alike explains none of them. So the
+    items named differ between recommendations (the raw shares named the same newest ones)."""
+    user = _busiest_user(recommender)
+    history, seen = recommender.user_history(user)
+    history = history[: recommender.history_len]
+    items = recommender.recommend(history, seen, k=5)
+    with torch.inference_mode():
+        parts = recommender._contributions(history, None)
+    average = parts["history"].mean(dim=0)
+    for item in items:
+        row = recommender.featurizer.item_row[item.item]
+        shares = (parts["history"][row] - average).tolist()
+        expected = dict(zip((h.key for h in history), shares, strict=True))
+        assert {s.item: s.value for s in item.because} == pytest.approx(expected, abs=1e-5)
+        prior = parts["prior"][row] - parts["prior"].mean()
+        assert item.prior == pytest.approx(float(prior), abs=1e-5)
+    assert len({item.because[0].item for item in items}) > 1
+
+
+def test_only_positive_parts_are_given_as_reasons_with_plain_titles(
+    recommender: Recommender,
+) -> None:
+    user = _busiest_user(recommender)
+    history, seen = recommender.user_history(user)
+    items = recommender.recommend(history, seen, k=len(recommender.featurizer.items))
+    names = {title for title in recommender.titles.values()}
+    for item in items:
+        explanation = item.explanation()
+        named = re.findall(r"“(.+?)”", explanation)
+        lifting = [s.title for s in item.because if round(s.value, 3) > 0][:3]
+        assert named == lifting and set(named) <= names
+        for share in item.because:
+            if round(share.value, 3) <= 0:
+                assert f"“{share.title}”" not in explanation
+        assert ("popular" in explanation) == (round(item.prior, 3) > 0)
+        assert ("description" in explanation) == (round(item.text, 3) > 0)
+        assert item.title == recommender.titles[item.item] and "genres:" not in item.title
+        assert "genres:" not in explanation and "−" not in explanation and "-" not in explanation
+    assert any("popular" not in item.explanation() for item in items)  # a negative prior: unsaid
+
+
+# --- faults at the door ---------------------------------------------------------------------
+
+
+def _nan_prior(path: Path) -> None:
+    document = json.loads(path.read_text())
+    document["counts"][next(iter(document["counts"]))] = float("nan")
+    path.write_text(json.dumps(document))
+
+
+def _nan_private(path: Path) -> None:
+    arrays = load_file(str(path))
+    name = next(iter(arrays))
+    arrays[name] = np.full_like(arrays[name], np.nan)
+    save_file(arrays, str(path))
+
+
+FAULTS = {  # run file (in the run, or in the platform's state) -> what is done to it
+    "corrupt adapter": ("ROUND/adapter_model.safetensors", lambda p: p.write_bytes(b"junk")),
+    "missing adapter": ("ROUND/adapter_model.safetensors", Path.unlink),
+    "corrupt head": ("ROUND/fedfuse_head.safetensors", lambda p: p.write_bytes(b"\x08" + b"0" * 9)),
+    "missing head": ("ROUND/fedfuse_head.safetensors", Path.unlink),
+    "corrupt private part": ("STATE/private_adapter.safetensors", lambda p: p.write_bytes(b"x")),
+    "NaN in the private part": ("STATE/private_adapter.safetensors", _nan_private),
+    "NaN in the prior": ("STATE/popularity_prior.json", _nan_prior),
+}
+MESSAGES = {
+    "corrupt adapter": "the round's published adapters cannot be loaded",
+    "missing adapter": "no adapter_model.safetensors",
+    "corrupt head": "the round's published adapters cannot be loaded",
+    "missing head": "no fedfuse_head.safetensors",
+    "corrupt private part": "the platform's private part cannot be loaded",
+    "NaN in the private part": "holds NaN or infinite values; refused",
+    "NaN in the prior": "is nan; refused",
+}
+
+
+@pytest.fixture(scope="module")
+def broken_runs(finished_run: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A copy of the finished run per fault, each with one file broken."""
+    runs = {}
+    for name, (where, damage) in FAULTS.items():
+        copy = tmp_path_factory.mktemp("broken") / "run"
+        shutil.copytree(finished_run, copy)
+        last = max((copy / "adapters").iterdir())
+        relative = where.replace("ROUND", str(last)).replace(
+            "STATE", str(copy / "platform_state" / "p0")
+        )
+        damage(Path(relative))
+        runs[name] = copy
+    return runs
+
+
+@pytest.mark.parametrize("fault", FAULTS)
+def test_a_broken_run_file_is_one_line_in_recommend_and_serve(
+    broken_runs: dict[str, Path],
+    recommender: Recommender,
+    fault: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def served(*_: object) -> None:
+        raise AssertionError("fedfuse serve served a broken run")
+
+    monkeypatch.setattr("server.serving.http_app.serve", served)
+    run = broken_runs[fault]
+    state = ["--platform", "p0", "--platform-state", str(run / "platform_state" / "p0")]
+    user = _busiest_user(recommender)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = str(probe.getsockname()[1])
+    for command in (
+        ["recommend", str(run), *state, "--user", user],
+        ["serve", str(run), *state, "--port", port, "--token-file", str(tmp_path / "token")],
+    ):
+        assert main(command) == 2, command
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and error[0].startswith("fedfuse: error: "), error
+        assert MESSAGES[fault] in error[0]
+
+
+def test_invalid_text_in_a_cold_start_history_is_one_line(
+    finished_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Undecodable bytes on a command line arrive as lone surrogates (os.fsdecode)."""
+    args = ["recommend", str(finished_run), "--platform", "p0", "--history"]
+    for title in (os.fsdecode(b"caf\xe9 film"), "\ud800"):
+        assert main([*args, title]) == 2
+        error = capsys.readouterr().err.strip().splitlines()
+        assert len(error) == 1 and "is not valid Unicode text" in error[0]

@@ -1,30 +1,105 @@
 """``fedfuse serve``: one platform's recommendations over HTTP, a JSON API and a small page.
 
-The service is a thin shell over :class:`Recommender`: the run is loaded and the item vectors
-computed once at start, and every request only ranks. Errors reach clients as one JSON line,
-``{"error": "..."}``, with the status that says whose fault it is (404 unknown user, 413 body
-too large, 422 bad request, 500 a bug, logged here and never shown); the service keeps serving.
+The service is a thin shell over :class:`Recommender`: the run is loaded, the item vectors
+computed and the title index built once at start; a request only looks up and ranks. It is
+meant to be reachable by a platform's gateway and, through it, by the public, so
+(docs/serving.md has the threat model):
+
+- every API call names its caller with a bearer token (:mod:`server.serving.access`): a
+  user's token gets that user's recommendations only, the operator's everything;
+- user ids travel in bodies and tokens, never in URLs, and no access log is written;
+- requests are bounded (body, list and title lengths, ``k``), charged to a per-caller rate
+  limit by cost, and run in two bounded lanes — catalogue-only rankings, and rankings that
+  run the encoder on titles from elsewhere — so a flood of the slow kind cannot queue the
+  fast kind; a full lane answers 503 at once;
+- the Host header must be one of the service's names (DNS rebinding), responses carry a
+  strict CSP and no-store, the page's script and style are files the CSP allows;
+- errors reach clients as one JSON line, ``{"error": "..."}``, with the status that says
+  whose fault it is (401/403 credentials, 404 unknown user, 413 body too large, 422 bad
+  request, 429 rate limit, 503 busy, 500 a bug — logged here and never shown).
 """
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
+import math
+import socket
 import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import FastAPI, Query, Request
+import h11
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
-from pydantic import BaseModel, ConfigDict, Field, model_validator
-from starlette.datastructures import Headers
+from fastapi.responses import JSONResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, model_validator
+from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from common.errors import FedFuseError
-from server.serving.recommender import Recommender, UnknownUser
+from common.errors import ConfigError, FedFuseError
+from common.platform_data import MAX_ID_CHARS, MAX_TEXT_CHARS
+from server.serving.access import Caller, RateLimit, Tokens
+from server.serving.recommender import Recommender, UnknownUser, valid_text
+
+if TYPE_CHECKING:
+    import uvicorn
 
 MAX_BODY = 64 * 1024  # bytes; a request is a user id or a few titles, far below this
 MAX_K = 100
-PAGE = Path(__file__).with_name("page.html")
+MAX_LIKED = 100  # entries of a liked list; only the newest history_len of them are read
+MAX_TITLE = MAX_TEXT_CHARS  # characters of one entry: a catalogue text is at most this long
+MAX_TOKEN_LIFETIME_S = 7 * 24 * 3600
+LOOPBACK_NAMES = ("127.0.0.1", "localhost")
+# Per caller: units per second and at most this many saved up; a request costs 1, plus
+# ENCODE_COST per title from elsewhere (the encoder runs on it: ~20 ms of a core each).
+RATE, BURST, ENCODE_COST = 20.0, 60.0, 2.0
+# Lanes: (rankings at once, requests allowed to wait, share of a core); beyond: 503 at once.
+RANK_LANE, ENCODE_LANE = (2, 16, 1.0), (1, 2, 0.25)
+REQUEST_READ_TIMEOUT_S = 10.0  # for a whole request (head and body) to arrive
+MAX_HEAD = 16 * 1024  # bytes of request line and headers
+MAX_CONNECTIONS = 256  # open at once; more are closed on arrival (the file limit is finite)
+STATIC = Path(__file__).parent
+PAGES = {  # path -> (file beside this module, content type)
+    "/": ("page.html", "text/html; charset=utf-8"),
+    "/page.js": ("page.js", "text/javascript; charset=utf-8"),
+    "/page.css": ("page.css", "text/css; charset=utf-8"),
+}
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+SECURITY_HEADERS = {
+    # only the page's own script and style, fetches to this origin, never inside a frame
+    "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
+    "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'",
+    "x-content-type-options": "nosniff",
+    "x-frame-options": "DENY",
+    "cache-control": "no-store",
+    "referrer-policy": "no-referrer",
+    "cross-origin-opener-policy": "same-origin",
+    "cross-origin-resource-policy": "same-origin",
+}
+
+
+def _text(what: str) -> AfterValidator:
+    """A pydantic check that answers invalid Unicode with 422 (the tokenizer and the JSON
+    encoder of the reply would fail on it as a 500)."""
+
+    def check(value: str) -> str:
+        try:
+            return valid_text(value, what)
+        except FedFuseError as err:
+            raise ValueError(str(err)) from None
+
+    return AfterValidator(check)
+
+
+UserId = Annotated[str, Field(min_length=1, max_length=MAX_ID_CHARS), _text("the user id")]
+Title = Annotated[str, Field(max_length=MAX_TITLE), _text("a liked title or id")]
 
 
 class RecommendRequest(BaseModel):
@@ -32,13 +107,14 @@ class RecommendRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
 
-    user: str | None = Field(None, description="a user id of this platform")
-    liked: list[str] | None = Field(
+    user: UserId | None = Field(None, description="a user id of this platform")
+    liked: list[Title] | None = Field(
         None,
+        max_length=MAX_LIKED,
         description="liked items, newest first: ids or titles of this platform, or titles "
         "liked elsewhere (used as text, stored nowhere); [] means popularity only",
     )
-    k: int = Field(10, ge=1, le=MAX_K, description="how many recommendations")
+    k: StrictInt = Field(10, ge=1, le=MAX_K, description="how many recommendations")
 
     @model_validator(mode="after")
     def _one_source(self) -> RecommendRequest:
@@ -47,8 +123,60 @@ class RecommendRequest(BaseModel):
         return self
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+class HistoryRequest(BaseModel):
+    """Whose history: the caller's own when ``user`` is left out."""
+
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+    user: UserId | None = None
+
+
+class TokenRequest(BaseModel):
+    """A user token to mint (operator only): for whom, and for how long."""
+
+    model_config = ConfigDict(extra="forbid", coerce_numbers_to_str=True)
+
+    user: UserId
+    lifetime_s: StrictInt = Field(3600, ge=60, le=MAX_TOKEN_LIFETIME_S)
+
+
+class Busy(Exception):
+    """A lane is full: the request is turned away now rather than queued without end."""
+
+
+class Lane:
+    """At most ``workers`` requests at once and ``waiting`` more queued; beyond, :class:`Busy`.
+
+    ``duty`` < 1 also rests the lane after each request for as long as keeps its work to that
+    share of one core (a 0.4 s encoding at 0.25 closes it for 1.2 s): the encoder is the one
+    costly step, so however many callers ask for it, it leaves the other cores' time to the
+    catalogue rankings."""
+
+    def __init__(self, workers: int, waiting: int, duty: float = 1.0) -> None:
+        self._running = threading.Semaphore(workers)
+        self._admitted = threading.Semaphore(workers + waiting)
+        self._duty = duty
+        self._rest_until = 0.0
+
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
+        if time.monotonic() < self._rest_until or not self._admitted.acquire(blocking=False):
+            raise Busy
+        try:
+            with self._running:
+                start = time.monotonic()
+                try:
+                    yield
+                finally:
+                    now = time.monotonic()
+                    rest = (now - start) * (1 / self._duty - 1)
+                    self._rest_until = max(self._rest_until, now + rest)
+        finally:
+            self._admitted.release()
+
+
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def _one_line(error: RequestValidationError) -> str:
@@ -109,16 +237,96 @@ class BodyLimit:
         await self.app(scope, replay, send)
 
 
-def create_app(recommender: Recommender) -> FastAPI:
-    """The service for one loaded platform recommender."""
-    # FastAPI's /docs and /redoc pages load their scripts from a CDN; /openapi.json stays.
-    app = FastAPI(title=f"FedFuse: {recommender.platform}", docs_url=None, redoc_url=None)
+class SecurityHeaders:
+    """Adds :data:`SECURITY_HEADERS` to every response, errors and rejections included."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                headers = MutableHeaders(scope=message)
+                for name, value in SECURITY_HEADERS.items():
+                    headers[name] = value
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+_bearer = HTTPBearer(auto_error=False, description="a user token or the operator token")
+
+
+async def _caller(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Caller:
+    """Who is asking: checked before the body is looked at, so a stranger costs nothing."""
+    tokens: Tokens | None = request.app.state.tokens
+    if tokens is None:
+        address = request.client.host if request.client else "unknown"
+        return Caller(None, f"address:{address}")
+    if credentials is None:
+        raise HTTPException(401, "send Authorization: Bearer <token>", _CHALLENGE)
+    found = tokens.verify(credentials.credentials)
+    if found is None:
+        raise HTTPException(401, "invalid or expired token", _CHALLENGE)
+    return found
+
+
+Who = Annotated[Caller, Depends(_caller)]
+
+
+def create_app(
+    recommender: Recommender,
+    tokens: Tokens | None,
+    allowed_hosts: Sequence[str] = LOOPBACK_NAMES,
+    openapi: bool = False,
+    rate_limit: RateLimit | None = None,
+) -> FastAPI:
+    """The service for one loaded platform recommender. ``tokens`` None is the open mode
+    (every caller is the operator, limited by address): ``fedfuse serve`` allows it only on
+    loopback and when told ``--insecure-no-auth``."""
+    # FastAPI's /docs and /redoc load their scripts from a CDN (the CSP forbids it); the
+    # schema itself is served only when asked for, as it maps the surface for a prober.
+    app = FastAPI(
+        title=f"FedFuse: {recommender.platform}",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if openapi else None,
+    )
     app.add_middleware(BodyLimit)
-    users = recommender.users
-    page = PAGE.read_text(encoding="utf-8")
-    # One ranking at a time: the tokenizer (a cold-start title is encoded) is not thread-safe,
-    # and a single ranking already uses every core torch was given.
-    ranking = threading.Lock()
+    app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
+    app.add_middleware(SecurityHeaders)  # outermost: on the Host and body rejections too
+    limiter = rate_limit or RateLimit(RATE, BURST)
+    lanes = {"rank": Lane(*RANK_LANE), "encode": Lane(*ENCODE_LANE)}
+    pages = {path: ((STATIC / name).read_bytes(), kind) for path, (name, kind) in PAGES.items()}
+    app.state.tokens = tokens
+
+    def operator_only(who: Caller) -> None:
+        if not who.operator:
+            raise HTTPException(403, "only the platform's operator may do this")
+
+    def for_whom(who: Caller, user: str | None) -> str | None:
+        """The user a request may be about: a user's own id only (403 before any look-up, so
+        a refusal never tells whether another user exists)."""
+        if who.operator:
+            return user
+        if user is not None and user != who.user:
+            raise HTTPException(403, "a user token answers for its own user only")
+        return who.user
+
+    def charge(who: Caller, cost: float) -> None:
+        if who.bucket is None:
+            return
+        wait = limiter.take(who.bucket, cost)
+        if wait:
+            seconds = str(math.ceil(wait))
+            raise HTTPException(429, f"rate limit: retry in {seconds} s", {"Retry-After": seconds})
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_: Request, error: RequestValidationError) -> JSONResponse:
@@ -126,7 +334,7 @@ def create_app(recommender: Recommender) -> FastAPI:
 
     @app.exception_handler(HTTPException)
     async def _http(_: Request, error: HTTPException) -> JSONResponse:
-        return _error(error.status_code, str(error.detail))
+        return _error(error.status_code, str(error.detail), error.headers)
 
     @app.exception_handler(UnknownUser)
     async def _unknown_user(_: Request, error: UnknownUser) -> JSONResponse:
@@ -136,51 +344,202 @@ def create_app(recommender: Recommender) -> FastAPI:
     async def _bad_request(_: Request, error: FedFuseError) -> JSONResponse:
         return _error(422, str(error))
 
+    @app.exception_handler(Busy)
+    async def _busy(_: Request, error: Busy) -> JSONResponse:
+        return _error(503, "busy: retry shortly", {"Retry-After": "1"})
+
     @app.exception_handler(Exception)
     async def _bug(_: Request, error: Exception) -> JSONResponse:
         # Starlette re-raises it after this response, so uvicorn logs the traceback here.
         return _error(500, "internal error (logged by the service)")
 
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    def home() -> str:
-        return page
+    for path, (body, kind) in pages.items():
+        app.add_api_route(path, _static(body, kind), methods=["GET"], include_in_schema=False)
 
     @app.get("/health")
-    def health() -> dict[str, object]:
+    async def health() -> dict[str, object]:
+        """Liveness for a load balancer: says nothing about the platform."""
+        return {"status": "ok"}
+
+    @app.get("/api/session")
+    async def session(who: Who) -> dict[str, object]:
+        """Who the caller is and what the page needs to know about the platform."""
         return {
-            "status": "ok",
+            "role": "operator" if who.operator else "user",
+            "user": who.user,
+            "open": tokens is None,
             "platform": recommender.platform,
             "items": len(recommender.data.item_text),
-            "users": len(users),
+            "users": len(recommender.users) if who.operator else None,
+            "history_len": recommender.history_len,
         }
 
     @app.get("/api/users")
-    def list_users(limit: int = Query(100, ge=1, le=10_000)) -> dict[str, object]:
-        """User ids for the page's picker (sorted; ``total`` says how many there are)."""
-        return {"users": users[:limit], "total": len(users)}
+    async def list_users(
+        who: Who, limit: Annotated[int, Query(ge=1, le=10_000)] = 100
+    ) -> dict[str, object]:
+        """User ids for the operator's picker (sorted; ``total`` says how many there are)."""
+        operator_only(who)
+        return {"users": recommender.users[:limit], "total": len(recommender.users)}
 
-    @app.get("/api/users/{user}")
-    def user_history(user: str) -> dict[str, object]:
+    @app.post("/api/history")
+    async def user_history(request: HistoryRequest, who: Who) -> dict[str, object]:
         """The user's liked items, newest first; the first ``history_len`` drive the ranking."""
+        user = for_whom(who, request.user)
+        if user is None:
+            raise HTTPException(422, "user: the operator names the user")
+        charge(who, 1)
         liked, seen = recommender.user_history(user)
         return {
             "user": user,
-            "liked": [vars(h) for h in liked],
+            "liked": [recommender.shown(h) for h in liked],
             "seen": len(seen),
             "history_len": recommender.history_len,
         }
 
     @app.post("/api/recommend")
-    def recommend(request: RecommendRequest) -> dict[str, object]:
+    def recommend(request: RecommendRequest, who: Who) -> JSONResponse:
         """Top-K with explanations; the same document as ``fedfuse recommend --json``."""
-        with ranking:
-            return recommender.document(request.user, request.liked, request.k)
+        user = None if request.user is None else for_whom(who, request.user)
+        history, seen = recommender.history_for(user, request.liked)
+        foreign = sum(h.row is None for h in history)
+        charge(who, 1 + ENCODE_COST * foreign)
+        with lanes["encode" if foreign else "rank"].slot():
+            recommendations = recommender.recommend(history, seen, request.k)
+        # as a JSONResponse: FastAPI would otherwise walk the document (jsonable_encoder)
+        return JSONResponse(recommender.as_document(user, history, recommendations))
+
+    @app.post("/api/tokens")
+    async def mint(request: TokenRequest, who: Who) -> dict[str, object]:
+        """A token that answers for ``user`` only, for the platform's login service to hand
+        to a signed-in person (operator only)."""
+        operator_only(who)
+        if tokens is None:
+            raise HTTPException(409, "the service runs without tokens (--insecure-no-auth)")
+        expires = int(time.time()) + request.lifetime_s
+        token = tokens.mint(request.user, expires)
+        return {"user": request.user, "token": token, "expires": expires}
 
     return app
 
 
-def serve(recommender: Recommender, host: str, port: int) -> None:
-    """Serve until interrupted (Ctrl-C or SIGTERM end it cleanly)."""
+def _static(body: bytes, kind: str) -> Callable[[], Response]:
+    """A route answering one of the page's files, read once at start."""
+
+    async def page() -> Response:
+        return Response(body, media_type=kind)
+
+    return page
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine (a name is resolved, every address checked)."""
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False
+    return all(ipaddress.ip_address(info[4][0]).is_loopback for info in infos)
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A socket bound to ``host:port``, checked before the run is loaded so a wrong port
+    fails in a second and as one line (uvicorn would wrap 70000 to 4464, and log a bind
+    failure as a traceback with exit 1)."""
+    if not 1 <= port <= 65535:
+        raise ConfigError(f"port {port}: give one from 1 to 65535")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except OSError as err:
+        raise ConfigError(f"cannot listen on {host}: {err.strerror or err}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as err:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port} ({err.strerror or err})") from None
+    return sock
+
+
+def _guarded_protocol() -> type:
+    """uvicorn's h11 protocol with what it lacks: a deadline for a whole request to arrive.
+
+    uvicorn times out only idle keep-alive connections, so a client dripping its headers a
+    byte at a time (slow loris), or connecting and sending nothing, held its connection
+    forever; and its default parser (httptools) has no header size limit. Here a request
+    must arrive within :data:`REQUEST_READ_TIMEOUT_S` of the connection or of the previous
+    response, h11 caps an unfinished head at :data:`MAX_HEAD`, connections beyond
+    :data:`MAX_CONNECTIONS` are closed as they arrive, and no request line is ever logged.
+    """
+    import asyncio
+
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        _deadline: asyncio.TimerHandle | None = None
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            # uvicorn logs request lines whenever its access logger has a handler anywhere
+            # up the tree, whatever access_log says; these lines carry client addresses.
+            self.access_log = False
+
+        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            if len(self.connections) > MAX_CONNECTIONS:
+                transport.abort()
+                return
+            self._arm()
+
+        def _arm(self) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            self._deadline = self.loop.call_later(REQUEST_READ_TIMEOUT_S, self._expire)
+
+        def _expire(self) -> None:
+            """Close unless the request has fully arrived (then the app is answering it)."""
+            if self.conn.their_state is not h11.DONE and not self.transport.is_closing():
+                self.transport.close()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._arm()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            if self._deadline is not None:
+                self._deadline.cancel()
+            super().connection_lost(exc)
+
+    return GuardedH11Protocol
+
+
+def server_config(app: FastAPI) -> uvicorn.Config:
+    """uvicorn's settings for the service: the guarded protocol, bounded connections, and
+    nothing that names the server or logs a request line."""
     import uvicorn
 
-    uvicorn.run(create_app(recommender), host=host, port=port, log_level="info")
+    return uvicorn.Config(
+        app,
+        http=_guarded_protocol(),
+        h11_max_incomplete_event_size=MAX_HEAD,
+        timeout_keep_alive=5,
+        limit_concurrency=MAX_CONNECTIONS // 2,
+        server_header=False,  # no "Server: uvicorn"
+        access_log=False,  # its lines carry client addresses (and once carried user ids)
+        lifespan="off",
+        log_level="info",
+    )
+
+
+def serve(app: FastAPI, sock: socket.socket) -> None:
+    """Serve on the bound ``sock`` until interrupted (Ctrl-C or SIGTERM end it cleanly).
+
+    torch gets one thread: a ranking is one small matrix product, and one thread per
+    request leaves the other cores to concurrent requests (on 2 busy cores a top-10 took
+    66 ms with two threads against 1 ms with one, as the threads waited on each other).
+    """
+    import torch
+    import uvicorn
+
+    torch.set_num_threads(1)
+    uvicorn.Server(server_config(app)).run(sockets=[sock])

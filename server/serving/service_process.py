@@ -9,7 +9,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import httpx
@@ -18,13 +18,16 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 @contextlib.contextmanager
-def running_service(run_dir: Path, platform: str, timeout: float = 300) -> Iterator[str]:
-    """``fedfuse serve`` in a subprocess on a free port; yields its base URL once /health
-    answers, and stops it on the way out (its log is in the error if it never came up)."""
+def running_service(
+    run_dir: Path, platform: str, timeout: float = 300, options: Sequence[str] = ()
+) -> Iterator[str]:
+    """``fedfuse serve`` (with ``options``, e.g. ``--token-file``) in a subprocess on a free
+    port; yields its base URL once /health answers, and stops it on the way out (its log is
+    in the error if it never came up)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    command = ["-m", "server.cli", "serve", str(run_dir), "--platform", platform]
+    command = ["-m", "server.cli", "serve", str(run_dir), "--platform", platform, *options]
     with tempfile.TemporaryFile() as log:
         process = subprocess.Popen(
             [sys.executable, *command, "--port", str(port)],
