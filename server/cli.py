@@ -97,7 +97,8 @@ def _simulate(args: argparse.Namespace) -> None:
         record.read_config()  # a clear error for a folder that is not a run
         if args.config or args.set:  # applied to the recorded settings unless a file is given
             recorded = record.root / CONFIG_FILE
-            resume_settings(record, load_config(args.config or recorded, args.set))
+            with record.owned():  # never under a process that is running the run
+                resume_settings(record, load_config(args.config or recorded, args.set))
     else:
         config = load_config(args.config, args.set)
         check_resources(args.cpus_per_client, args.gpus_per_client, config.train.device)
@@ -546,6 +547,11 @@ class _Console(logging.StreamHandler):
         self.stream = sys.stdout
         super().emit(record)
 
+    def handleError(self, record: logging.LogRecord) -> None:
+        if isinstance(sys.exc_info()[1], BrokenPipeError):
+            raise  # to main(): the reader went away, not a logging fault to report
+        super().handleError(record)
+
 
 def _show_progress() -> None:
     """Library modules log their progress; the command decides it reaches the console, as
@@ -571,6 +577,8 @@ def _resume_hint(args: argparse.Namespace, stopped: Stopped) -> str:
         return f"; resume with `fedfuse simulate --resume {run}`" if run else "; nothing started"
     if args.command in ("compare", "tune"):
         return f"; the same command resumes from {args.out}"
+    if args.command == "deploy" and args.action == "run":
+        return "; a submitted run goes on in the federation (`flwr ls` lists it)"
     return ""
 
 
@@ -639,11 +647,6 @@ def _run(args: argparse.Namespace) -> int:
         print(f"fedfuse: error: {os.fsdecode(err.filename)}: {err.strerror}", file=sys.stderr)
         return 2
     return 0
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        if isinstance(sys.exc_info()[1], BrokenPipeError):
-            raise  # to main(): the reader went away, not a logging fault to report
-        super().handleError(record)
 
 
 if __name__ == "__main__":

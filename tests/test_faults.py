@@ -131,6 +131,10 @@ def test_resume_takes_the_settings_that_may_change_and_refuses_the_others(
     assert main(["simulate", "--resume", str(record.root), "--config", str(other)]) == 2
     assert "train.learning_rate cannot change" in _one_line(capsys)
     assert (record.root / "config.json").read_text() == before  # refused: nothing changed
+    with record.owned():  # a process running the run: its settings are not changed under it
+        assert main(["simulate", "--resume", str(record.root), "--set", "train.device='cpu'"]) == 2
+    assert "in use by another fedfuse process" in _one_line(capsys)
+    assert (record.root / "config.json").read_text() == before
 
     moved = tmp_path / "moved-data"
     (tmp_path / "moved-data").symlink_to(config.data.path)
@@ -412,3 +416,24 @@ def test_audit_that_cannot_write_its_report_ends_in_one_line(
     assert main(["audit", str(run)]) == 2
     assert _one_line(capsys) == f"fedfuse: error: {run / 'audit.json'}: Is a directory"
     assert [p.name for p in run.iterdir()] == ["audit.json"]  # no temporary file left
+
+
+def test_a_progress_line_to_a_closed_pipe_ends_the_command(monkeypatch) -> None:
+    """A logged progress line met the closed pipe inside logging, which printed a
+    '--- Logging error ---' traceback and went on; it now reaches main() (exit 141)."""
+    import io
+    import logging
+
+    from server import cli
+
+    class Closed(io.StringIO):
+        def write(self, text: str) -> int:
+            raise BrokenPipeError(32, "Broken pipe")
+
+    handler = cli._Console()
+    logger = logging.getLogger("server.test-closed-pipe")
+    monkeypatch.setattr(logger, "handlers", [handler])
+    monkeypatch.setattr(logger, "propagate", False)
+    monkeypatch.setattr(sys, "stdout", Closed())
+    with pytest.raises(BrokenPipeError):
+        logger.warning("a progress line")
