@@ -97,8 +97,7 @@ def _simulate(args: argparse.Namespace) -> None:
         record.read_config()  # a clear error for a folder that is not a run
         if args.config or args.set:  # applied to the recorded settings unless a file is given
             recorded = record.root / CONFIG_FILE
-            with record.owned():  # never under a process that is running the run
-                resume_settings(record, load_config(args.config or recorded, args.set))
+            resume_settings(record, load_config(args.config or recorded, args.set))
     else:
         config = load_config(args.config, args.set)
         check_resources(args.cpus_per_client, args.gpus_per_client, config.train.device)

@@ -137,7 +137,8 @@ def _flat(config: RunConfig) -> dict[str, Any]:
 def resume_settings(record: RunRecord, config: RunConfig) -> None:
     """Apply to a resumed run the settings in ``config`` (its ``--config`` and ``--set``) that
     may change on a resume (:data:`RESUMABLE`); any other change is refused, because the
-    ledgers were charged for the recorded ones (and the ledger's folder stays where it is)."""
+    ledgers were charged for the recorded ones (and the ledger's folder stays where it is). A
+    refusal writes nothing, not even the run's lock file."""
     recorded = load_config(record.root / CONFIG_FILE)
     old, new = _flat(recorded), _flat(config)
     if config.dp.state_dir == DPConfig.model_fields["state_dir"].default:
@@ -154,7 +155,8 @@ def resume_settings(record: RunRecord, config: RunConfig) -> None:
         for key in changed:
             section, _, field = key.partition(".")
             sections.setdefault(section, {})[field] = new[key]
-        record.write_config(with_settings(recorded, **sections).model_dump(mode="json"))
+        with record.owned():  # never under a process that is running the run
+            record.write_config(with_settings(recorded, **sections).model_dump(mode="json"))
         log.info("resuming with %s", ", ".join(f"{key} = {new[key]}" for key in changed))
 
 
