@@ -349,7 +349,7 @@ def test_a_full_lane_turns_requests_away_at_once() -> None:
     start = time.monotonic()
     with pytest.raises(Busy), lane.slot():
         pass
-    assert time.monotonic() - start < 0.1
+    assert time.monotonic() - start < 1  # not after the 10 s the holders may take
     release.set()
     for holder in holders:
         holder.join(10)
@@ -361,11 +361,13 @@ def test_the_encoder_lane_keeps_to_its_share_of_a_core() -> None:
     """After 0.2 s of work at a duty of 0.5 the lane rests 0.2 s: a flood of cold starts
     takes at most that share, whoever sends them."""
     lane = Lane(workers=1, waiting=0, duty=0.5)
+    start = time.monotonic()
     with lane.slot():
         time.sleep(0.2)
+    worked = time.monotonic() - start  # at least the rest the lane took (0.2 s or more)
     with pytest.raises(Busy), lane.slot():
         pass
-    time.sleep(0.25)
+    time.sleep(worked + 0.05)
     with lane.slot():
         pass
 
