@@ -26,7 +26,8 @@ import numpy as np
 
 from common.config import RunConfig
 from common.errors import DataError
-from common.model import Scorer, TextFeaturizer
+from common.featurizer import TextFeaturizer
+from common.scorers import Scorer
 from common.task import Example, PlatformTask
 
 PREFIX = "canary:"

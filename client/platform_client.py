@@ -27,8 +27,9 @@ from common.adapters import load_trainable_arrays, trainable_arrays
 from common.config import RunConfig
 from common.errors import DataError
 from common.evaluation import CountScorer, evaluate
-from common.model import Scorer, TextFeaturizer
+from common.featurizer import TextFeaturizer
 from common.platform_data import federation_platforms, read_platform
+from common.scorers import Scorer
 from common.sharing import private_names, seeded_arrays, shared_names, shared_scorer
 from common.task import PlatformTask, build_task, training_units
 from common.training import MOMENT, resolve_device

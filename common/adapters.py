@@ -24,7 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from common.errors import FedFuseError
-from common.model import Scorer
+from common.scorers import Scorer
 
 HEAD_FILE = "fedfuse_head.safetensors"
 META_FILE = "fedfuse_scorer.json"

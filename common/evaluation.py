@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 
+from common.featurizer import TextFeaturizer
 from common.metrics import case_metrics, list_metrics, pointwise_metrics
-from common.model import Scorer, TextFeaturizer
+from common.scorers import Scorer
 from common.task import Example, PlatformTask, RankingCase
 
 

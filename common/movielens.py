@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from common.errors import DataError
-from common.platform_data import CARRIED, MAX_ID_CHARS, PlatformTables
+from common.platform_format import CARRIED, MAX_ID_CHARS
+from common.platform_writer import PlatformTables
 
 # Each movie goes to exactly one platform: the first group in this order that shares a genre
 # with it. The order keeps the niche groups from being swallowed by the two largest genres

@@ -21,8 +21,10 @@ from typing import Any
 import numpy as np
 
 from common.adapters import trainable_arrays
+from common.backbone import load_backbone
 from common.config import LoraSettings, ModelConfig
-from common.model import Scorer, build_scorer, load_backbone
+from common.model import build_scorer
+from common.scorers import Scorer
 
 Arrays = dict[str, np.ndarray]
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from common.platform_data import PlatformTables
+from common.platform_writer import PlatformTables
 
 TOPIC_WORDS = (
     ("space", "rocket", "galaxy", "orbit", "alien"),

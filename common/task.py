@@ -40,7 +40,8 @@ import numpy as np
 
 from common.config import TaskConfig
 from common.errors import DataError
-from common.platform_data import CARRIED, PlatformData, distinct_codes, read_carried
+from common.platform_data import PlatformData, distinct_codes, read_carried
+from common.platform_format import CARRIED
 
 TRAIN, VALID, TEST = 0, 1, 2  # a row's period
 CARRIED_PREFIX = "carried:"  # item ids from a platform's carried/ data, apart from its own

@@ -11,7 +11,7 @@ from torch import nn
 from common.adapters import unwrap
 from common.config import TrainConfig
 from common.errors import ConfigError
-from common.model import TextFeaturizer
+from common.featurizer import TextFeaturizer
 from common.task import Example
 
 

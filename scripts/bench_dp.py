@@ -56,11 +56,15 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.flop_counter import FlopCounterMode
 
 from client.dp_training import FASTER_CLIPPING, LocalTrainer
+from common.backbone import load_backbone
 from common.config import DEFAULT_BACKBONE, RunConfig, load_config, with_settings
 from common.dataset_summary import markdown_table
-from common.model import Scorer, TextFeaturizer, build_scorer, count_parameters, load_backbone
+from common.featurizer import TextFeaturizer
+from common.model import build_scorer, count_parameters
 from common.movielens import build_ml100k
-from common.platform_data import read_platform, write_dataset
+from common.platform_data import read_platform
+from common.platform_writer import write_dataset
+from common.scorers import Scorer
 from common.task import build_task, training_units
 from common.training import resolve_device
 from common.wire_log import model_record

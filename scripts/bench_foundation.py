@@ -17,9 +17,10 @@ from functools import partial
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from common.backbone import load_backbone
 from common.config import ModelConfig, RunConfig
 from common.dataset_summary import markdown_table
-from common.model import build_scorer, count_parameters, load_backbone
+from common.model import build_scorer, count_parameters
 from common.training import make_optimizer
 
 

@@ -58,7 +58,7 @@ def _stamp() -> tuple[float, float]:
 
 def _write_inputs(args: argparse.Namespace, root: Path) -> Path:
     """A synthetic federation (unless ``--data``) and the run configuration both arms use."""
-    from common.platform_data import write_dataset
+    from common.platform_writer import write_dataset
     from common.synthetic import SyntheticConfig, generate
 
     data = Path(args.data).resolve() if args.data else root / "data"

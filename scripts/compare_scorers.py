@@ -16,12 +16,15 @@ from pathlib import Path
 import torch
 
 from client.dp_training import LocalTrainer
+from common.backbone import load_backbone
 from common.config import DPConfig, ModelConfig, RunConfig
 from common.dataset_summary import markdown_table
 from common.evaluation import evaluate
-from common.model import TextFeaturizer, build_scorer, load_backbone
+from common.featurizer import TextFeaturizer
+from common.model import build_scorer
 from common.movielens import build_ml100k
-from common.platform_data import read_platform, write_dataset
+from common.platform_data import read_platform
+from common.platform_writer import write_dataset
 from common.task import build_task, training_units
 
 

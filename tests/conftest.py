@@ -22,7 +22,7 @@ def tiny_bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from common.platform_data import write_dataset
+    from common.platform_writer import write_dataset
     from common.synthetic import SyntheticConfig, generate
 
     out = tmp_path_factory.mktemp("synthetic") / "data"

@@ -19,9 +19,10 @@ from common.adapters import (
     trainable_arrays,
     unwrap,
 )
+from common.backbone import load_backbone
 from common.config import LoraSettings, ModelConfig
 from common.errors import FedFuseError
-from common.model import build_scorer, load_backbone
+from common.model import build_scorer
 
 
 def _scorer(backbone: Path, kind: str = "two_tower", seed: int = 0):

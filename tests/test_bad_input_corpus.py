@@ -318,7 +318,7 @@ def world(
 ) -> dict[str, str]:
     """The files the cases point at, made once: good and broken data, configs and runs."""
     from common.config import load_config
-    from common.platform_data import write_dataset
+    from common.platform_writer import write_dataset
     from common.synthetic import SyntheticConfig, generate
     from server.simulation.simulation import prepare_run
 

@@ -15,10 +15,12 @@ import torch
 from client.canaries import insert_canaries, make_canaries
 from client.platform_client import PlatformClient, PlatformIdentity
 from common.adapters import save_adapter, trainable_arrays
+from common.backbone import load_backbone
 from common.config import RunConfig, load_config
 from common.errors import ConfigError, DataError
-from common.model import build_scorer, load_backbone
-from common.platform_data import read_platform, write_dataset
+from common.model import build_scorer
+from common.platform_data import read_platform
+from common.platform_writer import write_dataset
 from common.synthetic import SyntheticConfig, generate
 from common.task import Example, PlatformTask, build_task
 from server.audit.canary_audit import (

@@ -8,11 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from common.backbone import load_backbone
 from common.config import LoraSettings, ModelConfig, TaskConfig, load_config
 from common.errors import ConfigError, DataError
-from common.model import ItemTowerHead, TextFeaturizer, build_scorer, load_backbone
+from common.featurizer import TextFeaturizer
+from common.item_tower_head import ItemTowerHead
+from common.model import build_scorer
 from common.movielens import build_ml100k
-from common.platform_data import CARRIED, PlatformTables, read_platform, write_dataset
+from common.platform_data import read_platform
+from common.platform_format import CARRIED
+from common.platform_writer import PlatformTables, write_dataset
 from common.task import CARRIED_PREFIX, Example, build_task
 from server.simulation.sasrec import sasrec_carried_scorer, with_carried
 

@@ -17,8 +17,9 @@ from client.client_app import BUDGET_EXHAUSTED, INVALID_INPUT, ROUND_ALREADY_CHA
 from client.ledger import LEDGER_FILE
 from client.platform_client import LastReply
 from common.adapters import trainable_arrays
+from common.backbone import load_backbone
 from common.config import load_config
-from common.model import build_scorer, load_backbone
+from common.model import build_scorer
 from common.sharing import private_names, shared_names
 
 

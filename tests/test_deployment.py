@@ -208,7 +208,7 @@ def _healthy(address: str, ca: Path) -> bool:
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory: pytest.TempPathFactory, write_run_config) -> Iterator[Federation]:
     """A running SuperLink (TLS, node auth) with the platforms' public keys registered."""
-    from common.platform_data import write_dataset
+    from common.platform_writer import write_dataset
     from common.synthetic import SyntheticConfig, generate
 
     root = tmp_path_factory.mktemp("deployment")

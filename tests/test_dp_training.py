@@ -22,9 +22,11 @@ from client.dp_training import (
 )
 from client.ledger import EXAMPLE, USER, Mechanism, epsilon
 from common.adapters import load_trainable_arrays, trainable_arrays
+from common.backbone import load_backbone
 from common.config import DPConfig, LoraSettings, ModelConfig, TrainConfig
 from common.errors import ConfigError
-from common.model import TextFeaturizer, build_scorer, load_backbone
+from common.featurizer import TextFeaturizer
+from common.model import build_scorer
 from common.platform_data import read_dataset
 from common.task import Example, build_task, training_units
 from common.training import loss_on

@@ -9,18 +9,12 @@ import pytest
 import torch
 
 from common import layer_cache
+from common.backbone import load_backbone, lora_targets, pool, resolve_backbone
 from common.config import LoraSettings, ModelConfig
 from common.errors import ConfigError
-from common.model import (
-    ItemTowerHead,
-    TextFeaturizer,
-    build_scorer,
-    count_parameters,
-    load_backbone,
-    lora_targets,
-    pool,
-    resolve_backbone,
-)
+from common.featurizer import TextFeaturizer
+from common.item_tower_head import ItemTowerHead
+from common.model import build_scorer, count_parameters
 from common.platform_data import read_dataset
 from common.sharing import private_names, shared_names, trains
 from common.task import Example, build_task, training_units

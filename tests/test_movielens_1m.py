@@ -11,7 +11,8 @@ import pytest
 import common.movielens as movielens
 from common.errors import DataError
 from common.movielens import GENRE_GROUPS, build_ml1m, primary_group
-from common.platform_data import PlatformTables, read_dataset, write_dataset
+from common.platform_data import read_dataset
+from common.platform_writer import PlatformTables, write_dataset
 from server.cli import main
 
 ML_PLATFORMS = list(GENRE_GROUPS)

@@ -8,7 +8,8 @@ import pytest
 
 from common.errors import DataError
 from common.movielens import GENRE_GROUPS, build_ml100k, primary_group
-from common.platform_data import PlatformTables, read_dataset, write_dataset
+from common.platform_data import read_dataset
+from common.platform_writer import PlatformTables, write_dataset
 from common.synthetic import SyntheticConfig, generate
 from server.cli import main
 

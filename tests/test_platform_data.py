@@ -1,4 +1,5 @@
-"""Reading, validating and writing platform folders (common.platform_data)."""
+"""Reading, validating and writing platform folders (common.platform_data and the readers and
+writer it uses)."""
 
 from __future__ import annotations
 
@@ -10,15 +11,11 @@ import numpy as np
 import pytest
 
 import common.platform_data as platform_data
+import common.platform_writer as platform_writer
+from common import platform_format
 from common.errors import DataError
-from common.platform_data import (
-    PlatformTables,
-    find_file,
-    platform_dirs,
-    read_dataset,
-    read_platform,
-    write_dataset,
-)
+from common.platform_data import find_file, platform_dirs, read_dataset, read_platform
+from common.platform_writer import PlatformTables, write_dataset
 
 VALID = Path(__file__).resolve().parent / "fixtures" / "valid"
 
@@ -211,7 +208,7 @@ def test_long_text_is_truncated_with_a_warning():
     data = read_platform(VALID / "long_description")
     prefix = "The Long Book. description: "
     assert data.item_text["b1"].startswith(prefix)
-    assert len(data.item_text["b1"]) == len(prefix) + platform_data.MAX_TEXT_CHARS
+    assert len(data.item_text["b1"]) == len(prefix) + platform_format.MAX_TEXT_CHARS
     assert data.item_text["b2"] == "A Short Book. description: Brief."
     assert len(data.warnings) == 1
     assert (
@@ -221,7 +218,7 @@ def test_long_text_is_truncated_with_a_warning():
 
 
 def test_overlong_identifier_is_an_error(tmp_path: Path):
-    long_id = "x" * (platform_data.MAX_ID_CHARS + 1)
+    long_id = "x" * (platform_format.MAX_ID_CHARS + 1)
     folder = write(
         tmp_path / "p",
         {
@@ -300,7 +297,7 @@ def test_write_dataset_round_trip(tmp_path: Path):
 
 
 def fail_on_second_call(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
-    real = platform_data._write_tsv
+    real = platform_writer._write_tsv
     calls: list[Path] = []
 
     def flaky(path: Path, rows: list[dict[str, object]]) -> None:
@@ -309,7 +306,7 @@ def fail_on_second_call(monkeypatch: pytest.MonkeyPatch) -> list[Path]:
             raise OSError("disk full")
         real(path, rows)
 
-    monkeypatch.setattr(platform_data, "_write_tsv", flaky)
+    monkeypatch.setattr(platform_writer, "_write_tsv", flaky)
     return calls
 
 
@@ -329,7 +326,7 @@ def test_write_dataset_interrupt_leaves_nothing_behind(
     def interrupted(path: Path, rows: list[dict[str, object]]) -> None:
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(platform_data, "_write_tsv", interrupted)
+    monkeypatch.setattr(platform_writer, "_write_tsv", interrupted)
     with pytest.raises(KeyboardInterrupt):
         write_dataset(tmp_path / "nested" / "out", [tables("a")])
     assert list((tmp_path / "nested").iterdir()) == []
@@ -390,7 +387,7 @@ def test_a_one_megabyte_title_is_truncated_not_rejected(tmp_path: Path):
         },
     )
     data = read_platform(folder)
-    assert data.item_text == {"m1": "x" * platform_data.MAX_TEXT_CHARS}
+    assert data.item_text == {"m1": "x" * platform_format.MAX_TEXT_CHARS}
     assert data.warnings == [
         f"{folder / 'items.csv'}, row 2, column 'title': text of 1000000 characters "
         "truncated to 1000"

@@ -9,9 +9,11 @@ import torch
 
 from client.dp_training import LocalTrainer
 from common.adapters import trainable_arrays
+from common.backbone import load_backbone
 from common.config import DPConfig, LoraSettings, ModelConfig, TrainConfig
 from common.evaluation import evaluate
-from common.model import TextFeaturizer, build_scorer, load_backbone
+from common.featurizer import TextFeaturizer
+from common.model import build_scorer
 from common.platform_data import read_dataset
 from common.task import build_task
 from common.training import loss_on

@@ -27,8 +27,8 @@ from client.platform_client import PlatformClient, PlatformIdentity
 from client.popularity_prior import positive_counts
 from common.config import RunConfig, with_settings
 from common.evaluation import CountScorer
-from common.model import Scorer
 from common.platform_data import federation_platforms
+from common.scorers import Scorer
 from common.task import Example, PlatformTask
 from server.federation.server_app import learning_rate_schedule
 from server.federation.server_optimizer import ServerOptimizer
