@@ -181,7 +181,8 @@ def test_compare_writes_one_report_and_resumes_from_cached_cells(
     assert "## ε = 4" in report and "## non-private" in report
     assert "fedsa at ε = 4 ≥ local-only on every platform" in report
     assert (out / "ndcg_at_10.png").stat().st_size > 1000
-    capsys.readouterr()
+    # the local baseline's progress is logged and the command shows it like its own lines
+    assert "[fedfuse] p0: round 2/2, ε = " in capsys.readouterr().out
 
     assert main([*args, *levels]) == 0  # every cell cached: nothing retrains
     assert capsys.readouterr().out.count(": cached") == 5

@@ -37,3 +37,33 @@ def test_server_jobs_each_have_a_folder() -> None:
     assert jobs == {"federation", "simulation", "audit", "deployment", "serving"}
     loose = {p.name for p in (REPO / "server").glob("*.py")}
     assert loose == {"__init__.py", "cli.py"}  # the command line over all jobs
+
+
+# Where print stays: the command line's own output, and the modules still to move to logging.
+PRINTS = {
+    "server/cli.py": "the command line decides what reaches the console",
+    "server/deployment/deploy.py": "fedfuse deploy's own output: commands, files, run ids",
+    # The ServerApp process of `flwr run` has no handler on FedFuse's loggers yet: its round
+    # lines need one installed in server_app.main() before they can move to logging.
+    "server/federation/server_app.py": "to move: the round-done line",
+    "server/federation/strategy.py": "to move: the per-round lines",
+    "server/simulation/simulation.py": "to move: the report and audit lines",
+}
+
+
+def _prints(path: Path) -> int:
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return sum(
+        isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "print"
+        for node in ast.walk(tree)
+    )
+
+
+def test_library_code_logs_instead_of_printing() -> None:
+    printing = {
+        str(path.relative_to(REPO))
+        for package in ("common", "client", "server")
+        for path in sorted((REPO / package).rglob("*.py"))
+        if _prints(path)
+    }
+    assert printing <= set(PRINTS)

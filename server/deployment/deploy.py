@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -28,6 +29,8 @@ from pathlib import Path
 from common.atomic import atomic_write
 from common.config import DPConfig
 from common.errors import FedFuseError
+
+log = logging.getLogger(__name__)
 
 CONNECTION = "fedfuse"
 DEFAULT_PORT = 9093
@@ -329,7 +332,7 @@ def _supernode(args: argparse.Namespace) -> None:
     if not args.dry_run:
         Path(args.state_dir).mkdir(parents=True, exist_ok=True)
         for folder in drop_partial_apps(Path(args.state_dir) / "flwr-home"):
-            print(f"[fedfuse] removed a partly installed app (an interrupted start): {folder}")
+            log.info("removed a partly installed app (an interrupted start): %s", folder)
     _exec(command, args.dry_run)
 
 

@@ -15,6 +15,7 @@ the federation's evaluation uses.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +33,8 @@ from common.scorers import Scorer
 from common.task import Example, PlatformTask
 from server.federation.server_app import learning_rate_schedule
 from server.federation.server_optimizer import ServerOptimizer
+
+log = logging.getLogger(__name__)
 
 Arrays = dict[str, np.ndarray]
 LOCAL_ARRAYS = "local_shared.safetensors"
@@ -93,10 +96,8 @@ def train_rounds(client: PlatformClient, initial: Arrays) -> tuple[Arrays, float
             arrays = server.step([reply], rate)
         epsilon = float(metrics["epsilon"])
         if server_round % shown == 0 or server_round == rounds:
-            print(
-                f"[fedfuse] {client.identity.name}: round {server_round}/{rounds}, "
-                f"ε = {epsilon:.3f}",
-                flush=True,
+            log.info(
+                "%s: round %d/%d, ε = %.3f", client.identity.name, server_round, rounds, epsilon
             )
     return arrays, epsilon
 
