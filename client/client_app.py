@@ -107,7 +107,10 @@ def _train(msg: Message, context: Context) -> Message:
         settings = msg.content["config"]
         learning_rate = float(settings.get("learning-rate", client.config.train.learning_rate))
         arrays, metrics = client.train_round(
-            int(settings["server-round"]), _arrays(msg), learning_rate
+            int(settings["server-round"]),
+            _arrays(msg),
+            learning_rate,
+            str(settings.get("run-id", "")),
         )
     except FedFuseError as err:
         return _error(msg, err)

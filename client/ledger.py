@@ -305,15 +305,22 @@ class PrivacyLedger:
             )
         return projected
 
-    def charge(self, server_round: int, mechanism: Mechanism) -> dict[str, Any]:
-        """Record ``mechanism`` for ``server_round`` *before* it runs, under the ledger lock.
+    def charge(
+        self,
+        server_round: int,
+        mechanism: Mechanism,
+        run: str = "",
+    ) -> dict[str, Any]:
+        """Record ``mechanism`` for ``server_round`` of ``run`` *before* it runs, under the
+        ledger lock.
 
         Check and append are one atomic step, so two processes serving one platform cannot
-        both pass the check, and a round number already in the ledger is refused
+        both pass the check, and a round this run already has in the ledger is refused
         (:class:`RoundAlreadyCharged`): no restart, replay or duplicate message trains a round
-        twice or takes the platform past its budget. A round that fails after its charge stays
-        charged: the noise it would have drawn is spent either way, which errs on the safe side.
-        A mechanism of another privacy unit than the ledger's is refused.
+        twice or takes the platform past its budget. Rounds are keyed by run, so several runs
+        can spend one platform's budget in turn (a shared ``dp.state_dir``). A round that fails
+        after its charge stays charged: the noise it would have drawn is spent either way, which
+        errs on the safe side. A mechanism of another privacy unit than the ledger's is refused.
         """
         if self.unit is not None and mechanism.unit != self.unit:
             raise LedgerError(
@@ -321,17 +328,22 @@ class PrivacyLedger:
                 f"of privacy unit {self.unit!r}"
             )
         with self._synchronised():
-            charged = [e for e in self.entries if e["server_round"] == server_round]
+            charged = [
+                e
+                for e in self.entries
+                if e["server_round"] == server_round and e.get("run", "") == run
+            ]
             if charged:
                 raise RoundAlreadyCharged(
                     f"platform {self.header['platform']!r} already spent round {server_round} "
-                    f"(ledger entry {charged[0]['index']}, {charged[0]['recorded_at']}); "
-                    "a round is never trained or charged twice"
+                    f"of run {run or '(unnamed)'} (ledger entry {charged[0]['index']}, "
+                    f"{charged[0]['recorded_at']}); a round is never trained or charged twice"
                 )
             self._projected(mechanism)
             mechanisms = [*self.mechanisms(), mechanism]
             body = {
                 "index": len(self.entries),
+                "run": run,
                 "server_round": server_round,
                 **asdict(mechanism),
                 "delta": self.delta,

@@ -199,13 +199,19 @@ class PlatformClient:
             load_trainable_arrays(self.scorer, self.private.load(), self.private.names)
 
     def train_round(
-        self, server_round: int, arrays: dict[str, np.ndarray], learning_rate: float
+        self,
+        server_round: int,
+        arrays: dict[str, np.ndarray],
+        learning_rate: float,
+        run: str = "",
     ) -> tuple[dict[str, np.ndarray], dict[str, float | int]]:
         """One local round from the server's adapters.
 
         The round is charged to the ledger before any training (raising BudgetExhausted, or
         RoundAlreadyCharged for a round number the ledger holds), so a crash, a restart or a
-        replayed message can never train a round the ledger did not count. A replay of the
+        replayed message can never train a round the ledger did not count. ``run`` names the
+        run (the server's ``run-id``): rounds are charged and replayed per run, so runs in turn
+        share one budget and none is answered with another's reply. A replay of the
         round last answered gets that same answer again (re-sending a released update costs
         no privacy), so a server that crashed after the platforms trained can resume. Returns
         only the tensors the strategy shares; a private part stays in the state folder.
@@ -213,7 +219,7 @@ class PlatformClient:
         the shared tensors; in a round the platform is not due it returns nothing and nothing
         is charged.
         """
-        stored = self.last_reply.load(server_round)
+        stored = self.last_reply.load(run, server_round)
         if stored is not None:
             return stored[0], stored[1] | {"replayed": 1}
         if not self.takes_step(server_round):  # lockstep: nothing to send, nothing charged
@@ -222,7 +228,7 @@ class PlatformClient:
         planned = self.planned_mechanism()
         entry = None
         if self.ledger is not None and planned is not None:
-            entry = self.ledger.charge(server_round, planned)
+            entry = self.ledger.charge(server_round, planned, run)
         self._load(arrays)
         first_step = (server_round - 1) * self.steps
         release = self.shared if self.lockstep else ()
@@ -256,7 +262,7 @@ class PlatformClient:
             shared = {name: g.cpu().numpy() for name, g in result.released.items()}
         else:
             shared = trainable_arrays(self.scorer, self.shared)
-        self.last_reply.save(server_round, shared, metrics)
+        self.last_reply.save(run, server_round, shared, metrics)
         return shared, metrics
 
     def evaluate(
@@ -340,21 +346,26 @@ class LastReply:
         self.path = state_dir / self.FILE
 
     def load(
-        self, server_round: int
+        self, run: str, server_round: int
     ) -> tuple[dict[str, np.ndarray], dict[str, float | int]] | None:
+        """The stored answer to ``server_round`` of ``run``, if that is the one stored."""
         if not self.path.exists():
             return None
         with safe_open(str(self.path), framework="numpy") as stored:
             metadata = stored.metadata() or {}
-        if int(metadata.get("server_round", -1)) != server_round:
+        if int(metadata.get("server_round", -1)) != server_round or metadata.get("run", "") != run:
             return None
         return load_numpy(self.path), json.loads(metadata["metrics"])
 
     def save(
-        self, server_round: int, arrays: dict[str, np.ndarray], metrics: dict[str, float | int]
+        self,
+        run: str,
+        server_round: int,
+        arrays: dict[str, np.ndarray],
+        metrics: dict[str, float | int],
     ) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         temporary = self.path.with_name(f".{self.FILE}.tmp")
-        metadata = {"server_round": str(server_round), "metrics": json.dumps(metrics)}
+        metadata = {"run": run, "server_round": str(server_round), "metrics": json.dumps(metrics)}
         save_numpy(arrays, temporary, metadata=metadata)
         os.replace(temporary, self.path)

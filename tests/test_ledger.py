@@ -277,3 +277,18 @@ def test_the_memoised_renyi_divergence_is_opacus_own() -> None:
     rdp_analysis._compute_rdp.cache_clear()
     _composed_epsilon.cache_clear()
     assert (epsilon(history, 1e-6, "prv"), epsilon(history, 1e-6, "rdp")) == cached
+
+
+def test_rounds_are_charged_per_run_so_runs_in_turn_share_one_budget(tmp_path: Path) -> None:
+    """Round 1 of a second run on one state folder was refused as 'already spent'."""
+    budget = epsilon([ROUNDS[0]] * 2, 1e-5) * 1.01  # two runs' round 1, not a third round
+    ledger = _open(tmp_path, budget=budget)
+    ledger.charge(1, ROUNDS[0], "run-a")
+    ledger.charge(1, ROUNDS[0], "run-b")  # another run's round 1: charged, composed
+    with pytest.raises(RoundAlreadyCharged, match="round 1 of run run-a"):
+        _open(tmp_path, budget=budget).charge(1, ROUNDS[0], "run-a")
+    stored = PrivacyLedger.load(tmp_path / LEDGER_FILE)
+    assert [(e["run"], e["server_round"]) for e in stored.entries] == [("run-a", 1), ("run-b", 1)]
+    assert stored.spent() == pytest.approx(epsilon([ROUNDS[0]] * 2, 1e-5))
+    with pytest.raises(BudgetExhausted, match="budget exhausted"):
+        stored.charge(1, ROUNDS[2], "run-c")

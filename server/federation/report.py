@@ -34,15 +34,28 @@ def _fmt(value: float | None, digits: int = 4) -> str:
     return "–" if value is None or math.isnan(value) else f"{value:.{digits}f}"
 
 
-def summary_table(events: list[dict[str, Any]]) -> str:
-    """Last evaluated round per platform, its ε, failures, and the mean over platforms."""
+def ledger_spent(record: RunRecord) -> dict[str, float]:
+    """Each platform's ε as its ledger holds it (PRV), for the platforms whose state folder is
+    here: with rounds charged but never answered (a kill after the charge), which the replies
+    in metrics.jsonl cannot show."""
+    from client.ledger import LEDGER_FILE, PrivacyLedger
+
+    state = Path(str(record.read_config().get("dp", {}).get("state_dir", "")))
+    ledgers = sorted(state.glob(f"*/{LEDGER_FILE}")) if state.is_dir() else []
+    return {path.parent.name: PrivacyLedger.load(path).spent() for path in ledgers}
+
+
+def summary_table(events: list[dict[str, Any]], ledgers: dict[str, float] | None = None) -> str:
+    """Last evaluated round per platform, its ε, failures, and the mean over platforms. ε is
+    the ledger's (``ledgers``) where there is one, else the platform's last reply's."""
     evaluated = {key: _series(events, "evaluate", key) for key in METRIC_COLUMNS}
-    spent = _series(events, "train", "epsilon")
+    replied = _series(events, "train", "epsilon")
+    spent = {p: series[max(series)] for p, series in replied.items()} | (ledgers or {})
     failures: dict[str, int] = defaultdict(int)
     for event in events:
         if event.get("status") == "error":
             failures[str(event.get("node"))] += 1
-    platforms = sorted(set(evaluated["ndcg@10"]) | set(spent))
+    platforms = sorted(set(evaluated["ndcg@10"]) | set(replied))
     rows, means = [], defaultdict(list)
     for platform in platforms:
         series = evaluated["ndcg@10"].get(platform, {})
@@ -53,14 +66,8 @@ def summary_table(events: list[dict[str, Any]]) -> str:
         for key, value in zip(METRIC_COLUMNS, values, strict=True):
             if value is not None and not math.isnan(value):
                 means[key].append(value)
-        epsilon = spent.get(platform, {})
         rows.append(
-            [
-                platform,
-                last or "–",
-                *(_fmt(v) for v in values),
-                _fmt(epsilon[max(epsilon)], 3) if epsilon else "–",
-            ]
+            [platform, last or "–", *(_fmt(v) for v in values), _fmt(spent.get(platform), 3)]
         )
     rows.append(
         [
@@ -98,7 +105,7 @@ def _plot(series: dict[str, dict[int, float]], ylabel: str, path: Path) -> None:
 def write_report(record: RunRecord) -> str:
     """Write summary.md, ndcg_per_round.png and epsilon_per_round.png; return the table."""
     events = record.events()
-    table = summary_table(events)
+    table = summary_table(events, ledger_spent(record))
     atomic_write(
         record.root / SUMMARY_FILE,
         "# Run summary\n\n" + table + "\n\n"

@@ -3,6 +3,8 @@
 Layout of ``RUN_DIR``::
 
     config.json              the resolved run configuration
+    run.json                 the run's identity (``run_id``) and where its platform state is:
+                             ``platform_state`` relative to the folder, or an absolute path
     metrics.jsonl            one JSON object per event (train/evaluate per platform and round)
     adapters/round_NNN/      global adapter after round NNN, in peft format (+ FedFuse head)
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import json
 import re
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +31,7 @@ CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 ADAPTERS_DIR = "adapters"
 ROUND_PATTERN = re.compile(r"^round_(\d{3,})$")
+RUN_FILE = "run.json"
 LOCK_FILE = ".run.lock"
 INCOMPLETE = ".incomplete"  # a run folder's suffix until its last round is done
 
@@ -65,6 +69,34 @@ class RunRecord:
                 # explicitly: a child forked meanwhile (Ray, Flower) shares this open file
                 # and would otherwise keep the lock after the run ended
                 fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def identity(self) -> dict[str, str]:
+        """``run_id`` and ``platform_state`` from run.json ({} for a folder without one)."""
+        path = self.root / RUN_FILE
+        if not path.exists():
+            return {}
+        try:
+            document = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise FedFuseError(f"{path}: invalid JSON ({err})") from None
+        if not isinstance(document, dict) or not isinstance(document.get("run_id"), str):
+            raise FedFuseError(f"{path}: not a FedFuse run identity (no 'run_id')")
+        return {str(k): str(v) for k, v in document.items()}
+
+    def write_identity(self, platform_state: str, run_id: str | None = None) -> None:
+        """Name the run (a new id unless given) and where its platform state lies."""
+        document = {"run_id": run_id or uuid.uuid4().hex, "platform_state": platform_state}
+        atomic_write(self.root / RUN_FILE, json.dumps(document, indent=2) + "\n")
+
+    def run_id(self) -> str:
+        """The id every ledger entry of this run carries: a copied or moved folder keeps it,
+        so its rounds are recognised as this run's (a folder made by hand gets one now)."""
+        identity = self.identity()
+        if not identity:
+            state = self.read_config().get("dp", {}).get("state_dir", "")
+            self.write_identity(str(state))
+            identity = self.identity()
+        return identity["run_id"]
 
     def adapter_dir(self, server_round: int) -> Path:
         return self.root / ADAPTERS_DIR / f"round_{server_round:03d}"

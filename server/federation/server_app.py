@@ -100,6 +100,8 @@ def run_federation(grid: Grid, config: RunConfig, record: RunRecord) -> int:
         grid=grid,
         initial_arrays=initial,
         num_rounds=remaining,
+        # the platforms charge and replay rounds per run (client/ledger.py)
+        train_config=ConfigRecord({"run-id": record.run_id()}),
         evaluate_config=ConfigRecord(
             {"split": federation.eval_split, "max-cases": config.train.eval_max_cases}
         ),

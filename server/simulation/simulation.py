@@ -25,7 +25,7 @@ from common.errors import ConfigError, FedFuseError, Stopped
 from common.platform_data import federation_platforms, path_error, read_platform
 from common.task import check_ranking_cases
 from server.federation.report import write_report
-from server.federation.run_record import CONFIG_FILE, INCOMPLETE, RunRecord
+from server.federation.run_record import CONFIG_FILE, INCOMPLETE, METRICS_FILE, RunRecord
 
 LOG_FILE = "simulation.log"
 PLATFORM_STATE = "platform_state"
@@ -102,7 +102,8 @@ def prepare_run(config: RunConfig, runs: Path, name: str | None) -> RunRecord:
 
     The platforms' state (ledgers) goes to ``RUN/platform_state`` unless ``dp.state_dir`` names
     another folder than the default: then that folder is used as given, so a platform's budget
-    can span several runs.
+    can span several runs. run.json records the run's id and the state folder, relative to the
+    run folder when it is inside it: a moved or copied folder finds its own ledgers.
     """
     if name is not None and (not name or "/" in name or "\0" in name or name in (".", "..")):
         raise ConfigError(
@@ -123,7 +124,94 @@ def prepare_run(config: RunConfig, runs: Path, name: str | None) -> RunRecord:
     except OSError as err:  # a read-only, missing or non-folder --runs: before anything else
         raise path_error(runs, "create the run folder", err) from None
     record.write_config(config.model_dump(mode="json"))
+    record.write_identity(PLATFORM_STATE if in_run else str(state))
     return record
+
+
+def locate_state(record: RunRecord) -> RunConfig:
+    """The run's configuration with ``dp.state_dir`` where run.json says the platform state
+    is now: inside this folder (wherever the folder was moved or copied), or the absolute
+    folder it names. A folder from before run.json is read as inside if its recorded state
+    folder was."""
+    config = load_config(record.root / CONFIG_FILE)
+    identity = record.identity()
+    if not identity:
+        inside = Path(config.dp.state_dir) == (record.root / PLATFORM_STATE).resolve()
+        record.write_identity(PLATFORM_STATE if inside else config.dp.state_dir)
+        identity = record.identity()
+    state = (record.root / identity["platform_state"]).resolve()  # an absolute one stays
+    if str(state) != config.dp.state_dir:
+        config = with_settings(config, dp={"state_dir": str(state)})
+        record.write_config(config.model_dump(mode="json"))
+        log.info("platform state of this run folder: %s", state)
+    return config
+
+
+def check_ledgers(record: RunRecord, config: RunConfig) -> None:
+    """Refuse to resume a DP run whose platforms' ledgers do not hold what the run charged.
+
+    metrics.jsonl names every round a platform answered with a DP update and the ε it
+    reported. Each such platform's ledger must exist, be that platform's, hold those rounds
+    (for this run), and show at least that ε; a ledger holding rounds of this run past the
+    next one means another copy of the run went on. Otherwise a missing ledger would be
+    created afresh and the data trained on a budget that ignores what it already spent.
+    """
+    from client.ledger import LEDGER_FILE, PRV_RELATIVE_ERROR, PrivacyLedger
+
+    if not config.dp.enabled:
+        return
+    run_id = record.run_id()
+    charged: dict[str, set[int]] = {}
+    reported: dict[str, float] = {}
+    for event in record.events():
+        if event.get("event") != "train" or event.get("status") != "ok":
+            continue
+        if "noise-multiplier" not in event:  # no DP step that round (lockstep, not due)
+            continue
+        platform = str(event.get("platform"))
+        charged.setdefault(platform, set()).add(int(event["round"]))
+        reported[platform] = max(reported.get(platform, 0.0), float(event["epsilon"]))
+    done = record.last_round()
+    for platform, rounds in sorted(charged.items()):
+        path = Path(config.dp.state_dir) / platform / LEDGER_FILE
+        where = f"--resume {record.root}: platform {platform!r}"
+        if not path.exists():
+            raise FedFuseError(
+                f"{where} has no privacy ledger at {path}, yet this run charged it round(s) "
+                f"{_rounds(rounds)} ({METRICS_FILE}); put its state folder back (a run never "
+                "trains a platform on a fresh ledger)"
+            )
+        ledger = PrivacyLedger.load(path)
+        ours = {e["server_round"] for e in ledger.entries if e.get("run", "") in (run_id, "")}
+        if ledger.header.get("platform") != platform or not rounds <= ours:
+            raise FedFuseError(
+                f"{where}: {path} is not the ledger this run charged (it lacks round(s) "
+                f"{_rounds(rounds - ours) or 'none'} or names platform "
+                f"{ledger.header.get('platform')!r}); put the platform's own ledger back"
+            )
+        # PRV's ε is an upper bound computed to 0.5 %: a longer composition can come out a
+        # hair lower than a shorter one
+        if ledger.spent() < reported[platform] * (1 - 2 * PRV_RELATIVE_ERROR):
+            raise FedFuseError(
+                f"{where}: {path} records ε = {ledger.spent():.4f}, below the "
+                f"{reported[platform]:.4f} the platform reported in this run; put its own "
+                "ledger back"
+            )
+        ahead = {
+            e["server_round"]
+            for e in ledger.entries
+            if e.get("run") == run_id and e["server_round"] > done + 1
+        }
+        if ahead:
+            raise FedFuseError(
+                f"{where}: its ledger {path} holds round(s) {_rounds(ahead)} of this run, past "
+                f"this folder's last checkpoint (round {done}): another copy of the run went "
+                "on; resume that one"
+            )
+
+
+def _rounds(rounds: set[int]) -> str:
+    return ", ".join(str(r) for r in sorted(rounds))
 
 
 def _flat(config: RunConfig) -> dict[str, Any]:
@@ -170,6 +258,7 @@ def simulate(record: RunRecord, cpus_per_client: float = 1.0, gpus_per_client: f
     config = load_config(record.root / CONFIG_FILE)
     check_resources(cpus_per_client, gpus_per_client, config.train.device)
     with record.owned():
+        check_ledgers(record, locate_state(record))
         return _simulate(record, cpus_per_client, gpus_per_client)
 
 
@@ -300,7 +389,8 @@ def finish_run(record: RunRecord) -> Path:
     final = record.root.with_name(record.root.name.removesuffix(INCOMPLETE))
     if final != record.root:
         record.root.rename(final)
-        if Path(config.dp.state_dir) == (record.root / PLATFORM_STATE).resolve():
+        # config.json keeps an absolute path for its readers; run.json's stays relative
+        if RunRecord(final).identity().get("platform_state") == PLATFORM_STATE:
             state = str((final / PLATFORM_STATE).resolve())
             config = with_settings(config, dp={"state_dir": state})
         RunRecord(final).write_config(config.model_dump(mode="json"))
