@@ -163,7 +163,8 @@ class LocalTrainer:
         probe: Callable[[DPOptimizer], None] | None = None,
     ) -> None:
         """``probe``: handed each round's DP optimiser once Opacus has made it, before the
-        first step; only the white-box audit passes one (``server/audit/gradient_audit.py``),
+        first step; only the canary test of the DP step passes one (``client/step_check.py``,
+        on its own tiny model: the platform's self-test and the auditor's white-box audit),
         training never does."""
         if not examples:
             raise ConfigError("the platform has no training examples")

@@ -310,6 +310,7 @@ class PrivacyLedger:
         server_round: int,
         mechanism: Mechanism,
         run: str = "",
+        evidence: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Record ``mechanism`` for ``server_round`` of ``run`` *before* it runs, under the
         ledger lock.
@@ -321,6 +322,8 @@ class PrivacyLedger:
         can spend one platform's budget in turn (a shared ``dp.state_dir``). A round that fails
         after its charge stays charged: the noise it would have drawn is spent either way, which
         errs on the safe side. A mechanism of another privacy unit than the ledger's is refused.
+        ``evidence``: the platform's own check of the step about to run and the identity of the
+        code running it (``client/step_check.py``), hash-chained with the entry.
         """
         if self.unit is not None and mechanism.unit != self.unit:
             raise LedgerError(
@@ -350,6 +353,7 @@ class PrivacyLedger:
                 "epsilon_prv": epsilon(mechanisms, self.delta, "prv"),
                 "epsilon_rdp": epsilon(mechanisms, self.delta, "rdp"),
                 "recorded_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                **({"evidence": evidence} if evidence is not None else {}),
                 "prev_hash": self.entries[-1]["hash"] if self.entries else _digest(self.header),
             }
             entry = {**body, "hash": _digest(body)}

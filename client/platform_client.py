@@ -23,6 +23,7 @@ from client.canaries import canaries_for, insert_canaries
 from client.dp_training import LocalTrainer, calibrate_noise, steps_per_round
 from client.ledger import Mechanism, PrivacyLedger
 from client.popularity_prior import popularity_prior, prior_mechanism, prior_scores
+from client.step_check import step_evidence
 from common.adapters import load_trainable_arrays, trainable_arrays
 from common.config import RunConfig
 from common.errors import DataError
@@ -126,6 +127,7 @@ class PlatformClient:
         self.steps = 1 if self.lockstep else planned
         self.ledger: PrivacyLedger | None = None
         self.noise_multiplier: float | None = None
+        self.evidence: dict[str, Any] | None = None  # charged with each round (step_check)
         uses_prior = config.model.scorer == "item_tower" and config.prior.enabled
         self.prior_counts: dict[str, float] | None = None
         if config.dp.enabled:
@@ -145,6 +147,7 @@ class PlatformClient:
                 self.total_steps,
                 committed,
             )
+            self.evidence = step_evidence(self.noise_multiplier, config)
         if uses_prior:
             counts = popularity_prior(
                 identity.state_dir,
@@ -228,7 +231,7 @@ class PlatformClient:
         planned = self.planned_mechanism()
         entry = None
         if self.ledger is not None and planned is not None:
-            entry = self.ledger.charge(server_round, planned, run)
+            entry = self.ledger.charge(server_round, planned, run, self.evidence)
         self._load(arrays)
         first_step = (server_round - 1) * self.steps
         release = self.shared if self.lockstep else ()

@@ -17,16 +17,16 @@ import torch
 from dp_accounting.pld import privacy_loss_distribution
 from opacus.optimizers import DPOptimizer
 
-from common.config import RunConfig
-from server.audit.audit import AUDIT_HTML, AUDIT_JSON
-from server.audit.gradient_audit import (
-    audit_dp_step,
+from client.step_check import (
     clopper_pearson_upper,
     gdp_epsilon,
     mu_lower_bound,
     run_canaries,
     theoretical_epsilon,
 )
+from common.config import RunConfig
+from server.audit.audit import AUDIT_HTML, AUDIT_JSON
+from server.audit.gradient_audit import audit_dp_step
 from server.cli import main
 
 SIGMA, CLIP, DELTA = 1.0, 1.0, 1e-5  # the step's theoretical ε: 4.387
@@ -146,6 +146,18 @@ def _clipping_at(norm: float) -> Callable[[DPOptimizer], None]:
     return clip_and_accumulate
 
 
+def _clip_norm_set_to(norm: float) -> Callable[[DPOptimizer], None]:
+    """The optimiser runs at C = ``norm`` (clipping and noise σ·norm) while the ledger
+    records the configured C."""
+    clip = DPOptimizer.clip_and_accumulate
+
+    def clip_and_accumulate(self: DPOptimizer) -> None:
+        self.max_grad_norm = norm
+        clip(self)
+
+    return clip_and_accumulate
+
+
 BUGS: dict[str, tuple[object, str, Callable[..., Any]]] = {
     "noise-multiplier-0": (opacus_optimizer, "_generate_noise", _noise_times(0.0)),
     "clipping-off": (DPOptimizer, "clip_and_accumulate", _clipping_at(math.inf)),
@@ -164,6 +176,28 @@ def test_each_injected_bug_is_flagged(bug: str, unit: str, monkeypatch: pytest.M
     result = audit_dp_step(SIGMA, CLIP, DELTA, config=_config(unit), trials=TRIALS)
     assert result.flagged and result.epsilon_lower_bound > result.epsilon_theoretical
     assert result.mu_lower_bound > 1.5 / SIGMA
+
+
+# a step that leaks no more than recorded, yet is not the recorded mechanism: noisier, clipped
+# harder, or run at C = 10⁶ with noise σ·10⁶ (the ledger records C = 1). The ε bound alone
+# cannot see these; the measured noise spread and clipped canary mean do.
+OTHER_THAN_RECORDED: dict[str, tuple[object, str, Callable[..., Any]]] = {
+    "noise-doubled": (opacus_optimizer, "_generate_noise", _noise_times(2.0)),
+    "clipped-at-half": (DPOptimizer, "clip_and_accumulate", _clipping_at(0.5 * CLIP)),
+    "optimizer-at-c-1e6": (DPOptimizer, "clip_and_accumulate", _clip_norm_set_to(1e6)),
+}
+
+
+@pytest.mark.parametrize("bug", list(OTHER_THAN_RECORDED))
+def test_a_step_noisier_or_clipped_harder_than_recorded_is_flagged(
+    bug: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    owner, name, replacement = OTHER_THAN_RECORDED[bug]
+    monkeypatch.setattr(owner, name, replacement)
+    result = audit_dp_step(SIGMA, CLIP, DELTA, config=_config("example"), trials=4_000)
+    assert result.flagged and result.epsilon_lower_bound <= result.epsilon_theoretical
+    expected = "noise" if bug != "clipped-at-half" else "clipped contribution"
+    assert any(problem.startswith(expected) or expected in problem for problem in result.problems)
 
 
 # --- fedfuse audit: the white-box part ------------------------------------------------

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import dp_accounting
+import numpy as np
 from dp_accounting.pld import PLDAccountant
 from dp_accounting.rdp import RdpAccountant
 
@@ -529,6 +530,175 @@ def canary_flags(canaries: dict[str, Any]) -> list[dict[str, Any]]:
     ]
 
 
+# --- released statistics ----------------------------------------------------------------------
+
+
+def wrapped_square(sigma: float) -> float:
+    """E[r²] for r = x − round(x), x an integer plus N(0, σ²): the wrapped normal's second
+    moment on [−½, ½] (1/12 once σ is large, σ² when it is small)."""
+    if sigma <= 0:
+        return 0.0
+    grid = np.linspace(-0.5, 0.5, 2001)
+    shifts = np.arange(-int(10 * sigma) - 2, int(10 * sigma) + 3)
+    density = np.exp(-(((grid[:, None] + shifts[None, :]) / sigma) ** 2) / 2).sum(axis=1)
+    density /= np.trapezoid(density, grid)
+    return float(np.trapezoid(grid**2 * density, grid))
+
+
+def prior_flags(folder: Path, ledger: PrivacyLedger) -> list[dict[str, Any]]:
+    """The released popularity histogram must carry the noise its ledger entry records.
+
+    A Gaussian draw is never an exact integer nor exactly 0, so such values mean counts went
+    out unnoised. Under the example unit the true counts are integers, so the distance of
+    each released value to the nearest integer follows the wrapped normal of the recorded σ:
+    its mean square is compared with that law's, at SAMPLING_SIGMAS standard errors."""
+    from client.step_check import SAMPLING_SIGMAS
+
+    path = folder / PRIOR_FILE
+    platform = str(ledger.header["platform"])
+    charged = [e for e in ledger.entries if e.get("kind") == "gaussian-histogram"]
+    if not path.exists():
+        return []
+    document = _read_json(path)
+    try:
+        values = np.array([float(v) for v in document["counts"].values()])
+        sigma = float(document["noise_multiplier"])
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise FedFuseError(f"{path}: not a FedFuse popularity prior") from None
+    where = f"{path} (σ = {sigma:g}, {values.size} items)"
+    if not charged or charged[-1]["noise_multiplier"] != sigma:
+        recorded = charged[-1]["noise_multiplier"] if charged else None
+        return [
+            _flag(
+                "prior-inconsistent",
+                platform,
+                f"{where}: the ledger charges σ = {recorded} for this release",
+            )
+        ]
+    exact = int(np.sum(values == np.round(values)))
+    if values.size and exact == values.size:
+        return [_flag("prior-without-noise", platform, f"{where}: every value is an integer")]
+    if exact > 0:
+        return [
+            _flag(
+                "prior-without-noise",
+                platform,
+                f"{where}: {exact} value(s) are exact integers, which Gaussian noise never gives",
+            )
+        ]
+    if ledger.unit != "example" or values.size < 30:
+        return []
+    squares = (values - np.round(values)) ** 2
+    expected = wrapped_square(sigma)
+    error = float(squares.std()) / math.sqrt(values.size)
+    if abs(float(squares.mean()) - expected) > SAMPLING_SIGMAS * max(error, 1e-3 * expected):
+        return [
+            _flag(
+                "prior-noise-inconsistent",
+                platform,
+                f"{where}: mean squared distance to the nearest integer "
+                f"{float(squares.mean()):.4f}, the recorded σ gives {expected:.4f}: the counts "
+                "carry other noise than recorded",
+            )
+        ]
+    return []
+
+
+# --- the platforms' own evidence --------------------------------------------------------------
+
+
+def evidence_flags(ledger: PrivacyLedger) -> tuple[list[dict[str, Any]], list[str]]:
+    """Flags on the evidence each DP-SGD entry carries (``client/step_check.py``): a missing
+    record, a failed self-test, or one inconsistent with its entry (another σ, C or unit) or
+    with its own numbers (recomputed here). Also the distinct code identities recorded."""
+    from client.step_check import bound_verdict
+
+    platform, unit = str(ledger.header["platform"]), ledger.unit
+    flags, identities = [], []
+    for index, entry in enumerate(ledger.entries):
+        if entry.get("kind", "dp-sgd") != "dp-sgd" or entry["steps"] <= 0:
+            continue
+        where = f"{ledger.path}, entry {index} (round {entry['server_round']})"
+        evidence = entry.get("evidence")
+        test = evidence.get("self_test") if isinstance(evidence, dict) else None
+        code = evidence.get("code") if isinstance(evidence, dict) else None
+        if not isinstance(test, dict) or not isinstance(code, dict):
+            flags.append(
+                _flag(
+                    "self-test-missing",
+                    platform,
+                    f"{where}: no record of the platform's own DP-step self-test and code "
+                    "identity: what ran is unknown",
+                )
+            )
+            continue
+        identity = json.dumps(code, sort_keys=True)
+        if identity not in identities:
+            identities.append(identity)
+        recorded = (test.get("noise_multiplier"), test.get("max_grad_norm"), test.get("unit"))
+        if recorded != (entry["noise_multiplier"], entry["max_grad_norm"], unit):
+            flags.append(
+                _flag(
+                    "self-test-inconsistent",
+                    platform,
+                    f"{where}: self-test ran at σ, C, unit = {recorded}, the entry charges "
+                    f"{(entry['noise_multiplier'], entry['max_grad_norm'], unit)}",
+                )
+            )
+            continue
+        problems = bound_verdict(test)
+        if problems is None or bool(problems) == bool(test.get("passed")):
+            flags.append(
+                _flag(
+                    "self-test-inconsistent",
+                    platform,
+                    f"{where}: the self-test's verdict ({test.get('passed')!r}) does not follow "
+                    "from its own recorded numbers",
+                )
+            )
+        elif problems:
+            flags.append(
+                _flag(
+                    "self-test-failed",
+                    platform,
+                    f"{where}: the platform's DP step at σ = {entry['noise_multiplier']:.4g}, "
+                    f"C = {entry['max_grad_norm']:.4g} is not what the ledger records: "
+                    + "; ".join(problems),
+                )
+            )
+    return flags, identities
+
+
+def code_flags(
+    identities: dict[str, list[str]], release: dict[str, str] | None
+) -> list[dict[str, Any]]:
+    """The platforms must have run one code (and the release the operator names, if any)."""
+    flags = []
+    seen = Counter(i for found in identities.values() for i in dict.fromkeys(found))
+    common = seen.most_common(1)[0][0] if seen else None
+    for platform, found in sorted(identities.items()):
+        if len(found) > 1 or (found and found[0] != common and len(identities) > 1):
+            flags.append(
+                _flag(
+                    "code-identity-differs",
+                    platform,
+                    f"the platform recorded code {', '.join(found)}; most platforms ran {common}",
+                )
+            )
+        if release is not None:
+            wanted = json.dumps(release, sort_keys=True)
+            for identity in found:
+                if not all(json.loads(identity).get(k) == v for k, v in release.items()):
+                    flags.append(
+                        _flag(
+                            "code-identity-not-release",
+                            platform,
+                            f"the platform ran {identity}, not the release {wanted}",
+                        )
+                    )
+    return flags
+
+
 # --- the DP step itself (white box) -----------------------------------------------------------
 
 
@@ -548,16 +718,17 @@ def white_box(run_dir: Path, ledgers: list[PrivacyLedger]) -> dict[str, Any]:
 
 
 def white_box_flags(section: dict[str, Any]) -> list[dict[str, Any]]:
-    """A bound above the step's theoretical ε: the DP step leaks more than the ledger records."""
+    """The DP step, run here at a recorded (σ, C), leaks more than one Gaussian step's
+    theoretical ε, or noises or clips otherwise than recorded."""
     return [
         _flag(
-            "white-box-exceeds-theory",
+            "white-box-exceeds-theory"
+            if row["epsilon_lower_bound"] > row["epsilon_theoretical"]
+            else "white-box-inconsistent",
             row["platform"],
             f"white-box audit of the DP step at σ = {row['noise_multiplier']:.4g}, "
-            f"C = {row['max_grad_norm']:.4g}: ε lower bound {row['epsilon_lower_bound']:.4f} "
-            f"> theoretical ε {row['epsilon_theoretical']:.4f} of one Gaussian step at "
-            f"δ = {row['delta']:g} (μ ≥ {row['mu_lower_bound']:.4f} > 1/σ = "
-            f"{row['mu_theoretical']:.4f}, confidence {section['confidence']}): clipping or "
+            f"C = {row['max_grad_norm']:.4g} (δ = {row['delta']:g}, confidence "
+            f"{section['confidence']}): " + "; ".join(row["problems"]) + ": clipping or "
             "noise is not what the ledger records",
         )
         for row in section["rows"]
@@ -576,10 +747,14 @@ def _model_record(server: list[dict[str, Any]], path: Path) -> dict[str, Any]:
 
 
 def audit(
-    run_dir: Path | str, platform_states: list[Path] | None = None, white_box_audit: bool = True
+    run_dir: Path | str,
+    platform_states: list[Path] | None = None,
+    white_box_audit: bool = True,
+    release: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """The audit report of a run folder (nothing written); ``white_box_audit``: with the
-    white-box audit of the DP step."""
+    white-box audit of the DP step; ``release``: the code identity every platform must have
+    recorded (``source_sha256`` and library versions, any subset)."""
     run_dir = Path(run_dir)
     config = RunRecord(run_dir).read_config()
     strategy = config["federation"]["strategy"]
@@ -591,6 +766,7 @@ def audit(
     flags = foreign_tensors(server, set(model["shared_tensors"]), strategy, str(server_path))
 
     platforms, logs, ledgers = [], {}, []
+    identities: dict[str, list[str]] = {}
     state_dir = config.get("dp", {}).get("state_dir")
     for folder in state_folders(run_dir, list(platform_states or []), state_dir):
         _check_state_folder(folder)
@@ -599,6 +775,8 @@ def audit(
         if ledger_path.exists() or dp_claimed:
             ledgers.append(_load_ledger(ledger_path))
             summary, found = audit_ledger(ledgers[-1])
+            checked, identities[summary["platform"]] = evidence_flags(ledgers[-1])
+            found += checked + prior_flags(folder, ledgers[-1])
         else:
             summary, found = {"platform": folder.name, "dp": False, "rounds": []}, []
         name = summary["platform"]
@@ -610,6 +788,7 @@ def audit(
         )
         platforms.append(summary)
 
+    flags += code_flags(identities, release)
     nodes, disagreements, notes = compare_logs(server, logs, simulation=not platform_states)
     flags += disagreements + zero_noise_replies(RunRecord(run_dir).events())
     for summary in platforms:
