@@ -706,7 +706,8 @@ def white_box(run_dir: Path, ledgers: list[PrivacyLedger]) -> dict[str, Any]:
     """The white-box audit of the DP step at every DP-SGD mechanism the ledgers record, with
     the run's scorer, objective and audit confidence. It runs FedFuse's DP step here (torch,
     about half a second per mechanism), hence imported only when it runs."""
-    from server.audit.gradient_audit import CANARY_NORM, TRIALS, audit_ledger_steps
+    from client.step_check import CANARY_NORM, TRIALS
+    from server.audit.gradient_audit import audit_ledger_steps
 
     config = load_config(run_dir / CONFIG_FILE)
     return {
