@@ -27,7 +27,9 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=5)
     parser.add_argument("--out", type=Path, default=REPO / "docs" / "img" / "serve_page.png")
     args = parser.parse_args()
-    with running_service(args.run, args.platform) as url, sync_playwright() as playwright:
+    # the page's picture, on loopback only: no token to type into it
+    service = running_service(args.run, args.platform, options=["--insecure-no-auth"])
+    with service as url, sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1280, "height": 800})
         page.goto(url)
