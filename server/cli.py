@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import signal
 import sys
 import threading
@@ -565,6 +566,28 @@ def _show_progress() -> None:
             logger.propagate = False
 
 
+# Library warnings that tell a FedFuse user nothing they can act on, by category and the start
+# of their message: the console's stderr is for errors.
+LIBRARY_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
+    # peft 0.21 calls a transformers 5 method that is deprecated but still correct (as in
+    # pyproject's pytest filter)
+    (FutureWarning, "`is_gradient_checkpointing` is deprecated"),
+    # Opacus' reminder that its secure RNG is off: a known limit, docs/privacy.md says why
+    (UserWarning, "Secure RNG turned off"),
+    # Opacus' RDP accountant: ε at its largest order is still an upper bound
+    (UserWarning, "Optimal order is the largest alpha"),
+    # torch, in the DP step: the frozen embeddings' outputs need no input gradient
+    (UserWarning, "Full backward hook is firing when gradients are computed with respect to"),
+    # Ray, starting the simulation engine: a default that changes in a future version
+    (FutureWarning, "Tip: In future versions of Ray"),
+)
+
+
+def _quiet_library_warnings() -> None:
+    for category, message in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", re.escape(message), category)
+
+
 def _raise_stopped(signum: int, frame: object) -> None:
     raise Stopped(signum)
 
@@ -608,9 +631,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     _show_progress()
-    # peft 0.21 calls a transformers 5 method that is deprecated but still correct (as in
-    # pyproject's pytest filter): not a line for the console, whose stderr is for errors
-    warnings.filterwarnings("ignore", "`is_gradient_checkpointing` is deprecated", FutureWarning)
+    _quiet_library_warnings()
     # SIGTERM like Ctrl-C: a line and a resumable run; a caller's handler comes back after
     main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _raise_stopped) if main_thread else None

@@ -30,6 +30,7 @@ from server.simulation.baselines import (
 from server.simulation.compare import Cell, parse_levels, variant
 from server.simulation.comparison_report import combine_runs, report, target_statements
 from server.simulation.methods import FEDERATED
+from tests.test_console import console_warnings, shown
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -157,7 +158,9 @@ def test_compare_writes_one_report_and_resumes_from_cached_cells(
     out = tmp_path / "cmp"
     args = ["compare", "--config", str(config_file), "--out", str(out), "--test-cases", "6"]
     levels = ["--epsilon", "4:popularity,local,centralized,fedsa", "--epsilon", "inf:centralized"]
-    assert main([*args, *levels]) == 0
+    with console_warnings() as caught:  # DP training in this process: Opacus', torch's
+        assert main([*args, *levels]) == 0
+    assert shown(caught) == []
     results = json.loads((out / "comparison.json").read_text())
     assert [(r["method"], r["target_epsilon"]) for r in results] == [
         ("popularity", 4.0),
