@@ -9,6 +9,18 @@ from pathlib import Path
 
 import pytest
 
+# Session fixtures that run a simulation: a test using one needs Ray, if only the first time.
+SIMULATING_FIXTURES = {"finished_run", "run_dirs"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if SIMULATING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+        if any(item.get_closest_marker(name) for name in ("ray", "tls", "browser")):
+            item.add_marker(pytest.mark.slow)
+
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 

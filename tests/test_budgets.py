@@ -74,6 +74,7 @@ def test_a_copy_never_uses_its_originals_state_and_a_fork_is_refused(
     )
 
 
+@pytest.mark.ray
 def test_a_moved_run_resumes_on_its_own_ledgers_and_never_lowers_their_spend(
     interrupted: Path, tmp_path: Path
 ) -> None:

@@ -220,6 +220,7 @@ def test_without_noise_the_audit_flags_the_run_and_with_dp_it_does_not(
     assert leaky["epsilon_lower_bound"] > 1.2 * CLAIMED_EPSILON
 
 
+@pytest.mark.ray
 def test_fedfuse_simulate_writes_the_audit_into_the_run_folder(
     tmp_path: Path, small_platform: Path, tiny_bert_dir: Path
 ) -> None:

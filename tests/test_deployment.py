@@ -251,6 +251,7 @@ def federation(tmp_path_factory: pytest.TempPathFactory, write_run_config) -> It
         processes.stop_all()
 
 
+@pytest.mark.tls
 def test_an_unregistered_supernode_is_refused(federation: Federation) -> None:
     # The intruder has a valid key pair and trusts the CA, but its key was never registered.
     intruder = federation.processes.start(
@@ -261,6 +262,7 @@ def test_an_unregistered_supernode_is_refused(federation: Federation) -> None:
     assert "Failed to activate SuperNode" in federation.processes.log("intruder")
 
 
+@pytest.mark.tls
 def test_two_rounds_over_tls_survive_a_supernode_stopped_mid_round(
     federation: Federation,
 ) -> None:

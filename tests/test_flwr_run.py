@@ -16,6 +16,7 @@ from server.federation.run_record import RunRecord
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "scripts" / "flwr_run.py"
+pytestmark = pytest.mark.ray  # flwr run starts a SuperLink and its Ray simulation runtime
 
 
 def _free_port() -> int:

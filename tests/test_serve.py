@@ -684,6 +684,7 @@ def _pick_and_recommend(page: Page, platform: PlatformData, user: str) -> None:
     assert shown <= titles and not shown & seen_titles
 
 
+@pytest.mark.browser
 def test_the_page_works_with_tokens_and_without(
     service: str, open_service: str, operator: dict[str, str], platform: PlatformData
 ) -> None:

@@ -50,6 +50,7 @@ def _train_examples(config: RunConfig) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("strategy", ["fedavg", "ffa", "fedsa"])
+@pytest.mark.ray
 def test_two_rounds_of_each_strategy(
     tmp_path: Path, config_file: Path, tiny_bert_dir: Path, strategy: str, monkeypatch
 ) -> None:
@@ -131,6 +132,7 @@ def _crash_before_checkpoint(record: RunRecord, server_round: int, monkeypatch) 
     monkeypatch.setattr(server_app, "save_adapter", real)
 
 
+@pytest.mark.ray
 def test_an_interrupted_run_resumes_from_its_last_checkpoint(
     tmp_path: Path, config_file: Path, monkeypatch
 ) -> None:
@@ -150,6 +152,7 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint(
     assert np.isfinite(ledger["entries"][-1]["epsilon_prv"])
 
 
+@pytest.mark.ray
 def test_a_round_no_platform_trained_fails_the_run_and_stays_resumable(
     tmp_path: Path, write_run_config, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -245,6 +248,7 @@ def test_a_configured_state_dir_is_honoured(tmp_path: Path, config_file: Path) -
     )
 
 
+@pytest.mark.ray
 def test_the_console_shows_one_line_per_event_and_the_full_log_is_in_the_run(
     tmp_path: Path, config_file: Path, capfd: pytest.CaptureFixture[str]
 ) -> None:
@@ -262,6 +266,7 @@ def test_the_console_shows_one_line_per_event_and_the_full_log_is_in_the_run(
     assert "[ROUND 2/2]" in log and log.count("[ROUND 2/2]") == 1  # once, not twice
 
 
+@pytest.mark.ray
 def test_a_lockstep_run_charges_only_the_steps_taken_and_audits_clean(
     tmp_path: Path, write_run_config, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -296,6 +301,7 @@ def test_a_lockstep_run_charges_only_the_steps_taken_and_audits_clean(
     assert "flags: 0 (audit clean)" in capsys.readouterr().out
 
 
+@pytest.mark.ray
 def test_an_interrupted_lockstep_run_resumes_exactly(
     tmp_path: Path, write_run_config, monkeypatch
 ) -> None:
