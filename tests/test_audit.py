@@ -152,7 +152,8 @@ def test_a_ledger_cut_short_is_caught_by_the_wire_log(copy: Path) -> None:
 
 def test_a_consistently_forged_sigma_is_caught_by_recomputation(copy: Path) -> None:
     _edit_ledger(copy, lambda d: d["entries"][0].update(noise_multiplier=5.0), rechain=True)
-    assert _codes(audit(copy)) == ["epsilon-mismatch"]
+    # entry 0 is the popularity prior: its stored release still says σ = 10
+    assert _codes(audit(copy)) == ["epsilon-mismatch", "prior-inconsistent"]
 
 
 def test_a_spent_budget_is_flagged(copy: Path) -> None:
