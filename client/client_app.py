@@ -56,7 +56,12 @@ def platform_client(context: Context) -> PlatformClient:
 
 
 def _arrays(msg: Message) -> dict[str, Any]:
-    return {name: array.numpy() for name, array in msg.content["arrays"].items()}
+    return {name: array.numpy() for name, array in msg.content.array_records["arrays"].items()}
+
+
+def _settings(msg: Message) -> dict[str, Any]:
+    """The message's configuration as plain values (Flower types each as a union of kinds)."""
+    return dict(msg.content.config_records["config"])
 
 
 def _error(msg: Message, err: Exception) -> Message:
@@ -81,7 +86,7 @@ def _logged(
         client = platform_client(context)
     except FedFuseError:
         return handler(msg, context)
-    settings = msg.content.config_records.get("config") or {}
+    settings: dict[str, Any] = dict(msg.content.config_records.get("config") or {})
     server_round = int(settings.get("server-round", 0))  # 0: the server sent none
     path, name = client.identity.state_dir / WIRE_LOG_FILE, client.identity.name
     append_records(path, [message_record("client", RECEIVED, msg, server_round, name)])
@@ -104,7 +109,7 @@ def _train(msg: Message, context: Context) -> Message:
     """Train locally from the server's adapters; reply with new adapters and ε spent."""
     try:
         client = platform_client(context)
-        settings = msg.content["config"]
+        settings = _settings(msg)
         learning_rate = float(settings.get("learning-rate", client.config.train.learning_rate))
         arrays, metrics = client.train_round(
             int(settings["server-round"]),
@@ -117,7 +122,7 @@ def _train(msg: Message, context: Context) -> Message:
     content = RecordDict(
         {
             "arrays": ArrayRecord({name: Array(value) for name, value in arrays.items()}),
-            "metrics": MetricRecord(metrics),
+            "metrics": MetricRecord(dict[str, Any](metrics)),
             "platform": ConfigRecord({"name": client.identity.name}),
         }
     )
@@ -128,7 +133,7 @@ def _evaluate(msg: Message, context: Context) -> Message:
     """Protocol metrics of the server's adapters on this platform's valid (or test) split."""
     try:
         client = platform_client(context)
-        settings = msg.content["config"]
+        settings = _settings(msg)
         split = str(settings.get("split", "valid"))
         max_cases = int(settings.get("max-cases", client.config.train.eval_max_cases))
         metrics = client.evaluate(_arrays(msg), split, max_cases)

@@ -14,6 +14,7 @@ import shutil
 import tempfile
 from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -92,7 +93,7 @@ def save_adapter(
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        scorer.encoder.save_pretrained(staging)
+        scorer.encoder.save_pretrained(str(staging))
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in scorer.head.state_dict().items()},
             staging / HEAD_FILE,
@@ -123,7 +124,10 @@ def load_adapter(model: nn.Module, folder: Path | str) -> None:
         raise FedFuseError(
             f"{meta_path}: adapter is for scorer {meta.get('scorer')!r}, not {scorer.kind!r}"
         )
-    result = set_peft_model_state_dict(scorer.encoder, load_peft_weights(str(folder), device="cpu"))
+    # torch's (missing_keys, unexpected_keys); peft's annotation names no type
+    result: Any = set_peft_model_state_dict(
+        scorer.encoder, load_peft_weights(str(folder), device="cpu")
+    )
     missing = [key for key in result.missing_keys if "lora_" in key]
     if result.unexpected_keys or missing:
         raise FedFuseError(

@@ -124,6 +124,7 @@ def _arrow_csv(path: Path) -> pa.Table | None:
     with path.open("rb") as handle:
         first = handle.readline()
     delimiter = FORMATS[path.suffix]
+    assert delimiter is not None  # _arrow_table sends only CSV and TSV here
     try:
         header = next(csv.reader([first.decode("utf-8-sig")], delimiter=delimiter))
     except (UnicodeDecodeError, csv.Error, StopIteration):
@@ -217,7 +218,7 @@ def _identifier_codes(
             names.append(None)
     ids = list(dict.fromkeys(name for name in names if name is not None))
     code = {name: index for index, name in enumerate(ids)}
-    remap = np.array([code.get(name, -1) for name in names], dtype=np.int64)
+    remap = np.array([-1 if name is None else code[name] for name in names], dtype=np.int64)
     positions = pc.index_in(values, value_set=distinct).to_numpy()
     return remap[positions], np.asarray(ids, dtype=object)
 

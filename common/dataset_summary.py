@@ -37,7 +37,8 @@ def platform_table(
         "test cases",
     ]
     rows = []
-    totals = [0, set(), 0, 0, 0, 0, 0, 0]
+    totals = [0, 0, 0, 0, 0, 0, 0]  # interactions, items, positives, then counts' columns
+    all_users: set[str] = set()
     for data, platform_users, size in zip(platforms, users, sizes, strict=True):
         positives = int(data.positives(threshold).sum())
         counts = [size.train, size.valid, size.test, size.test_cases]
@@ -52,19 +53,19 @@ def platform_table(
             ]
         )
         totals[0] += data.num_interactions
-        totals[1] |= platform_users
-        totals[2] += len(data.item_text)
-        totals[3] += positives
+        all_users |= platform_users
+        totals[1] += len(data.item_text)
+        totals[2] += positives
         for k, count in enumerate(counts):
-            totals[4 + k] += count
+            totals[3 + k] += count
     rows.append(
         [
             "**all**",
             totals[0],
-            len(totals[1]),
-            totals[2],
-            f"{100 * totals[3] / max(totals[0], 1):.1f}",
-            *totals[4:],
+            len(all_users),
+            totals[1],
+            f"{100 * totals[2] / max(totals[0], 1):.1f}",
+            *totals[3:],
         ]
     )
     return markdown_table(header, rows)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 from torch import nn
 
 from common.backbone import pool
@@ -42,7 +42,9 @@ class ItemTowerScorer(Scorer):
     def __init__(self, encoder: PeftModel, pooling: str, head: nn.Module) -> None:
         super().__init__(encoder, pooling, head)
         # the lowest layer LoRA was put on (build_scorer's layers_to_transform)
-        self.first_top_layer = min(encoder.peft_config["default"].layers_to_transform)
+        lora = encoder.peft_config["default"]
+        assert isinstance(lora, LoraConfig) and isinstance(lora.layers_to_transform, list)
+        self.first_top_layer = min(lora.layers_to_transform)
 
     def _cache(self, featurizer: TextFeaturizer) -> LayerCache:
         """The platform's frozen lower-layer states, computed on first use."""
@@ -113,7 +115,8 @@ class ItemTowerScorer(Scorer):
             rows = slice(start, start + batch_size)
             parts.append(
                 self.encode_items(
-                    *(t[rows].to(self.device()) for t in (cache.input_ids, cache.attention_mask)),
+                    cache.input_ids[rows].to(self.device()),
+                    cache.attention_mask[rows].to(self.device()),
                     cache.states[rows].to(self.device()),
                 )
             )
@@ -166,6 +169,8 @@ class ItemTowerScorer(Scorer):
         cache = self._cache(featurizer)
         if featurizer.item_vectors is None:
             self.prepare(featurizer)
+        vectors = featurizer.item_vectors
+        assert vectors is not None
         if any(e.negatives for e in examples):
             width = 1 + max(len(e.negatives) for e in examples)
             ids = [(e.candidate, *e.negatives) for e in examples]
@@ -190,7 +195,7 @@ class ItemTowerScorer(Scorer):
                 "item_states": cache.states[flat],
             }
             if through_adapters
-            else {"item_vectors": featurizer.item_vectors[rows.to(featurizer.item_vectors.device)]}
+            else {"item_vectors": vectors[rows.to(vectors.device)]}
         )
         carried = self._carried(featurizer, examples)
         return (
@@ -260,8 +265,8 @@ class ItemTowerScorer(Scorer):
             logits = self.head.logits(
                 history, mask, history_rows, vectors[rows], rows, prior[rows], carried
             )
-            logits = logits.float().cpu().numpy()
-            out.extend(logits[k, : len(c.candidates)] for k, c in enumerate(chunk))
+            scores = logits.float().cpu().numpy()
+            out.extend(scores[k, : len(c.candidates)] for k, c in enumerate(chunk))
         return out
 
     @torch.no_grad()

@@ -21,7 +21,6 @@ from contextlib import contextmanager
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 
 # Largest difference from a full forward pass tolerated by the self-check (float32 rounding).
 SELF_CHECK_TOLERANCE = 1e-4
@@ -39,7 +38,9 @@ def layer_list_name(model: nn.Module) -> str:
 
 
 def layers_of(model: nn.Module) -> nn.ModuleList:
-    return model.get_submodule(layer_list_name(model))
+    layers = model.get_submodule(layer_list_name(model))
+    assert isinstance(layers, nn.ModuleList)  # layer_list_name finds a ModuleList
+    return layers
 
 
 class _PassThrough(nn.Module):
@@ -84,7 +85,7 @@ class LayerCache:
     @torch.no_grad()
     def build(
         cls,
-        model: PreTrainedModel,
+        model: nn.Module,
         tokens: dict[str, torch.Tensor],
         first: int,
         batch_size: int,

@@ -59,7 +59,7 @@ def build_scorer(backbone: PreTrainedModel, model: ModelConfig, lora: LoraSettin
             backbone,
             LoraConfig(
                 r=lora.rank,
-                lora_alpha=lora.alpha,
+                lora_alpha=lora.alpha,  # type: ignore[arg-type]  # peft says int; any number works
                 lora_dropout=lora.dropout,
                 target_modules=lora_targets(backbone, lora.target_modules),
                 layers_to_transform=top if model.scorer == "item_tower" else None,

@@ -6,7 +6,7 @@ import csv
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,12 +19,12 @@ class PlatformTables:
     """Rows to write for one platform, in the native format (see :func:`write_dataset`)."""
 
     name: str
-    interactions: list[dict[str, object]]
-    items: list[dict[str, object]]
+    interactions: Sequence[Mapping[str, object]]
+    items: Sequence[Mapping[str, object]]
     carried: PlatformTables | None = None  # written to the platform's CARRIED/ subfolder
 
 
-def _write_tsv(path: Path, rows: list[dict[str, object]]) -> None:
+def _write_tsv(path: Path, rows: Sequence[Mapping[str, object]]) -> None:
     with path.open("w", encoding="utf-8", newline="") as handle:
         writer = csv.DictWriter(
             handle, fieldnames=list(rows[0]), delimiter="\t", lineterminator="\n"

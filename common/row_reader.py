@@ -76,8 +76,10 @@ def _read_records(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, 
 def _csv_records(path: Path) -> tuple[list[str], Iterator[tuple[int, dict[str, object]]]]:
     # Long text is truncated with a warning (see _text), so csv must not reject it first.
     csv.field_size_limit(_MAX_FIELD_CHARS)
+    delimiter = FORMATS[path.suffix]
+    assert delimiter is not None  # _read_records sends only CSV and TSV here
     lines = (line + "\n" for line in _lines(path))
-    reader = csv.reader(lines, delimiter=FORMATS[path.suffix], strict=True)
+    reader = csv.reader(lines, delimiter=delimiter, strict=True)
     try:
         header = [name.strip() for name in next(reader)]
     except csv.Error as err:

@@ -27,7 +27,7 @@ class Scorer(nn.Module):
 
     kind: str
 
-    def __init__(self, encoder: PeftModel, pooling: str, head: nn.Linear) -> None:
+    def __init__(self, encoder: PeftModel, pooling: str, head: nn.Module) -> None:
         super().__init__()
         self.encoder = encoder
         self.pooling = pooling

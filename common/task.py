@@ -197,14 +197,14 @@ def build_task(
     task = PlatformTask(platform=data.name, catalogue=tuple(catalogue.tolist()))
     elsewhere = None
     if carried:
-        brought = read_carried(data)
-        if brought is None:
+        other_platforms = read_carried(data)
+        if other_platforms is None:
             raise DataError(
                 data.root / CARRIED,
                 "model.carried_history needs the platform's carried/ folder (its users' "
                 "histories from other platforms; fedfuse data prepare writes it for MovieLens)",
             )
-        elsewhere = task.carried = CarriedHistory(brought, config)
+        elsewhere = task.carried = CarriedHistory(other_platforms, config)
         task.carried_text.update(elsewhere.text)
     eval_rng = _rng(config.seed, data.name, "eval-negatives")
 
@@ -368,7 +368,9 @@ def time_cuts(
     low, high = quantiles
     if not 0 < low < high < 1:
         raise ValueError(f"time_cuts: quantiles must satisfy 0 < low < high < 1, got {quantiles}")
-    times = np.concatenate([np.asarray(p.timestamps, dtype=np.float64) for p in platforms] or [[]])
+    times = np.concatenate(
+        [np.asarray(p.timestamps, dtype=np.float64) for p in platforms] or [np.zeros(0)]
+    )
     if not len(times):
         raise ValueError("time_cuts: the federation has no interactions")
     ranks = [min(int(q * len(times) + 1e-9), len(times) - 1) for q in quantiles]

@@ -10,7 +10,14 @@ import string
 from pathlib import Path
 
 import torch
-from transformers import BertConfig, BertModel, BertTokenizer, GPT2Config, GPT2Model
+from transformers import (
+    BertConfig,
+    BertModel,
+    BertTokenizer,
+    GPT2Config,
+    GPT2Model,
+    PreTrainedModel,
+)
 
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 ALPHABET = string.ascii_lowercase + string.digits + string.punctuation
@@ -29,24 +36,31 @@ def write_tiny_model(folder: Path | str, kind: str = "bert", seed: int = 0) -> P
     folder.mkdir(parents=True, exist_ok=True)
     _write_vocab(folder)
     tokenizer = BertTokenizer.from_pretrained(str(folder), do_lower_case=True)
-    size = dict(vocab_size=len(tokenizer), max_position_embeddings=256)
     torch.manual_seed(seed)
+    model: PreTrainedModel
     if kind == "bert":
-        config = BertConfig(
-            hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, **size
+        model = BertModel(
+            BertConfig(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=2,
+                intermediate_size=64,
+                vocab_size=len(tokenizer),
+                max_position_embeddings=256,
+            )
         )
-        model = BertModel(config)
     elif kind == "gpt2":
-        config = GPT2Config(
-            n_embd=32,
-            n_layer=2,
-            n_head=2,
-            n_positions=256,
-            bos_token_id=2,
-            eos_token_id=3,
-            vocab_size=len(tokenizer),
+        model = GPT2Model(
+            GPT2Config(
+                n_embd=32,
+                n_layer=2,
+                n_head=2,
+                n_positions=256,
+                bos_token_id=2,
+                eos_token_id=3,
+                vocab_size=len(tokenizer),
+            )
         )
-        model = GPT2Model(config)
     else:
         raise ValueError(f"unknown tiny model kind {kind!r}")
     model.save_pretrained(folder)

@@ -12,4 +12,5 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" =
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 fi
 .venv/bin/ruff check .
+.venv/bin/python -m mypy  # common/ and client/ (pyproject.toml [tool.mypy])
 .venv/bin/python -m pytest -q "$@"
