@@ -16,7 +16,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_MASKED_LM_MAPPING_N
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging as hf_logging
 
-from common.config import DEFAULT_BACKBONE
+from common.config_sections import DEFAULT_BACKBONE
 from common.errors import ConfigError
 
 # Linear layers that are attention projections in common architectures, best first. Used only

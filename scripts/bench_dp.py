@@ -57,7 +57,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from client.dp_training import FASTER_CLIPPING, LocalTrainer
 from common.backbone import load_backbone
-from common.config import DEFAULT_BACKBONE, RunConfig, load_config, with_settings
+from common.config import RunConfig, load_config, with_settings
+from common.config_sections import DEFAULT_BACKBONE
 from common.dataset_summary import markdown_table
 from common.featurizer import TextFeaturizer
 from common.model import build_scorer, count_parameters
