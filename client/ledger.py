@@ -260,7 +260,7 @@ class PrivacyLedger:
                 e["steps"],
                 e["max_grad_norm"],
                 e.get("kind", DP_SGD),
-                e.get("unit", self.unit),
+                str(e.get("unit", self.unit or EXAMPLE)),  # an unknown unit: audited as example
             )
             for e in self.entries
         ]

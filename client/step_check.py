@@ -120,7 +120,7 @@ class DiracCanaries:
         included = self.included[self.step] if not self.batch_started else np.zeros(0, bool)
         row = np.cumsum(included) - 1  # a canary's row among this step's included ones
         for param, (ids, flat) in zip(params, self.places, strict=True):
-            sample = param.grad_sample
+            sample = param.grad_sample  # type: ignore[attr-defined]  # Opacus adds it
             rows = sample.reshape(len(sample), param.numel()).clone()
             rows[:, flat] = 0.0
             if included.any():
@@ -128,7 +128,7 @@ class DiracCanaries:
                 inside = included[ids]
                 extra[row[ids[inside]], flat[inside]] = self.value
                 rows = torch.cat([rows, extra])
-            param.grad_sample = rows.view(len(rows), *param.shape)
+            param.grad_sample = rows.view(len(rows), *param.shape)  # type: ignore[attr-defined]
         self.batch_started = True
 
     def _record(self, optimizer: DPOptimizer) -> None:
