@@ -16,10 +16,10 @@ from torch import nn
 from transformers import PreTrainedModel
 
 # The ``X as X`` imports are re-exports for modules open in other work that still import them
-# from here (server/audit/, server/serving/recommender.py, server/simulation/simulation.py,
-# client/dp_training.py); drop them once those import from common.backbone/common.featurizer.
+# from here (server/audit/canary_audit.py, server/serving/recommender.py,
+# server/simulation/simulation.py, client/dp_training.py); drop them once those import from
+# common.backbone and common.featurizer.
 from common.backbone import is_encoder, lora_targets
-from common.backbone import load_backbone as load_backbone
 from common.backbone import resolve_backbone as resolve_backbone
 from common.config import LoraSettings, ModelConfig
 from common.errors import ConfigError

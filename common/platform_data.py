@@ -28,13 +28,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 # The ``X as X`` imports are re-exports for modules open in other work that still import them
-# from here (server/cli.py, server/serving/); drop them once those import from their homes.
+# from here (server/serving/); drop them once those import from their homes.
 from common.columnar_reader import _columnar_interactions
 from common.errors import DataError
 from common.platform_format import CARRIED, FORMATS, INTERACTIONS, ITEMS
 from common.platform_format import MAX_ID_CHARS as MAX_ID_CHARS
 from common.platform_format import MAX_TEXT_CHARS as MAX_TEXT_CHARS
-from common.platform_writer import write_dataset as write_dataset
 from common.row_reader import _identifier as _identifier
 from common.row_reader import _read_records as _read_records
 from common.row_reader import _row_interactions, read_items

@@ -37,7 +37,8 @@ EXIT_CODES = """exit codes:
 def _data_prepare(args: argparse.Namespace) -> None:
     from common.dataset_summary import describe
     from common.movielens import build_ml1m, build_ml100k
-    from common.platform_data import path_error, read_dataset, write_dataset
+    from common.platform_data import path_error, read_dataset
+    from common.platform_writer import write_dataset
     from common.synthetic import SyntheticConfig, generate
 
     if args.dataset == "ml100k":

@@ -32,7 +32,7 @@ def _one_line(capsys: pytest.CaptureFixture[str]) -> str:
 @pytest.fixture
 def one_interaction_data(tmp_path: Path) -> Path:
     """Every user has one interaction: no user can be held out for evaluation."""
-    from common.platform_data import write_dataset
+    from common.platform_writer import write_dataset
     from common.synthetic import SyntheticConfig, generate
 
     tables = generate(
