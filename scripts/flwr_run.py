@@ -53,7 +53,13 @@ from common.platform_data import federation_platforms
 from common.processes import stop_processes
 from server.deployment.deploy import flower_env
 from server.federation.run_record import CONFIG_FILE, RunRecord
-from server.simulation.simulation import check_startable, finish_run, prepare_run
+from server.simulation.simulation import (
+    check_ledgers,
+    check_startable,
+    finish_run,
+    locate_state,
+    prepare_run,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 CONNECTION = "fedfuse-local"
@@ -199,8 +205,9 @@ def run(args: argparse.Namespace) -> Path:
     os.chdir(REPO)  # relative paths resolve where the apps will run
     if resume:
         record = RunRecord(resume)
-        config = load_config(record.root / CONFIG_FILE)
+        config = locate_state(record)  # the platform state this folder carries, wherever it is
         check_startable(config)
+        check_ledgers(record, config)  # never a fresh ledger for a platform the run charged
     else:
         config = load_config(config_file, config_overrides)
         record = prepare_run(config, Path(args.runs).resolve(), args.name)

@@ -123,3 +123,21 @@ def test_the_app_bundle_ships_only_the_apps_code_and_configuration(tmp_path: Pat
         ".info",
     }
     assert "client/client_app.py" in names and "simulations/ml100k_default.toml" in names
+
+
+def test_a_resume_without_a_charged_platforms_ledger_is_refused_before_flower_starts(
+    tmp_path: Path, finished_run: Path
+) -> None:
+    """The deployment path checks the ledgers as ``fedfuse simulate --resume`` does: a copy of
+    a run whose platform lost its ledger is refused, never trained on a fresh one."""
+    import shutil
+
+    copy = tmp_path / "copy.incomplete"
+    shutil.copytree(finished_run, copy)
+    ledgers = sorted(copy.glob("platform_state/*/privacy_ledger.json"))
+    assert ledgers, "the tiny run keeps its platform state inside the run folder"
+    ledgers[0].unlink()
+    result = _flwr_run(tmp_path, "--resume", str(copy))
+    assert result.returncode == 1
+    assert f"platform {ledgers[0].parent.name!r} has no privacy ledger" in result.stderr
+    assert "Starting SuperLink" not in result.stdout + result.stderr
