@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from common.config import load_config
-from common.errors import FedFuseError, Stopped
+from common.errors import ConfigError, FedFuseError, Stopped
 from server.federation.run_record import CONFIG_FILE, check_finished
 
 # docs/exit-codes.md shows the same table
@@ -200,13 +200,40 @@ def _tune(args: argparse.Namespace) -> None:
     print(f"written: {out / 'tuning.md'}, {out / 'frozen'}/")
 
 
+def release_of(specs: list[str]) -> dict[str, str] | None:
+    """``--release``: the code every platform must have run, as KEY=VALUE pairs of its
+    recorded identity (``source_sha256``, ``torch``, ``opacus``, ``flwr``) or ``installed``
+    (the identity of the code this audit runs from)."""
+    if not specs:
+        return None
+    from client.step_check import code_identity
+
+    release: dict[str, str] = {}
+    for spec in specs:
+        if spec == "installed":
+            release |= code_identity()
+            continue
+        key, equals, value = spec.partition("=")
+        if not equals or not key or not value:
+            raise ConfigError(
+                f"--release {spec!r}: expected KEY=VALUE (e.g. torch=2.13.0) or 'installed'"
+            )
+        release[key] = value
+    return release
+
+
 def _audit(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from server.audit.audit import audit, write_audit
     from server.audit.audit_report import summary_text
 
-    report = audit(Path(args.run_dir), [Path(p) for p in args.platform_state], args.white_box)
+    report = audit(
+        Path(args.run_dir),
+        [Path(p) for p in args.platform_state],
+        args.white_box,
+        release_of(args.release),
+    )
     written = write_audit(report, args.run_dir)
     print(summary_text(report))
     print(f"\nwritten: {written[0]}, {written[1]}")
@@ -476,6 +503,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the audit of the DP step itself (gradient canaries through FedFuse's "
         "DP-SGD step at each platform's recorded σ and C, an ε lower bound per platform; "
         "about a second per platform)",
+    )
+    audit.add_argument(
+        "--release",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE|installed",
+        help="the code every platform must have run: a recorded identity field "
+        "(source_sha256, torch, opacus, flwr; repeatable) or 'installed' (this checkout's); "
+        "a platform that recorded other code is flagged",
     )
     audit.set_defaults(run=_audit)
 

@@ -277,3 +277,25 @@ def _truncate(path: Path) -> None:
     """Cut the file inside its last line, as an interrupted copy would."""
     text = path.read_text()
     path.write_text(text[:-10])
+
+
+def test_the_operator_names_the_release_every_platform_must_have_run(
+    run_dirs: Callable[[str], Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--release installed``: the code this audit runs from, which the run also ran; a
+    library version no platform ran is flagged on every platform; a malformed one is one
+    line, exit 2."""
+    copy = Path(shutil.copytree(run_dirs(EXAMPLE), tmp_path / "run"))
+    assert main(["audit", str(copy), "--no-white-box", "--release", "installed"]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as flagged:
+        main(["audit", str(copy), "--no-white-box", "--release", "torch=0.0.0"])
+    assert flagged.value.code == 1
+    flags = json.loads((copy / AUDIT_JSON).read_text())["flags"]
+    assert {(f["code"], f["platform"]) for f in flags} == {
+        ("code-identity-not-release", "p0"),
+        ("code-identity-not-release", "p1"),
+    }
+    capsys.readouterr()
+    assert main(["audit", str(copy), "--release", "torch"]) == 2
+    assert "--release 'torch': expected KEY=VALUE" in capsys.readouterr().err
