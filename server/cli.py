@@ -74,7 +74,9 @@ def _data_check(args: argparse.Namespace) -> None:
 
     config = load_config(args.config, args.set)
     platforms = read_dataset(args.path)
-    if config.federation.fraction_evaluate > 0:  # what simulate would refuse, refused here
+    # checked against a run configuration, data simulate would refuse is refused here too;
+    # without one, only the data itself is checked (a small valid export stays valid)
+    if (args.config or args.set) and config.federation.fraction_evaluate > 0:
         check_ranking_cases(args.path, platforms, config.task, config.federation.eval_split)
     for platform in platforms:
         for warning in platform.warnings:

@@ -61,7 +61,11 @@ CASES: dict[str, tuple[list[str], int, str]] = {
     "check-empty-folder": (["data", "check", "{empty}"], 2, "{empty}"),
     "check-bad-rows": (["data", "check", "{bad_rows}"], 2, "row"),
     "check-no-items": (["data", "check", "{no_items}"], 2, "{no_items}"),
-    "check-no-evaluation-cases": (["data", "check", "{one}"], 2, "no platform has a valid"),
+    "check-no-evaluation-cases": (
+        ["data", "check", "{one}", "--set", "federation.fraction_evaluate=1.0"],
+        2,
+        "no platform has a valid",
+    ),
     "check-unknown-key": (["data", "check", "{data}", "--set", "task.bogus=1"], 2, "task.bogus"),
     "check-missing-config": (["data", "check", "{data}", "--config", "{w}/no.toml"], 2, "no.toml"),
     "check-broken-toml": (["data", "check", "{data}", "--config", "{bad_toml}"], 2, "bad.toml"),

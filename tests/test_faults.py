@@ -46,10 +46,10 @@ def test_data_without_evaluation_cases_is_refused_by_check_and_simulate_alike(
 ) -> None:
     """`data check` accepted such data, and simulate crashed after Ray start-up with a
     ZeroDivisionError in Flower's metric aggregation."""
-    assert main(["data", "check", str(one_interaction_data)]) == 2
+    config = write_run_config(tmp_path / "run.toml", data={"path": str(one_interaction_data)})
+    assert main(["data", "check", str(one_interaction_data), "--config", str(config)]) == 2
     checked = _one_line(capsys)
     assert "no platform has a valid ranking case" in checked
-    config = write_run_config(tmp_path / "run.toml", data={"path": str(one_interaction_data)})
     runs = tmp_path / "runs"
     assert main(["simulate", "--config", str(config), "--runs", str(runs)]) == 2
     assert _one_line(capsys) == checked
