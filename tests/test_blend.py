@@ -47,10 +47,14 @@ def test_the_fitted_weight_follows_the_model_that_knows_more() -> None:
     rng = np.random.default_rng(0)
     cases = _cases(rng, 200)
     # in-house: the positive gets a weak boost; other: a strong one, for every user
-    weak = {c.user: {i: rng.normal() + (1.0 if i == c.positive else 0) for i in c.candidates}
-            for c in cases}
-    strong = {c.user: {i: rng.normal() + (3.0 if i == c.positive else 0) for i in c.candidates}
-              for c in cases}
+    weak = {
+        c.user: {i: rng.normal() + (1.0 if i == c.positive else 0) for i in c.candidates}
+        for c in cases
+    }
+    strong = {
+        c.user: {i: rng.normal() + (3.0 if i == c.positive else 0) for i in c.candidates}
+        for c in cases
+    }
     weight, curve = fit_weight(_ByUser(weak), _ByUser(strong), None, cases)
     assert weight < 0.5 and curve[weight] >= max(curve[0.0], curve[1.0])
     # two independent noisy views of the same signal: the blend beats either alone
