@@ -93,7 +93,7 @@ class ItemTowerHead(nn.Module):
         ``carried``: the (B, C, D) vectors and mask of what each person brought from elsewhere
         (none: as if nothing was brought)."""
         user, taste = self.user(history, history_mask, history_rows)
-        users = [user] + ([self.elsewhere(carried, len(user), user)] if self.carried else [])
+        users = [user] + ([self.elsewhere(carried, user)] if self.carried else [])
         cosines = []
         for vector in users:
             vector = vector.unsqueeze(1) if item.dim() == 3 else vector
@@ -110,14 +110,18 @@ class ItemTowerHead(nn.Module):
             logits = logits + (taste * factors).sum(dim=-1)
         return logits
 
-    def elsewhere(self, carried: Carried | None, count: int, like: torch.Tensor) -> torch.Tensor:
-        """(B, D) vectors of what each person brought from other platforms: the same mapped
-        recency-weighted mean as their history here (zeros for nothing brought)."""
+    def _pooled(self, vectors: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """(B, D): the mapped weighted mean of (B, H, D) item vectors."""
+        return self.user_map((weights.unsqueeze(-1) * vectors).sum(dim=1))
+
+    def elsewhere(self, carried: Carried | None, user: torch.Tensor) -> torch.Tensor:
+        """(B, D) vectors of what each person brought from other platforms, pooled as their
+        history here (``user``) is; zeros for nothing brought."""
         if carried is None:
-            return torch.zeros_like(like)
+            return torch.zeros_like(user)
         vectors, mask = carried
-        assert len(vectors) == count
-        return self.user_map((self.weights(mask).unsqueeze(-1) * vectors).sum(dim=1))
+        assert len(vectors) == len(user)
+        return self._pooled(vectors, self.weights(mask))
 
     def user(
         self, history: torch.Tensor, history_mask: torch.Tensor, history_rows: torch.Tensor
@@ -125,7 +129,7 @@ class ItemTowerHead(nn.Module):
         """(B, D) user vectors (the mapped recency-weighted mean of the history vectors) and,
         with private item factors, (B, F) user factors (the same mean over their rows)."""
         weights = self.weights(history_mask)
-        user = self.user_map((weights.unsqueeze(-1) * history).sum(dim=1))
+        user = self._pooled(history, weights)
         if self.private_items is None:
             return user, None
         slots = self.private_items.num_embeddings
@@ -151,7 +155,7 @@ class ItemTowerHead(nn.Module):
         cosine = unit(user) @ unit(items).T
         extra = []
         if self.carried:
-            extra = [unit(self.elsewhere(carried, len(user), user)) @ unit(items).T]
+            extra = [unit(self.elsewhere(carried, user)) @ unit(items).T]
         prior = prior.to(cosine.dtype).expand_as(cosine)
         features = torch.stack([cosine, prior, *extra], dim=-1)
         logits = self.mix(features).squeeze(-1)

@@ -132,13 +132,18 @@ def _sample_unseen(
     return tuple(chosen)
 
 
+def global_periods(times: np.ndarray, config: TaskConfig) -> np.ndarray:
+    """TRAIN, VALID or TEST for each time under the global time split's two cuts."""
+    return (times >= config.valid_from).astype(np.int8) + (times >= config.test_from)
+
+
 def _user_periods(
     times: np.ndarray, positive: np.ndarray, config: TaskConfig
 ) -> tuple[np.ndarray, np.ndarray]:
     """One user's rows (in time order): each row's period (TRAIN, VALID, TEST) and whether it
     is a ranking case. The reference :func:`split_sizes` is checked against."""
     if config.split == "global_time":
-        period = (times >= config.valid_from).astype(np.int8) + (times >= config.test_from)
+        period = global_periods(times, config)
         return period, positive & (period != TRAIN)
     period = np.full(len(times), TRAIN, dtype=np.int8)
     case = np.zeros(len(times), dtype=bool)
@@ -310,10 +315,8 @@ def split_sizes(data: PlatformData, config: TaskConfig | None = None) -> SplitSi
     starts = np.flatnonzero(np.r_[True, user_codes[1:] != user_codes[:-1]])
     is_positive = positive[order]
     if config.split == "global_time":
-        times = data.timestamps[order]
-        period = (times >= config.valid_from).astype(np.int8) + (times >= config.test_from)
+        period = global_periods(data.timestamps[order], config)
         case = is_positive & (period != TRAIN)
-        del times
     else:
         period, case = _leave_last_periods(user_codes, starts, is_positive, config.min_positives)
     # negatives are drawn from the items the user never interacted with: in the training

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -165,6 +166,16 @@ class Health(threading.Thread):
                 self.slowest = max(self.slowest, time.perf_counter() - start)
 
 
+def _run_for(clients: Sequence[threading.Thread], stop: threading.Event, seconds: float) -> None:
+    """Start the client threads, let them run ``seconds``, then stop and join them."""
+    for client in clients:
+        client.start()
+    time.sleep(seconds)
+    stop.set()
+    for client in clients:
+        client.join(60)
+
+
 def _hostile_process(
     url: str, tokens: list[str], victim: str, seconds: float, out: multiprocessing.Queue
 ) -> None:
@@ -172,12 +183,7 @@ def _hostile_process(
     share the GIL with the normal clients and slow down the timing of them, not the service."""
     stop = threading.Event()
     hostiles = [Hostile(url, token, victim, seed, stop) for seed, token in enumerate(tokens)]
-    for client in hostiles:
-        client.start()
-    time.sleep(seconds)
-    stop.set()
-    for client in hostiles:
-        client.join(60)
+    _run_for(hostiles, stop, seconds)
     out.put(sum((h.statuses for h in hostiles), collections.Counter()))
 
 
@@ -201,12 +207,7 @@ def phase(
     )
     if hostile_users:
         hostile.start()
-    for client in normal:
-        client.start()
-    time.sleep(seconds)
-    stop.set()
-    for client in normal:
-        client.join(60)
+    _run_for(normal, stop, seconds)
     statuses = collections.Counter()
     if hostile_users:
         statuses = results.get(timeout=120)

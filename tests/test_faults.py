@@ -346,11 +346,10 @@ def test_a_round_whose_evaluated_platforms_hold_no_case_aggregates_to_nothing(
 ) -> None:
     """With fraction_evaluate < 1 the platforms asked may all lack a case: Flower's weighted
     mean divided by zero and ended the run with a ZeroDivisionError."""
-    import time as clock
-
-    from flwr.app import ConfigRecord, Message, Metadata, MetricRecord, RecordDict
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 
     from server.federation.strategy import FedFuseStrategy
+    from tests.test_strategy import _metadata
 
     def reply(node: int, cases: int) -> Message:
         content = RecordDict(
@@ -359,18 +358,7 @@ def test_a_round_whose_evaluated_platforms_hold_no_case_aggregates_to_nothing(
                 "platform": ConfigRecord({"name": f"p{node}"}),
             }
         )
-        metadata = Metadata(
-            run_id=1,
-            message_id=f"r{node}",
-            src_node_id=node,
-            dst_node_id=0,
-            reply_to_message_id="m",
-            group_id="1",
-            created_at=clock.time(),
-            ttl=60.0,
-            message_type="evaluate",
-        )
-        return Message(content=content, metadata=metadata)
+        return Message(content=content, metadata=_metadata(node, "evaluate"))
 
     strategy = FedFuseStrategy(RunRecord(tmp_path), lambda r: 0.1)
     assert strategy.aggregate_evaluate(1, [reply(1, 0), reply(2, 0)]) is None

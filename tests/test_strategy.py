@@ -25,8 +25,8 @@ from server.federation.server_optimizer import ServerOptimizer
 from server.federation.strategy import FedFuseStrategy, LockstepStrategy, RoundFailed
 
 
-def _metadata(node: int) -> Metadata:
-    """Metadata of a train reply from ``node`` (what the runtime would attach)."""
+def _metadata(node: int, message_type: str = "train") -> Metadata:
+    """Metadata of a reply from ``node`` (what the runtime would attach)."""
     return Metadata(
         run_id=1,
         message_id=f"r{node}",
@@ -36,7 +36,7 @@ def _metadata(node: int) -> Metadata:
         group_id="1",
         created_at=time.time(),
         ttl=60.0,
-        message_type="train",
+        message_type=message_type,
     )
 
 

@@ -39,7 +39,7 @@ from torch import nn
 
 from common.config import RunConfig
 from common.errors import ConfigError
-from common.task import Example, PlatformTask, RankingCase
+from common.task import Example, PlatformTask, RankingCase, global_periods
 from server.simulation.baselines import Metrics, Scoring, evaluation_clients, pooled_item
 from server.simulation.inhouse import EarlyStopping, Interactions, mean_valid_ndcg, rated_train
 
@@ -354,10 +354,10 @@ def with_carried(task: PlatformTask, config: RunConfig) -> dict[str, PlatformTas
             "an in-house model over carried histories needs model.carried_history and "
             "task.split = global_time"
         )
-    cuts = (config.task.valid_from, config.task.test_from)
     brought = PlatformTask(platform=f"{task.platform}/carried")
-    for user, when, item in task.carried.events():
-        period = int(when >= cuts[0]) + int(when >= cuts[1])  # type: ignore[operator]
+    events = list(task.carried.events())
+    periods = global_periods(np.array([when for _, when, _ in events]), config.task)
+    for (user, when, item), period in zip(events, periods.tolist(), strict=True):
         (brought.train, brought.valid, brought.test)[period].append(
             Example(user, (), item, 1, time=when)
         )
