@@ -26,6 +26,10 @@ class ItemTowerHead(nn.Module):
       factor joins the logit. Rows are the platform's item rows modulo the table size.
     - ``mix``: logit = w * cos(user, item) + beta * prior [+ item_score] [+ factors] + b; a
       platform's own weighting of content against its own prior (private, common/sharing.py).
+      With ``carried``, the cosine of what the person brought from other platforms (pooled
+      like the history) joins the history's at the same weight w: w * (cos(user, item) +
+      cos(brought, item)). Tied, not a weight of its own: a third noisy mixing weight under
+      DP lost most of the feature's gain on validation (docs/research-log.md).
 
     Candidates come as (B, D) vectors (one per example) or (B, W, D) (W per example: the
     ranking objective's positive and negatives); the logits then have shape (B,) or (B, W).
@@ -56,12 +60,9 @@ class ItemTowerHead(nn.Module):
         self.item_score = nn.Linear(hidden, 1, bias=False) if item_score else None
         if self.item_score is not None:
             nn.init.zeros_(self.item_score.weight)
-        self.mix = nn.Linear(3 if carried else 2, 1)
+        self.mix = nn.Linear(2, 1)
         with torch.no_grad():
-            # the carried feature starts at 0 (the model without it) and DP training finds
-            # its weight: started at w, it cost 0.023 validation NDCG@10 (docs/research-log.md)
-            initial = [1.0 / temperature, prior_weight] + [0.0] * carried
-            self.mix.weight.copy_(torch.tensor([initial]))
+            self.mix.weight.copy_(torch.tensor([[1.0 / temperature, prior_weight]]))
             self.mix.bias.fill_(-0.5 / temperature)
 
     def user_map(self, vectors: torch.Tensor) -> torch.Tensor:
@@ -93,13 +94,15 @@ class ItemTowerHead(nn.Module):
         ``carried``: the (B, C, D) vectors and mask of what each person brought from elsewhere
         (none: as if nothing was brought)."""
         user, taste = self.user(history, history_mask, history_rows)
-        users = [user] + ([self.elsewhere(carried, user)] if self.carried else [])
-        cosines = []
-        for vector in users:
+
+        def cos(vector: torch.Tensor) -> torch.Tensor:
             vector = vector.unsqueeze(1) if item.dim() == 3 else vector
-            cosines.append(nn.functional.cosine_similarity(vector, item, dim=-1, eps=1e-6))
-        cosine = cosines[0]
-        features = torch.stack([cosine, prior.to(cosine.dtype), *cosines[1:]], dim=-1)
+            return nn.functional.cosine_similarity(vector, item, dim=-1, eps=1e-6)
+
+        cosine = cos(user)
+        if self.carried:
+            cosine = cosine + cos(self.elsewhere(carried, user))
+        features = torch.stack([cosine, prior.to(cosine.dtype)], dim=-1)
         logits = self.mix(features).squeeze(-1)
         if self.item_score is not None:
             logits = logits + self.item_score(item).squeeze(-1)
@@ -153,11 +156,10 @@ class ItemTowerHead(nn.Module):
         user, taste = self.user(history, history_mask, history_rows)
         unit = lambda v: v / v.norm(dim=-1, keepdim=True).clamp(min=1e-6)  # noqa: E731
         cosine = unit(user) @ unit(items).T
-        extra = []
         if self.carried:
-            extra = [unit(self.elsewhere(carried, user)) @ unit(items).T]
+            cosine = cosine + unit(self.elsewhere(carried, user)) @ unit(items).T
         prior = prior.to(cosine.dtype).expand_as(cosine)
-        features = torch.stack([cosine, prior, *extra], dim=-1)
+        features = torch.stack([cosine, prior], dim=-1)
         logits = self.mix(features).squeeze(-1)
         if self.item_score is not None:
             logits = logits + self.item_score(items).squeeze(-1)

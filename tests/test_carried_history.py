@@ -81,10 +81,11 @@ def test_movielens_platforms_carry_each_users_ratings_elsewhere() -> None:
 
 
 def test_the_carried_feature_scores_what_was_brought(tiny_bert_dir: Path, tmp_path: Path) -> None:
-    """With ``carried_history`` the head adds w · cos(brought-user, item): nothing brought adds
-    nothing; the batched, per-case and catalogue paths agree."""
+    """With ``carried_history`` the head adds w · cos(brought-user, item) at the history's own
+    weight w (tied: no weight of its own); nothing brought adds nothing; the batched, per-case
+    and catalogue paths agree."""
     head = ItemTowerHead(8, 0, 0.2, 1.0, carried=True)
-    assert head.mix.weight.tolist() == [[5.0, 1.0, 0.0]]  # starts as the model without it
+    assert head.mix.weight.tolist() == [[5.0, 1.0]]  # w and the prior's weight, nothing more
     history, mask = torch.randn(2, 3, 8), torch.ones(2, 3, dtype=torch.long)
     rows, item = torch.zeros(2, 3, dtype=torch.long), torch.randn(2, 4, 8)
     prior = torch.zeros(2, 4)
@@ -94,13 +95,13 @@ def test_the_carried_feature_scores_what_was_brought(tiny_bert_dir: Path, tmp_pa
         head.logits(history, mask, rows, item, rows[:, :1], prior, empty), alone
     )
     brought = (torch.randn(2, 2, 8), torch.ones(2, 2, dtype=torch.long))
-    assert torch.equal(head.logits(history, mask, rows, item, rows[:, :1], prior, brought), alone)
     with torch.no_grad():
-        head.mix.weight[0, 2] = 5.0  # as training may set it
+        head.mix.weight[0, 0] = 3.0  # as training may set w: both cosines follow it
+        alone = head.logits(history, mask, rows, item, rows[:, :1], prior)
     with_it = head.logits(history, mask, rows, item, rows[:, :1], prior, brought)
     elsewhere = brought[0].mean(dim=1, keepdim=True)  # uniform recency weights at the start
     cosine = torch.nn.functional.cosine_similarity(elsewhere, item, dim=-1)
-    torch.testing.assert_close(with_it, alone + 5.0 * cosine)
+    torch.testing.assert_close(with_it, alone + 3.0 * cosine)
 
     out = write_dataset(tmp_path / "data", _tables())
     data = read_platform(out / "here")
@@ -109,8 +110,6 @@ def test_the_carried_feature_scores_what_was_brought(tiny_bert_dir: Path, tmp_pa
     model, tokenizer = load_backbone(str(tiny_bert_dir))
     config = ModelConfig(backbone=str(tiny_bert_dir), carried_history=True, private_factors=4)
     scorer = build_scorer(model, config, LoraSettings(rank=4)).eval()
-    with torch.no_grad():
-        scorer.head.mix.weight[0, 2] = 5.0  # a trained weight: the feature counts
     featurizer = TextFeaturizer(tokenizer, data.item_text | task.carried_text, max_length=16)
     case = next(c for c in task.test_ranking if c.carried)
     case = type(case)(case.user, case.history, "a", ("b", "c"), case.time, case.carried)
