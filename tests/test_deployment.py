@@ -31,7 +31,7 @@ from cryptography.hazmat.primitives.serialization import load_ssh_private_key, l
 from client.ledger import LEDGER_FILE
 from common.errors import FedFuseError
 from common.processes import stop_processes
-from server.deployment.deploy import drop_partial_apps, node_config, superlink_command
+from server.deployment.commands import drop_partial_apps, node_config, superlink_command
 from server.deployment.deploy_keys import write_certificates, write_node_keys
 
 PLATFORMS = ("p0", "p1", "p2")
@@ -44,19 +44,21 @@ FEDFUSE = [sys.executable, "-m", "server.cli", "deploy"]
 
 
 def test_certificates_chain_to_the_ca_and_keys_are_private(tmp_path: Path) -> None:
-    files = write_certificates(tmp_path, ["127.0.0.1", "link.example.org"])
+    files = write_certificates(
+        tmp_path / "certs", tmp_path / "ca", ["127.0.0.1", "link.example.org"]
+    )
     ca = x509.load_pem_x509_certificate(files.ca_cert.read_bytes())
     server = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
     server.verify_directly_issued_by(ca)
     names = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert [str(ip) for ip in names.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
-    assert names.get_values_for_type(x509.DNSName) == ["link.example.org"]
+    assert names.get_values_for_type(x509.DNSName) == ["link.example.org", "localhost"]
     for key in (files.ca_key, files.server_key):
         assert key.stat().st_mode & 0o777 == 0o600
     assert files.server_cert.stat().st_mode & 0o777 == 0o644
     with pytest.raises(FedFuseError, match="exists"):
-        write_certificates(tmp_path, ["127.0.0.1"])
-    assert not list(tmp_path.glob(".*"))  # no temporary file left behind
+        write_certificates(tmp_path / "certs", tmp_path / "ca", ["127.0.0.1"])
+    assert not list(tmp_path.glob("*/.*"))  # no temporary file left behind
 
 
 def test_node_keys_are_what_flower_loads(tmp_path: Path) -> None:
@@ -73,8 +75,10 @@ def test_node_keys_are_what_flower_loads(tmp_path: Path) -> None:
 
 
 def test_commands_use_absolute_paths_and_refuse_unsafe_values(tmp_path: Path) -> None:
-    write_certificates(tmp_path / "certs", ["127.0.0.1"])
-    command = superlink_command(tmp_path / "certs", tmp_path / "state", "127.0.0.1", 9093)
+    write_certificates(tmp_path / "certs", tmp_path / "ca", ["127.0.0.1"])
+    command = superlink_command(
+        tmp_path / "certs", tmp_path / "state", "127.0.0.1:9093", "127.0.0.1:9095", 9091
+    )
     assert "--enable-supernode-auth" in command.argv
     assert "--disable-runtime-dependency-installation" in command.argv
     assert command.env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
@@ -169,7 +173,8 @@ class Processes:
 @dataclass(frozen=True)
 class Federation:
     root: Path
-    address: str
+    address: str  # the Fleet API, which SuperNodes dial
+    control: str  # the Control API, for the operator's flwr CLI
     ca: Path
     config: Path
     data: Path
@@ -221,11 +226,12 @@ def federation(tmp_path_factory: pytest.TempPathFactory, write_run_config) -> It
         dp={"epsilon_budget": 8.0},
         federation={"min_nodes": 3, "fraction_evaluate": 0.0},
     )
-    tls = write_certificates(root / "certs", ["127.0.0.1", "localhost"])
+    tls = write_certificates(root / "certs", root / "ca", ["127.0.0.1", "localhost"])
     for name in (*PLATFORMS, "intruder"):
         write_node_keys(root / "keys", name)
     port = _free_port()
     address = f"127.0.0.1:{port}"
+    control = f"127.0.0.1:{_free_port()}"
     logs = root / "logs"
     logs.mkdir()
     processes = Processes(logs, markers=[f"{root}/", f"{address} "])
@@ -233,20 +239,20 @@ def federation(tmp_path_factory: pytest.TempPathFactory, write_run_config) -> It
     try:
         processes.start(
             "superlink",
-            [*FEDFUSE, "superlink", "--certs", str(root / "certs"), "--host", "127.0.0.1"]
-            + ["--port", str(port), *home],
+            [*FEDFUSE, "superlink", "--certs", str(root / "certs"), "--fleet-address", address]
+            + ["--control-address", control, "--runtime-port", str(_free_port()), *home],
         )
         processes.wait_for(lambda: _healthy(address, tls.ca_cert), 60, "the SuperLink")
         register = [
             processes.start(
                 f"register-{name}",
                 [*FEDFUSE, "register", "--public-key", str(root / "keys" / f"{name}.pub")]
-                + ["--name", name, "--superlink", address, "--ca", str(tls.ca_cert), *home],
+                + ["--name", name, "--superlink", control, "--ca", str(tls.ca_cert), *home],
             )
             for name in PLATFORMS
         ]
         assert [p.wait(timeout=60) for p in register] == [0] * len(PLATFORMS)
-        yield Federation(root, address, tls.ca_cert, config, data, processes)
+        yield Federation(root, address, control, tls.ca_cert, config, data, processes)
     finally:
         processes.stop_all()
 
@@ -277,7 +283,7 @@ def test_two_rounds_over_tls_survive_a_supernode_stopped_mid_round(
     run = processes.start(
         "run",
         [*FEDFUSE, "run", "--config", str(federation.config), "--name", "r1"]
-        + ["--runs", str(runs), "--superlink", federation.address, "--ca", str(federation.ca)]
+        + ["--runs", str(runs), "--superlink", federation.control, "--ca", str(federation.ca)]
         + ["--home", str(federation.root / "operator")],
     )
 

@@ -37,16 +37,23 @@ CURVE = ec.SECP384R1()
 PLAIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 PRIVATE_MODE = 0o600
 PUBLIC_MODE = 0o644
+CA_NAME = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "FedFuse federation CA")])
+# The Control and Runtime APIs are reached on loopback: the certificate always names it.
+LOOPBACK_NAMES = ("127.0.0.1", "localhost")
 
 
 @dataclass(frozen=True)
 class TlsFiles:
-    """Where ``write_certificates`` put the CA and the SuperLink's certificate and key."""
+    """The SuperLink's folder (CA certificate, its certificate and key) and the CA's own."""
 
     ca_cert: Path
     ca_key: Path
     server_cert: Path
     server_key: Path
+
+    @classmethod
+    def at(cls, certs: Path, ca_dir: Path) -> TlsFiles:
+        return cls(certs / "ca.crt", ca_dir / "ca.key", certs / "server.crt", certs / "server.key")
 
 
 @dataclass(frozen=True)
@@ -63,17 +70,25 @@ def _refuse_to_overwrite(paths: list[Path], force: bool) -> None:
         raise FedFuseError(f"{existing[0]}: exists (pass --force to replace the key material)")
 
 
-def _private_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
+def _private_pem(key: ec.EllipticCurvePrivateKey, passphrase: bytes | None = None) -> bytes:
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase)
+        if passphrase
+        else serialization.NoEncryption()
     )
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+    )
+
+
+def _private_folder(folder: Path) -> None:
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    folder.chmod(0o700)
 
 
 def _subject_alternative_names(hosts: list[str]) -> list[x509.GeneralName]:
     names: list[x509.GeneralName] = []
-    for host in hosts:
+    for host in dict.fromkeys([*hosts, *LOOPBACK_NAMES]):
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(host)))
         except ValueError:
@@ -81,29 +96,16 @@ def _subject_alternative_names(hosts: list[str]) -> list[x509.GeneralName]:
     return names
 
 
-def write_certificates(
-    out: Path, hosts: list[str], days: int = 365, force: bool = False
-) -> TlsFiles:
-    """A private CA and a SuperLink server certificate for ``hosts`` (DNS names or IPs)."""
-    if not hosts:
-        raise FedFuseError("deploy certs: name at least one --host the SuperNodes will dial")
-    if days < 1:
-        raise FedFuseError(f"deploy certs: --days must be at least 1 (got {days})")
-    files = TlsFiles(out / "ca.crt", out / "ca.key", out / "server.crt", out / "server.key")
-    _refuse_to_overwrite([files.ca_key, files.server_key], force)
+def _ca_certificate(key: ec.EllipticCurvePrivateKey, days: int) -> x509.Certificate:
     start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
-    end = start + datetime.timedelta(days=days)
-
-    ca_key = ec.generate_private_key(CURVE)
-    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "FedFuse federation CA")])
-    ca_cert = (
+    return (
         x509.CertificateBuilder()
-        .subject_name(ca_name)
-        .issuer_name(ca_name)
-        .public_key(ca_key.public_key())
+        .subject_name(CA_NAME)
+        .issuer_name(CA_NAME)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
-        .not_valid_after(end)
+        .not_valid_after(start + datetime.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(
             x509.KeyUsage(
@@ -119,15 +121,30 @@ def write_certificates(
             ),
             critical=True,
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), False)
-        .sign(ca_key, hashes.SHA384())
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), False)
+        .sign(key, hashes.SHA384())
     )
 
-    server_key = ec.generate_private_key(CURVE)
-    server_cert = (
+
+def _server_certificate(
+    ca_key: ec.EllipticCurvePrivateKey,
+    ca_cert: x509.Certificate,
+    server_key: ec.EllipticCurvePrivateKey,
+    hosts: list[str],
+    days: int,
+) -> x509.Certificate:
+    """The SuperLink's leaf: it must end before the CA does (renew it alone, keep the CA)."""
+    start = datetime.datetime.now(datetime.UTC) - datetime.timedelta(minutes=5)
+    end = start + datetime.timedelta(days=days)
+    if end >= ca_cert.not_valid_after_utc:
+        raise FedFuseError(
+            f"--days {days}: the server certificate would outlive the CA (valid until "
+            f"{ca_cert.not_valid_after_utc:%Y-%m-%d}); ask for fewer days or make a new CA"
+        )
+    return (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, hosts[0])]))
-        .issuer_name(ca_name)
+        .issuer_name(ca_cert.subject)
         .public_key(server_key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(start)
@@ -141,13 +158,78 @@ def write_certificates(
         .sign(ca_key, hashes.SHA384())
     )
 
-    # Keys first: a certificate on disk always has its key beside it.
-    atomic_write_bytes(files.ca_key, _private_pem(ca_key), PRIVATE_MODE)
-    atomic_write_bytes(files.server_key, _private_pem(server_key), PRIVATE_MODE)
-    atomic_write_bytes(files.ca_cert, ca_cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE)
+
+def _write_server(files: TlsFiles, key: ec.EllipticCurvePrivateKey, cert: x509.Certificate) -> None:
+    atomic_write_bytes(files.server_key, _private_pem(key), PRIVATE_MODE)  # the key first
     atomic_write_bytes(
-        files.server_cert, server_cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE
+        files.server_cert, cert.public_bytes(serialization.Encoding.PEM), PUBLIC_MODE
     )
+
+
+def write_certificates(
+    certs: Path,
+    ca_dir: Path,
+    hosts: list[str],
+    days: int = 365,
+    ca_days: int = 3650,
+    passphrase: bytes | None = None,
+    force: bool = False,
+) -> TlsFiles:
+    """A private CA in ``ca_dir`` (its key optionally encrypted; keep the folder offline) and
+    the SuperLink's certificate for ``hosts`` (DNS names or IPs) in ``certs``."""
+    if not hosts:
+        raise FedFuseError("deploy certs: name at least one --host the SuperNodes will dial")
+    if days < 1:
+        raise FedFuseError(f"deploy certs: --days must be at least 1 (got {days})")
+    if certs.resolve() == ca_dir.resolve():
+        raise FedFuseError(f"{ca_dir}: the CA folder must not be the SuperLink's certificates")
+    files = TlsFiles.at(certs, ca_dir)
+    _refuse_to_overwrite([files.ca_key, files.server_key], force)
+    ca_key = ec.generate_private_key(CURVE)
+    ca_cert = _ca_certificate(ca_key, ca_days)
+    server_key = ec.generate_private_key(CURVE)
+    server_cert = _server_certificate(ca_key, ca_cert, server_key, hosts, days)
+    ca_pem = ca_cert.public_bytes(serialization.Encoding.PEM)
+    _private_folder(ca_dir)
+    _private_folder(certs)
+    # Keys first: a certificate on disk always has its key beside it.
+    atomic_write_bytes(files.ca_key, _private_pem(ca_key, passphrase), PRIVATE_MODE)
+    atomic_write_bytes(ca_dir / "ca.crt", ca_pem, PUBLIC_MODE)
+    atomic_write_bytes(files.ca_cert, ca_pem, PUBLIC_MODE)
+    _write_server(files, server_key, server_cert)
+    return files
+
+
+def renew_server_certificate(
+    certs: Path,
+    ca_dir: Path,
+    hosts: list[str] | None = None,
+    days: int = 365,
+    passphrase: bytes | None = None,
+) -> TlsFiles:
+    """A new SuperLink key and certificate from the same CA: platforms keep their ``ca.crt``.
+    Without ``hosts`` the names of the current certificate are kept."""
+    files = TlsFiles.at(certs, ca_dir)
+    try:
+        ca_key = serialization.load_pem_private_key(files.ca_key.read_bytes(), passphrase)
+        ca_cert = x509.load_pem_x509_certificate((ca_dir / "ca.crt").read_bytes())
+        current = x509.load_pem_x509_certificate(files.server_cert.read_bytes())
+    except FileNotFoundError as err:
+        raise FedFuseError(f"{err.filename}: not found (run `deploy certs` first)") from None
+    except (TypeError, ValueError) as err:
+        raise FedFuseError(f"{files.ca_key}: cannot read the CA key ({err})") from None
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise FedFuseError(f"{files.ca_key}: not an EC key written by `deploy certs`")
+    if files.ca_cert.read_bytes() != ca_cert.public_bytes(serialization.Encoding.PEM):
+        raise FedFuseError(f"{files.ca_cert}: not the CA in {ca_dir}")
+    if not hosts:
+        names = current.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        hosts = [current.subject.rfc4514_string().removeprefix("CN=")]
+        hosts += [str(n.value) for n in names if str(n.value) not in LOOPBACK_NAMES]
+    if days < 1:
+        raise FedFuseError(f"deploy renew: --days must be at least 1 (got {days})")
+    server_key = ec.generate_private_key(CURVE)
+    _write_server(files, server_key, _server_certificate(ca_key, ca_cert, server_key, hosts, days))
     return files
 
 
