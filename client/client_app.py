@@ -11,12 +11,13 @@ that cannot take part answers with an error reply the server logs, never a crash
 ``BUDGET_EXHAUSTED`` when the round would exceed its ε budget, ``ROUND_ALREADY_CHARGED`` for a
 round number its ledger already holds (a replay after a restart), ``INVALID_INPUT`` for bad data
 or configuration. Every message received and sent is recorded (tensor hashes and shapes, keys,
-no values) in ``<state dir>/wire_log.jsonl`` for ``fedfuse audit``.
+no values) in ``<state dir>/wire_log.jsonl`` for ``fedfuse audit``. Under
+``federation.secure_aggregation`` train messages run through Flower's SecAgg+ mod
+(``client/secure_aggregation.py``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 from flwr.app import (
@@ -30,11 +31,19 @@ from flwr.app import (
     RecordDict,
 )
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
 
 from client.ledger import BudgetExhausted, RoundAlreadyCharged
 from client.platform_client import PlatformClient, identify
+from client.secure_aggregation import (
+    FITINS_CONFIG,
+    carries_fitins,
+    secure_inputs,
+    secure_reply,
+    secure_when_asked,
+)
 from common.config import run_configuration
-from common.errors import FedFuseError
+from common.errors import ConfigError, FedFuseError
 from common.wire_log import RECEIVED, SENT, WIRE_LOG_FILE, append_records, message_record
 
 BUDGET_EXHAUSTED = 4001
@@ -74,10 +83,21 @@ def _error(msg: Message, err: Exception) -> Message:
     return Message(Error(code=code, reason=str(err)), reply_to=msg)
 
 
-def _logged(
-    handler: Callable[[Message, Context], Message], msg: Message, context: Context
-) -> Message:
-    """Run ``handler``, recording the message and the reply in the platform's wire log.
+def _round_of(msg: Message) -> int:
+    """The server round a message belongs to: its config's ``server-round``, or (SecAgg+'s
+    key stages, which carry none) the round the session's group id names; 0 if neither."""
+    if msg.has_content():
+        for key in ("config", FITINS_CONFIG):
+            settings = msg.content.config_records.get(key)
+            if settings is not None and "server-round" in settings:
+                return int(settings["server-round"])  # type: ignore[arg-type]
+    group = msg.metadata.group_id
+    return int(group) if group.isdigit() else 0
+
+
+def wire_logged(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Record the message and the reply that leaves (after SecAgg+'s masking, when on) in the
+    platform's wire log.
 
     A node whose platform cannot even be identified has no state folder to write to: its error
     reply goes unrecorded here (the server's log still has it).
@@ -85,40 +105,52 @@ def _logged(
     try:
         client = platform_client(context)
     except FedFuseError:
-        return handler(msg, context)
-    settings: dict[str, Any] = dict(msg.content.config_records.get("config") or {})
-    server_round = int(settings.get("server-round", 0))  # 0: the server sent none
+        return call_next(msg, context)
+    server_round = _round_of(msg)
     path, name = client.identity.state_dir / WIRE_LOG_FILE, client.identity.name
-    append_records(path, [message_record("client", RECEIVED, msg, server_round, name)])
-    reply = handler(msg, context)
-    append_records(path, [message_record("client", SENT, reply, server_round, name)])
+    names = sorted(client.shared)
+    append_records(path, [message_record("client", RECEIVED, msg, server_round, name, names)])
+    reply = call_next(msg, context)
+    append_records(path, [message_record("client", SENT, reply, server_round, name, names)])
     return reply
 
 
-@app.train()
+@app.train(mods=[wire_logged, secure_when_asked])
 def train(msg: Message, context: Context) -> Message:
-    return _logged(_train, msg, context)
+    return _train(msg, context)
 
 
-@app.evaluate()
+@app.evaluate(mods=[wire_logged])
 def evaluate(msg: Message, context: Context) -> Message:
-    return _logged(_evaluate, msg, context)
+    return _evaluate(msg, context)
 
 
 def _train(msg: Message, context: Context) -> Message:
-    """Train locally from the server's adapters; reply with new adapters and ε spent."""
+    """Train locally from the server's adapters; reply with new adapters and ε spent (under
+    secure aggregation: the vector SecAgg+ masks, ``client/secure_aggregation.py``)."""
     try:
         client = platform_client(context)
-        settings = _settings(msg)
+        secure = carries_fitins(msg)
+        if client.config.federation.secure_aggregation and not secure:
+            raise ConfigError(
+                f"platform {client.identity.name!r} takes part in secure aggregation only "
+                "(federation.secure_aggregation); the server sent a plain train message"
+            )
+        if secure:
+            received, settings = secure_inputs(msg, sorted(client.shared))
+        else:
+            received, settings = _arrays(msg), _settings(msg)
         learning_rate = float(settings.get("learning-rate", client.config.train.learning_rate))
         arrays, metrics = client.train_round(
             int(settings["server-round"]),
-            _arrays(msg),
+            received,
             learning_rate,
             str(settings.get("run-id", "")),
         )
-    except FedFuseError as err:
+    except (FedFuseError, OSError) as err:  # OSError: its disk (full, read-only), one line
         return _error(msg, err)
+    if secure:
+        return secure_reply(msg, context, received, arrays, metrics, client.identity.name)
     content = RecordDict(
         {
             "arrays": ArrayRecord({name: Array(value) for name, value in arrays.items()}),
@@ -137,7 +169,7 @@ def _evaluate(msg: Message, context: Context) -> Message:
         split = str(settings.get("split", "valid"))
         max_cases = int(settings.get("max-cases", client.config.train.eval_max_cases))
         metrics = client.evaluate(_arrays(msg), split, max_cases)
-    except FedFuseError as err:
+    except (FedFuseError, OSError) as err:  # OSError: its disk (full, read-only), one line
         return _error(msg, err)
     content = RecordDict(
         {

@@ -346,6 +346,19 @@ class FederationConfig(BaseModel):
         2, ge=1, description="platforms needed to start a round (fewer replies are accepted)"
     )
     eval_split: Literal["valid", "test"] = Field("valid", description="split evaluated per round")
+    secure_aggregation: bool = Field(
+        False,
+        description="lockstep: the server learns only the sum of the noised gradients (Flower's "
+        "SecAgg+; a platform so configured refuses plain rounds)",
+    )
+
+    @model_validator(mode="after")
+    def _secure_aggregation_needs_lockstep(self) -> FederationConfig:
+        if self.secure_aggregation and (self.schedule != "lockstep" or self.min_nodes < 2):
+            raise ValueError(
+                "federation.secure_aggregation needs schedule = 'lockstep' and min_nodes >= 2"
+            )
+        return self
 
 
 class AuditConfig(BaseModel):

@@ -20,6 +20,7 @@ import fcntl
 import hashlib
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,17 @@ from common.errors import FedFuseError
 WIRE_LOG_FILE = "wire_log.jsonl"
 FORMAT = "fedfuse-wire-log/1"
 SENT, RECEIVED = "sent", "received"
+# Flower's SecAgg+ (server/federation/secure_aggregation.py): the record its stages travel in,
+# the stage a reply answers (told by its keys), and the legacy records whose tensors are
+# indexed "0", "1", … in the shared tensors' sorted order.
+SECAGG_RECORD = "secaggplus_configs"
+SECAGG_REPLY_STAGES = {
+    "pk1": "setup",
+    "ctxts": "share_keys",
+    "masked_params": "collect_masked_vectors",
+    "shares": "unmask",
+}
+LEGACY_TENSOR_RECORDS = ("fitins.parameters", "fitres.parameters")
 
 
 def tensor_entries(record: ArrayRecord) -> list[dict[str, Any]]:
@@ -46,22 +58,55 @@ def tensor_entries(record: ArrayRecord) -> list[dict[str, Any]]:
     ]
 
 
+def secagg_stage(message: Message) -> str | None:
+    """The SecAgg+ stage a message belongs to (None for a plain message)."""
+    if message.has_error() or SECAGG_RECORD not in message.content.config_records:
+        return None
+    record = message.content.config_records[SECAGG_RECORD]
+    if "stage" in record:
+        return str(record["stage"])
+    return next((stage for key, stage in SECAGG_REPLY_STAGES.items() if key in record), None)
+
+
+def _blobs(record: ConfigRecord) -> list[dict[str, Any]]:
+    """Byte count and SHA-256 of each bytes value (SecAgg+'s keys, shares, masked vectors)."""
+    blobs = []
+    for key, value in record.items():
+        for index, item in enumerate(value if isinstance(value, list) else [value]):
+            if isinstance(item, bytes):
+                digest = hashlib.sha256(item).hexdigest()
+                blobs.append({"key": key, "index": index, "bytes": len(item), "sha256": digest})
+    return blobs
+
+
 def message_record(
-    side: str, direction: str, message: Message, server_round: int, platform: str | None
+    side: str,
+    direction: str,
+    message: Message,
+    server_round: int,
+    platform: str | None,
+    names: Sequence[str] = (),
 ) -> dict[str, Any]:
     """The log line for one message; ``platform`` is None where the sender cannot know it yet.
 
     The node is the platform's end of the message: the destination of what the server sends,
-    the source of what it receives, and the client's own node id on the platform side.
+    the source of what it receives, and the client's own node id on the platform side. A
+    SecAgg+ message's type names its stage (``train:setup``, …; the masked-vector stage stays
+    ``train``), its bytes values (``secagg``) are hashed like tensors, and the tensors of a
+    legacy record, indexed "0", "1", …, take their names from ``names``.
     """
     metadata = message.metadata
     towards_platform = (side == "server") == (direction == SENT)
     node = metadata.dst_node_id if towards_platform else metadata.src_node_id
+    kind = str(metadata.message_type)
+    stage = secagg_stage(message)
+    if stage not in (None, "collect_masked_vectors"):
+        kind = f"{kind}:{stage}"
     entry: dict[str, Any] = {
         "kind": "message",
         "side": side,
         "direction": direction,
-        "type": str(metadata.message_type),
+        "type": kind,
         "round": server_round,
         "node": int(node),
         "platform": platform,
@@ -74,12 +119,23 @@ def message_record(
         for key, rec in content.array_records.items()
         for t in tensor_entries(rec)
     ]
+    for tensor in tensors:
+        index = tensor["name"]
+        if (
+            tensor["record"] in LEGACY_TENSOR_RECORDS
+            and index.isdigit()
+            and int(index) < len(names)
+        ):
+            tensor["name"] = names[int(index)]
     keys = {
         key: {"kind": "metrics" if isinstance(rec, MetricRecord) else "config", "keys": sorted(rec)}
         for key, rec in [*content.metric_records.items(), *content.config_records.items()]
         if isinstance(rec, MetricRecord | ConfigRecord)
     }
-    return entry | {"error": None, "tensors": tensors, "keys": keys}
+    entry |= {"error": None, "tensors": tensors, "keys": keys}
+    if stage is not None:
+        entry["secagg"] = _blobs(content.config_records[SECAGG_RECORD])
+    return entry
 
 
 def append_records(path: Path | str, records: list[dict[str, Any]]) -> None:

@@ -155,7 +155,9 @@ def test_the_client_logs_what_it_received_and_its_error_reply(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     identity = PlatformIdentity("shop", tmp_path / "data", tmp_path / "state")
-    monkeypatch.setattr(client_app, "platform_client", lambda c: SimpleNamespace(identity=identity))
+    monkeypatch.setattr(
+        client_app, "platform_client", lambda c: SimpleNamespace(identity=identity, shared=[])
+    )
     content = RecordDict(
         {
             "arrays": ArrayRecord({k: Array(v) for k, v in _arrays(1).items()}),
@@ -168,7 +170,7 @@ def test_the_client_logs_what_it_received_and_its_error_reply(
     def refuse(msg: Message, _: Context) -> Message:
         return Message(Error(code=client_app.BUDGET_EXHAUSTED, reason="budget"), reply_to=msg)
 
-    reply = client_app._logged(refuse, message, context)
+    reply = client_app.wire_logged(message, context, refuse)
     assert reply.error.code == client_app.BUDGET_EXHAUSTED
     received, sent = read_records(identity.state_dir / WIRE_LOG_FILE)
     assert (received["direction"], received["node"], received["round"]) == (RECEIVED, 7, 4)

@@ -12,6 +12,7 @@ import math
 import time
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
@@ -21,6 +22,11 @@ from common.adapters import load_adapter, load_trainable_arrays, save_adapter, t
 from common.config import RunConfig, flower_run_config, run_configuration
 from common.sharing import seeded_arrays, shared_names, shared_scorer
 from server.federation.run_record import RunRecord
+from server.federation.secure_aggregation import (
+    SecureLockstepStrategy,
+    check_secure_aggregation,
+    value_bound,
+)
 from server.federation.server_optimizer import MOMENTS_FILE, ServerOptimizer
 from server.federation.strategy import FedFuseStrategy, LockstepStrategy
 
@@ -62,7 +68,14 @@ def run_federation(grid: Grid, config: RunConfig, record: RunRecord) -> int:
         saved = record.adapter_dir(done) / MOMENTS_FILE if done else None
         moments = load_numpy(saved) if saved is not None and saved.exists() else None
         optimizer = ServerOptimizer(config.train, shared, moments)
-    strategy = (FedFuseStrategy if optimizer is None else partial(LockstepStrategy, optimizer))(
+    if optimizer is None:
+        kind: Any = FedFuseStrategy
+    elif federation.secure_aggregation:
+        check_secure_aggregation(config)
+        kind = partial(SecureLockstepStrategy, value_bound(config, names), optimizer)
+    else:
+        kind = partial(LockstepStrategy, optimizer)
+    strategy = kind(
         record,
         learning_rate_schedule(config),
         round_offset=done,
