@@ -303,10 +303,13 @@ def test_an_outsider_with_only_ca_crt_can_neither_register_nor_start_a_run(link:
         "/v1/control/start-run",
         "/v1/control/list-nodes",
         "/v1/runtime/create-task",
+        "/v1/fleet/../control/list-nodes",
         "/docs",
         "/openapi.json",
     ):
         assert _https(link.fleet, path, link.ca) == 404, path
+    for port in (link.control, link.runtime):  # Swagger and OpenAPI are off everywhere
+        assert _https(port, "/docs", link.ca) == _https(port, "/openapi.json", link.ca) == 404
     # Fleet self-registration is off with node authentication: an unsigned request is refused
     assert _https(link.fleet, "/v1/fleet/register-node", link.ca) >= 400
     run = link.deploy(

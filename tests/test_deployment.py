@@ -62,14 +62,15 @@ def test_certificates_chain_to_the_ca_and_keys_are_private(tmp_path: Path) -> No
 
 
 def test_node_keys_are_what_flower_loads(tmp_path: Path) -> None:
-    keys = write_node_keys(tmp_path, "drama_romance")
+    keys = write_node_keys(tmp_path / "keys", "drama_romance")
     private = load_ssh_private_key(keys.private_key.read_bytes(), None)
     public = load_ssh_public_key(keys.public_key.read_bytes())
     assert isinstance(private, ec.EllipticCurvePrivateKey) and private.curve.name == "secp384r1"
     assert private.public_key().public_numbers() == public.public_numbers()  # type: ignore[union-attr]
     assert keys.private_key.stat().st_mode & 0o777 == 0o600
+    assert keys.private_key.parent.stat().st_mode & 0o777 == 0o700  # was 0755
     with pytest.raises(FedFuseError, match="exists"):
-        write_node_keys(tmp_path, "drama_romance")
+        write_node_keys(tmp_path / "keys", "drama_romance")
     with pytest.raises(FedFuseError, match="platform name"):
         write_node_keys(tmp_path, "../escape")
 

@@ -256,6 +256,7 @@ def write_node_keys(out: Path, platform: str, force: bool = False) -> NodeKeys:
     public = key.public_key().public_bytes(
         serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
     )
+    _private_folder(out)
     atomic_write_bytes(keys.private_key, private, PRIVATE_MODE)
     atomic_write_bytes(keys.public_key, public + f" fedfuse-{platform}\n".encode(), PUBLIC_MODE)
     return keys
