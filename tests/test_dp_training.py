@@ -23,7 +23,7 @@ from client.dp_training import (
 from client.ledger import EXAMPLE, USER, Mechanism, epsilon
 from common.adapters import load_trainable_arrays, trainable_arrays
 from common.backbone import load_backbone
-from common.config import DPConfig, LoraSettings, ModelConfig, TrainConfig
+from common.config import DPConfig, LoraSettings, ModelConfig, TaskConfig, TrainConfig
 from common.errors import ConfigError
 from common.featurizer import TextFeaturizer
 from common.model import build_scorer
@@ -34,9 +34,14 @@ from common.training import loss_on
 HUGE_CLIP = 1e9
 
 
+def _dp(**settings: object) -> DPConfig:
+    """``dp`` settings without the recipe's per-part clip shares, unless a test names them."""
+    return DPConfig.model_validate({"gradient_scales": {}} | settings)
+
+
 def _full_batch(examples: int, clip: float, unit: str = EXAMPLE, **dp: object) -> DPConfig:
     """q = 1 in either unit (the expected batch is capped at N), every unit of every user."""
-    return DPConfig(
+    return _dp(
         expected_batch_size=examples * examples,
         max_examples_per_user=examples,
         max_grad_norm=clip,
@@ -58,25 +63,25 @@ def _privacy_units(examples: list[Example], unit: str) -> list[list[Example]]:
 @pytest.fixture(scope="module")
 def platform(synthetic_dir: Path):
     data = read_dataset(synthetic_dir)[0]
-    return data, build_task(data)
+    return data, build_task(data, TaskConfig(split="leave_last", history_len=5))
 
 
 def _setup(
     backbone: Path,
     platform,
-    kind: str,
     examples: int,
     dp: DPConfig,
-    objective: str = "",
+    objective: str = "softmax",
     **train: object,
 ):
     """A scorer with dropout off (so two forward passes are comparable) and its trainer, on
-    the training units of ``objective`` (softmax for the item tower, by default)."""
+    the training units of ``objective``: adapters on every step and one learning rate for
+    every part (as the reference step has it), unless a test says otherwise."""
     data, task = platform
     model, tokenizer = load_backbone(str(backbone))
-    # the item tower with its private item factors, so every trainable part is exercised
-    extra = {"private_factors": 4, "private_item_slots": 64} if kind == "item_tower" else {}
-    scorer = build_scorer(model, ModelConfig(scorer=kind, **extra), LoraSettings(rank=4))
+    # the item tower with its private item factors and item scores: every part is exercised
+    config = ModelConfig(private_factors=4, private_item_slots=64, item_score=True)
+    scorer = build_scorer(model, config, LoraSettings(rank=4))
     for module in scorer.modules():
         if isinstance(module, nn.Dropout):
             module.p = 0.0
@@ -87,9 +92,9 @@ def _setup(
             if "lora_B" in name or "user_up" in name:
                 param.normal_(0, 0.05, generator=torch.Generator().manual_seed(3))
     featurizer = TextFeaturizer(tokenizer, data.item_text, max_length=40)
-    objective = objective or ("softmax" if kind == "item_tower" else "bce")
     chosen = training_units(task.train, objective)[:examples]
-    trainer = LocalTrainer(scorer, featurizer, chosen, TrainConfig(**train), dp)
+    one_rate = {"adapter_every": 1, "head_learning_rate": None, "mix_learning_rate": None}
+    trainer = LocalTrainer(scorer, featurizer, chosen, TrainConfig(**(one_rate | train)), dp)
     return scorer, featurizer, chosen, trainer
 
 
@@ -133,28 +138,25 @@ def _reference_update(
 
 
 @pytest.mark.parametrize(
-    ("kind", "mode", "objective", "unit"),
+    ("objective", "unit"),
     [
-        ("item_tower", "hooks", "softmax", EXAMPLE),
-        ("item_tower", "hooks", "bce", EXAMPLE),
-        ("two_tower", "hooks", "", EXAMPLE),
-        ("cross", "hooks", "", EXAMPLE),
-        ("cross", "ghost", "", EXAMPLE),
-        ("item_tower", "hooks", "softmax", USER),  # 4 users of 4, 4, 3 and 1 units
-        ("cross", "hooks", "", USER),  # one user of 12 units, over chunks of 5
+        ("softmax", EXAMPLE),
+        ("bce", EXAMPLE),
+        ("softmax", USER),  # 4 users of 4, 4, 3 and 1 units
+        ("bce", USER),  # one user of 12 units, over chunks of 5
     ],
 )
 def test_dp_step_without_noise_equals_the_plain_step(
-    tiny_bert_dir: Path, platform, kind: str, mode: str, objective: str, unit: str
+    tiny_bert_dir: Path, platform, objective: str, unit: str
 ) -> None:
     """σ = 0, huge clip, q = 1: DP-SGD must be exactly plain full-batch SGD (peft + Opacus).
     Under the softmax objective this checks the folding of each unit's candidate rows; under
     the user unit, that a user's gradient is the plain sum of their units' (a chunk never
     splits a user)."""
     examples = 12
-    dp = _full_batch(examples, HUGE_CLIP, unit, clipping=mode)
+    dp = _full_batch(examples, HUGE_CLIP, unit, clipping="hooks")
     scorer, featurizer, chosen, trainer = _setup(
-        tiny_bert_dir, platform, kind, examples, dp, objective, optimizer="sgd", batch_size=5
+        tiny_bert_dir, platform, examples, dp, objective, optimizer="sgd", batch_size=5
     )
     assert trainer.sample_rate == 1.0
     assert trainer.privacy_units == len(_privacy_units(chosen, unit))
@@ -166,27 +168,19 @@ def test_dp_step_without_noise_equals_the_plain_step(
     assert any(not np.allclose(before[n], after[n]) for n in before if "lora_A" in n)
     assert any(not np.allclose(before[n], after[n]) for n in before if "lora_B" in n)
     moved = {n for n in before if not np.allclose(before[n], after[n])}
-    assert kind != "item_tower" or "head.user_down.weight" in moved
+    assert "head.user_down.weight" in moved
     for name in before:
         np.testing.assert_allclose(after[name], expected[name], rtol=1e-4, atol=1e-6, err_msg=name)
 
 
-@pytest.mark.parametrize(
-    ("kind", "mode", "unit"),
-    [
-        ("item_tower", "hooks", EXAMPLE),
-        ("two_tower", "hooks", EXAMPLE),
-        ("cross", "ghost", EXAMPLE),
-        ("item_tower", "hooks", USER),
-    ],
-)
+@pytest.mark.parametrize("unit", [EXAMPLE, USER])
 def test_each_privacy_unit_is_clipped_to_the_bound(
-    tiny_bert_dir: Path, platform, kind: str, mode: str, unit: str
+    tiny_bert_dir: Path, platform, unit: str
 ) -> None:
     examples, clip, lr = 10, 1e-3, 1.0
-    dp = _full_batch(examples, clip, unit, clipping=mode)
+    dp = _full_batch(examples, clip, unit, clipping="hooks")
     scorer, featurizer, chosen, trainer = _setup(
-        tiny_bert_dir, platform, kind, examples, dp, optimizer="sgd", batch_size=4
+        tiny_bert_dir, platform, examples, dp, optimizer="sgd", batch_size=4
     )
     unclipped = _reference_update(scorer, featurizer, chosen, HUGE_CLIP, lr, unit=unit)
     expected = _reference_update(scorer, featurizer, chosen, clip, lr, unit=unit)
@@ -214,7 +208,7 @@ def test_head_only_steps_match_the_reference_and_leave_the_adapters_untouched(
     examples, lr = 10, 0.5
     dp = _full_batch(examples, HUGE_CLIP, unit, clipping="hooks")
     scorer, featurizer, chosen, trainer = _setup(
-        tiny_bert_dir, platform, "item_tower", examples, dp, optimizer="sgd", adapter_every=2
+        tiny_bert_dir, platform, examples, dp, optimizer="sgd", adapter_every=2
     )
     first = _reference_update(scorer, featurizer, chosen, HUGE_CLIP, lr, unit=unit)
     midway = copy.deepcopy(scorer)
@@ -253,7 +247,7 @@ def test_gradient_scales_change_each_parts_share_of_the_clip_norm(
     examples, clip, lr = 10, 1e-3, 1.0
     dp = _full_batch(examples, clip, gradient_scales=SCALES)
     scorer, featurizer, chosen, trainer = _setup(
-        tiny_bert_dir, platform, "item_tower", examples, dp, optimizer="sgd", batch_size=4
+        tiny_bert_dir, platform, examples, dp, optimizer="sgd", batch_size=4
     )
     assert trainer.clipping_mode() == "hooks"
     plain = _reference_update(scorer, featurizer, chosen, clip, lr)
@@ -290,7 +284,7 @@ def test_gradient_scales_must_name_each_tensor_once(
 ) -> None:
     """A misspelt part would silently keep its share of the clip norm: refused at the run."""
     dp = _full_batch(4, 1.0, gradient_scales=scales)
-    *_, trainer = _setup(tiny_bert_dir, platform, "item_tower", 4, dp)
+    *_, trainer = _setup(tiny_bert_dir, platform, 4, dp)
     with pytest.raises(ConfigError, match=message):
         trainer.run(steps=1, learning_rate=0.1, noise_multiplier=1.0)
 
@@ -337,7 +331,7 @@ def test_a_users_row_is_the_sum_of_their_units_gradients_clipped_to_c(
     Chunks of 2 units: the user is kept whole in one chunk."""
     dp = _full_batch(4, clip, USER, clipping="hooks")
     scorer, featurizer, chosen, trainer = _setup(
-        tiny_bert_dir, platform, "item_tower", 4, dp, adapter_every=2, batch_size=2
+        tiny_bert_dir, platform, 4, dp, adapter_every=2, batch_size=2
     )
     assert len({e.user for e in chosen}) == 1 and trainer.privacy_units == 1
     reference = copy.deepcopy(scorer)
@@ -371,8 +365,8 @@ def test_a_user_brings_at_most_k_of_their_units_a_uniform_random_subset(
     tiny_bert_dir: Path, platform
 ) -> None:
     k = 2
-    dp = DPConfig(unit=USER, expected_batch_size=2 * k, max_examples_per_user=k)  # 2 users
-    _, _, chosen, trainer = _setup(tiny_bert_dir, platform, "item_tower", 12, dp, batch_size=4)
+    dp = _dp(unit=USER, expected_batch_size=2 * k, max_examples_per_user=k)  # 2 users
+    _, _, chosen, trainer = _setup(tiny_bert_dir, platform, 12, dp, batch_size=4)
     largest = max(trainer.groups, key=len)
     assert len(largest) == 4
     generator = torch.Generator().manual_seed(0)
@@ -409,8 +403,8 @@ def test_under_the_user_unit_poisson_sampling_draws_users(tiny_bert_dir: Path, p
     assert sample_rate(934, default) == 1 / 8  # ML-100K action_scifi's users: ⌈934 / 128⌉
     assert steps_per_round(934, TrainConfig(local_epochs=0.6), default) == 5
     assert expected_batch(default.model_copy(update={"enabled": False})) == 1024  # no unit
-    dp = DPConfig(unit=USER, expected_batch_size=4, max_examples_per_user=2, clipping="hooks")
-    _, _, chosen, trainer = _setup(tiny_bert_dir, platform, "item_tower", 12, dp, batch_size=4)
+    dp = _dp(unit=USER, expected_batch_size=4, max_examples_per_user=2, clipping="hooks")
+    _, _, chosen, trainer = _setup(tiny_bert_dir, platform, 12, dp, batch_size=4)
     users = len({e.user for e in chosen})
     assert trainer.privacy_units == users == 4 and trainer.sample_rate == 1 / 2
     result = trainer.run(steps=2, learning_rate=1e-3, noise_multiplier=1.0)
@@ -421,8 +415,8 @@ def test_noisy_dp_training_changes_the_adapters_and_runs_empty_batches(
     tiny_bert_dir: Path, platform
 ) -> None:
     torch.manual_seed(0)
-    dp = DPConfig(expected_batch_size=1, clipping="hooks")  # q = 1/40: many empty batches
-    scorer, _, _, trainer = _setup(tiny_bert_dir, platform, "two_tower", 40, dp, batch_size=8)
+    dp = _dp(expected_batch_size=1, clipping="hooks")  # q = 1/40: many empty batches
+    scorer, _, _, trainer = _setup(tiny_bert_dir, platform, 40, dp, "bce", batch_size=8)
     before = trainable_arrays(scorer)
     result = trainer.run(steps=12, learning_rate=1e-2, noise_multiplier=1.0)
     after = trainable_arrays(scorer)
@@ -430,30 +424,30 @@ def test_noisy_dp_training_changes_the_adapters_and_runs_empty_batches(
     assert all(
         not np.array_equal(before[n], after[n]) for n in before
     )  # noise reaches every tensor
-    assert type(trainer.scorer).__name__ == "TwoTowerScorer"
     assert not any(getattr(p, "grad_sample", None) is not None for p in scorer.parameters())
 
 
 def test_plain_mode_is_the_same_loop_without_privacy(tiny_bert_dir: Path, platform) -> None:
-    dp = DPConfig(enabled=False, expected_batch_size=8)
-    scorer, _, _, trainer = _setup(tiny_bert_dir, platform, "cross", 40, dp, batch_size=3)
+    dp = _dp(enabled=False, expected_batch_size=8)
+    scorer, _, _, trainer = _setup(tiny_bert_dir, platform, 40, dp, batch_size=3)
     before = trainable_arrays(scorer)
     result = trainer.run(steps=3, learning_rate=1e-2, noise_multiplier=None)
     assert result.mechanism is None and result.steps == 3 and np.isfinite(result.loss)
     assert any(not np.array_equal(before[n], v) for n, v in trainable_arrays(scorer).items())
 
 
-def test_ghost_clipping_is_refused_for_two_tower_and_the_user_unit(
-    tiny_bert_dir: Path, platform
-) -> None:
-    _, _, _, trainer = _setup(tiny_bert_dir, platform, "two_tower", 10, DPConfig(clipping="ghost"))
+def test_ghost_clipping_is_refused(tiny_bert_dir: Path, platform) -> None:
+    with pytest.raises(ValueError, match="dp.clipping = 'ghost' cannot run the item tower"):
+        _dp(clipping="ghost")
+    _, _, _, auto = _setup(tiny_bert_dir, platform, 10, _dp(clipping="auto"))
+    assert auto.clipping_mode() == "hooks"
+    # even set past the configuration's validation, in either unit
+    ghost = _dp().model_copy(update={"clipping": "ghost"})
+    _, _, _, trainer = _setup(tiny_bert_dir, platform, 10, ghost)
     with pytest.raises(ConfigError, match="ghost"):
         trainer.clipping_mode()
-    _, _, _, auto = _setup(tiny_bert_dir, platform, "two_tower", 10, DPConfig(clipping="auto"))
-    assert auto.clipping_mode() == "hooks"
-    # nor for the user unit, whichever scorer, even set past the configuration's validation
-    user = DPConfig(unit="user").model_copy(update={"clipping": "ghost"})
-    _, _, _, trainer = _setup(tiny_bert_dir, platform, "cross", 10, user)
+    user = _dp(unit="user").model_copy(update={"clipping": "ghost"})
+    _, _, _, trainer = _setup(tiny_bert_dir, platform, 10, user)
     with pytest.raises(ConfigError, match="dp.unit = 'user' needs"):
         trainer.clipping_mode()
 
@@ -482,10 +476,10 @@ def test_poisson_sample_is_not_predictable_from_the_shared_seed(
     tiny_bert_dir: Path, platform
 ) -> None:
     """``train.seed`` travels in the run config: under DP it must not decide the batches."""
-    dp = DPConfig(expected_batch_size=4, max_grad_norm=HUGE_CLIP, clipping="hooks")
+    dp = _dp(expected_batch_size=4, max_grad_norm=HUGE_CLIP, clipping="hooks")
     updates = []
     for _ in range(2):
-        scorer, _, _, trainer = _setup(tiny_bert_dir, platform, "cross", 40, dp, optimizer="sgd")
+        scorer, _, _, trainer = _setup(tiny_bert_dir, platform, 40, dp, optimizer="sgd")
         trainer.run(steps=3, learning_rate=0.5, noise_multiplier=0.0)  # no noise: batches only
         updates.append(trainable_arrays(scorer))
     assert any(not np.allclose(updates[0][n], updates[1][n]) for n in updates[0])
@@ -510,7 +504,7 @@ def test_a_released_gradient_is_the_dp_step_not_applied_here(
     clip = 1e-3 if noise_multiplier is not None else HUGE_CLIP
     dp = _full_batch(examples, clip, enabled=noise_multiplier is not None)
     scorer, featurizer, chosen, trainer = _setup(
-        tiny_bert_dir, platform, "item_tower", examples, dp, optimizer="sgd", batch_size=4
+        tiny_bert_dir, platform, examples, dp, optimizer="sgd", batch_size=4
     )
     expected = _reference_update(scorer, featurizer, chosen, clip, lr)
     before = trainable_arrays(scorer)
@@ -539,9 +533,7 @@ def test_one_step_rounds_that_keep_their_moments_are_one_optimiser(
     the last one returned, end exactly where one round of three AdamW steps does (the middle
     one head-only: the item vectors are recomputed whenever the adapters moved, either way)."""
     dp = _full_batch(8, 1e-2, enabled=noise_multiplier is not None)
-    scorer, _, _, trainer = _setup(
-        tiny_bert_dir, platform, "item_tower", 8, dp, batch_size=4, adapter_every=2
-    )
+    scorer, _, _, trainer = _setup(tiny_bert_dir, platform, 8, dp, batch_size=4, adapter_every=2)
     before = trainable_arrays(scorer)
     trainer.run(3, 1e-2, noise_multiplier)
     expected = trainable_arrays(scorer)

@@ -1,4 +1,4 @@
-"""The LoRA scorers: targets, freezing, shapes, per-example independence, ranking scores."""
+"""The LoRA scorer: targets, freezing, shapes, per-example independence, ranking scores."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 
 from common import layer_cache
 from common.backbone import load_backbone, lora_targets, pool, resolve_backbone
-from common.config import LoraSettings, ModelConfig
+from common.config import LoraSettings, ModelConfig, TaskConfig
 from common.errors import ConfigError
 from common.featurizer import TextFeaturizer
 from common.item_tower_head import ItemTowerHead
@@ -21,23 +21,23 @@ from common.task import Example, build_task, training_units
 from common.tiny_model import write_tiny_model
 
 
-def _scorer(backbone: Path, kind: str, **lora: object):
+def _scorer(backbone: Path, **lora: object):
     model, tokenizer = load_backbone(str(backbone))
-    scorer = build_scorer(
-        model, ModelConfig(backbone=str(backbone), scorer=kind), LoraSettings(**lora)
-    )
+    # no private item table: on the tiny model it would outweigh the backbone
+    config = ModelConfig(backbone=str(backbone), private_factors=0)
+    scorer = build_scorer(model, config, LoraSettings(**lora))
     return scorer, tokenizer
 
 
-def _eval_scorer(backbone: Path, kind: str, item_text: dict[str, str]):
-    scorer, tokenizer = _scorer(backbone, kind)
+def _eval_scorer(backbone: Path, item_text: dict[str, str]):
+    scorer, tokenizer = _scorer(backbone)
     return scorer.eval(), TextFeaturizer(tokenizer, item_text, max_length=64)
 
 
 @pytest.fixture(scope="module")
 def platform_task(synthetic_dir: Path):
     data = read_dataset(synthetic_dir)[0]
-    return data, build_task(data)
+    return data, build_task(data, TaskConfig(split="leave_last", history_len=5))
 
 
 def test_default_backbone_is_the_minilm_wheel() -> None:
@@ -72,9 +72,8 @@ def test_lora_targets_fall_back_to_attention_names_without_peft_mapping() -> Non
     assert lora_targets(Attention(), "auto") == ["q_proj", "v_proj"]
 
 
-@pytest.mark.parametrize("kind", ["item_tower", "cross", "two_tower"])
-def test_only_lora_and_head_are_trainable(tiny_bert_dir: Path, kind: str) -> None:
-    scorer, _ = _scorer(tiny_bert_dir, kind, rank=4)
+def test_only_lora_and_head_are_trainable(tiny_bert_dir: Path) -> None:
+    scorer, _ = _scorer(tiny_bert_dir, rank=4)
     trainable = [n for n, p in scorer.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n or n.startswith("head.") for n in trainable)
     assert any(n.startswith("head.") for n in trainable)
@@ -83,31 +82,28 @@ def test_only_lora_and_head_are_trainable(tiny_bert_dir: Path, kind: str) -> Non
 
 def test_unmatched_target_modules_are_rejected(tiny_bert_dir: Path) -> None:
     with pytest.raises((ConfigError, ValueError)):
-        _scorer(tiny_bert_dir, "cross", target_modules=["no_such_layer"])
+        _scorer(tiny_bert_dir, target_modules=["no_such_layer"])
 
 
 def test_lora_init_is_shared_by_seed(tiny_bert_dir: Path) -> None:
-    a, _ = _scorer(tiny_bert_dir, "two_tower", seed=7)
-    b, _ = _scorer(tiny_bert_dir, "two_tower", seed=7)
-    c, _ = _scorer(tiny_bert_dir, "two_tower", seed=8)
+    a, _ = _scorer(tiny_bert_dir, seed=7)
+    b, _ = _scorer(tiny_bert_dir, seed=7)
+    c, _ = _scorer(tiny_bert_dir, seed=8)
     name = next(n for n, _ in a.named_parameters() if "lora_A" in n)
     assert torch.equal(dict(a.named_parameters())[name], dict(b.named_parameters())[name])
     assert not torch.equal(dict(a.named_parameters())[name], dict(c.named_parameters())[name])
 
 
-@pytest.mark.parametrize("kind", ["item_tower", "cross", "two_tower"])
-def test_each_example_is_scored_independently(
-    tiny_bert_dir: Path, platform_task, kind: str
-) -> None:
+def test_each_example_is_scored_independently(tiny_bert_dir: Path, platform_task) -> None:
     """A row's training logit must not depend on the other rows (the DP-SGD unit)."""
     data, task = platform_task
-    scorer, featurizer = _eval_scorer(tiny_bert_dir, kind, data.item_text)
+    scorer, featurizer = _eval_scorer(tiny_bert_dir, data.item_text)
     examples = training_units(task.train, "bce")[:6]
     together = scorer(**scorer.batch(featurizer, examples))
     alone = torch.cat([scorer(**scorer.batch(featurizer, [e])) for e in examples])
     assert together.shape == (6,)
     torch.testing.assert_close(together, alone, atol=1e-5, rtol=1e-4)
-    # the evaluation path (deduplicated encodings for two_tower) gives the same logits
+    # the evaluation path gives the same logits
     fast = scorer.score_examples(featurizer, examples, batch_size=4)
     torch.testing.assert_close(torch.from_numpy(fast), alone.detach(), atol=1e-5, rtol=1e-4)
 
@@ -119,7 +115,7 @@ def test_a_ranking_unit_is_scored_alone_and_as_pointwise_examples(
     pointwise logits of its candidates, and the head-only step (precomputed item vectors)
     computes the same logits as the pass through the adapters."""
     data, task = platform_task
-    scorer, featurizer = _eval_scorer(tiny_bert_dir, "item_tower", data.item_text)
+    scorer, featurizer = _eval_scorer(tiny_bert_dir, data.item_text)
     units = training_units(task.train, "softmax")[:5]
     assert units and all(e.label == 1 and e.negatives for e in units)
     together = scorer(**scorer.batch(featurizer, units))
@@ -135,13 +131,10 @@ def test_a_ranking_unit_is_scored_alone_and_as_pointwise_examples(
         torch.testing.assert_close(alone, torch.from_numpy(pointwise), atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["item_tower", "cross", "two_tower"])
-def test_ranking_scores_match_pointwise_logits(
-    tiny_bert_dir: Path, platform_task, kind: str
-) -> None:
-    """The fast ranking path (item vectors reused for two_tower) equals scoring pairs one by one."""
+def test_ranking_scores_match_pointwise_logits(tiny_bert_dir: Path, platform_task) -> None:
+    """The fast ranking path (a case's user vector built once) equals scoring pairs one by one."""
     data, task = platform_task
-    scorer, featurizer = _eval_scorer(tiny_bert_dir, kind, data.item_text)
+    scorer, featurizer = _eval_scorer(tiny_bert_dir, data.item_text)
     cases = task.test_ranking[:3]  # chunks of 2 cases, of different lengths
     cases = [cases[0], replace(cases[1], negatives=cases[1].negatives[:3]), cases[2]]
     scores = scorer.score_cases(featurizer, cases, batch_size=2)
@@ -163,7 +156,6 @@ def test_item_tower_catalogue_scores_equal_its_case_scores(
     model, tokenizer = load_backbone(str(tiny_bert_dir))
     config = ModelConfig(
         backbone=str(tiny_bert_dir),
-        scorer="item_tower",
         item_score=True,
         private_factors=private_factors,
         private_item_slots=64,
@@ -184,28 +176,10 @@ def test_item_tower_catalogue_scores_equal_its_case_scores(
         )
 
 
-def test_cross_input_keeps_the_candidate_when_history_is_truncated(
-    tiny_bert_dir: Path, platform_task
-) -> None:
-    data, task = platform_task
-    scorer, tokenizer = _scorer(tiny_bert_dir, "cross")
-    example = next(e for e in task.train if len(e.history) >= 3)
-    candidate = tokenizer(data.item_text[example.candidate])["input_ids"]
-    featurizer = TextFeaturizer(tokenizer, data.item_text, max_length=2 * len(candidate) + 2)
-    assert (
-        len(tokenizer(featurizer.history_text(example.history))["input_ids"])
-        > featurizer.max_length
-    )
-    batch = scorer.batch(featurizer, [example])
-    assert batch["input_ids"].shape[1] == featurizer.max_length
-    first_segment = batch["input_ids"][0][batch["token_type_ids"][0] == 0]
-    assert first_segment.tolist() == candidate
-
-
 def test_decoder_backbone_scores_with_last_token_pooling(tmp_path: Path, platform_task) -> None:
     data, task = platform_task
     backbone = write_tiny_model(tmp_path, "gpt2")
-    scorer, tokenizer = _scorer(backbone, "two_tower")
+    scorer, tokenizer = _scorer(backbone)
     assert scorer.pooling == "last"
     logits = scorer.score_examples(TextFeaturizer(tokenizer, data.item_text, 64), task.train[:4], 2)
     assert logits.shape == (4,) and torch.isfinite(torch.from_numpy(logits)).all()
@@ -218,7 +192,7 @@ def test_item_tower_runs_the_top_layer_from_the_cache_exactly(
     """LoRA on the top layer only; item vectors from cached lower states equal a full pass."""
     data, _ = platform_task
     backbone = write_tiny_model(tmp_path, kind)
-    scorer, featurizer = _eval_scorer(backbone, "item_tower", data.item_text)
+    scorer, featurizer = _eval_scorer(backbone, data.item_text)
     lora = {n.split(".lora_")[0] for n, _ in scorer.named_parameters() if ".lora_" in n}
     assert lora and all((".layer.1." in n or ".h.1." in n) for n in lora)
     with torch.no_grad():  # non-zero adapters, so the top layer really differs from the base
@@ -237,7 +211,7 @@ def test_layer_cache_self_check_refuses_states_that_do_not_reproduce_the_model(
     tiny_bert_dir: Path, platform_task, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data, _ = platform_task
-    scorer, featurizer = _eval_scorer(tiny_bert_dir, "item_tower", data.item_text)
+    scorer, featurizer = _eval_scorer(tiny_bert_dir, data.item_text)
     wrong = layer_cache.top_layers_only
 
     def shifted(model: torch.nn.Module, first: int, states: torch.Tensor):
@@ -250,7 +224,7 @@ def test_layer_cache_self_check_refuses_states_that_do_not_reproduce_the_model(
 
 def test_item_tower_private_factors_are_never_shared(tiny_bert_dir: Path) -> None:
     model, _ = load_backbone(str(tiny_bert_dir))
-    config = ModelConfig(scorer="item_tower", private_factors=4, private_item_slots=32)
+    config = ModelConfig(private_factors=4, private_item_slots=32)
     scorer = build_scorer(model, config, LoraSettings(rank=4))
     names = [n for n, p in scorer.named_parameters() if p.requires_grad]
     assert "head.private_items.weight" in names

@@ -37,7 +37,7 @@ ROWS = [
 SEEN = {user: {item for u, item, _, _ in ROWS if u == user} for user in {row[0] for row in ROWS}}
 # items each user touched in the training period (before their second-to-last positive)
 TRAIN_SEEN = {"a": {"i1", "i2", "i3", "i4"}, "b": SEEN["b"], "c": {"i1"}, "d": {"i4"}}
-CONFIG = TaskConfig(history_len=2, negatives_per_positive=3, eval_negatives=99)
+CONFIG = TaskConfig(split="leave_last", history_len=2, negatives_per_positive=3, eval_negatives=99)
 
 
 def platform(rows=ROWS, catalogue: int = 120, name: str = "tiny") -> PlatformData:
@@ -134,7 +134,7 @@ def test_history_only_holds_earlier_positives(task: PlatformTask):
 
 
 def test_longer_history_len_keeps_all_earlier_positives():
-    task = build_task(platform(), TaskConfig(history_len=10))
+    task = build_task(platform(), TaskConfig(split="leave_last", history_len=10))
     (last,) = [e for e in task.test if e.user == "a" and e.candidate == "i8"]
     assert last.history == ("i7", "i5", "i3", "i1")
 
@@ -176,7 +176,7 @@ def test_each_train_positive_carries_its_own_negatives_as_a_ranking_unit(task: P
 
 
 def test_no_negatives_when_negatives_per_positive_is_zero():
-    task = build_task(platform(), TaskConfig(negatives_per_positive=0))
+    task = build_task(platform(), TaskConfig(split="leave_last", negatives_per_positive=0))
     assert all(e.candidate in SEEN[e.user] for e in task.train)
     assert len(task.train) == len(ROWS) - len(task.valid) - len(task.test)
 
@@ -196,7 +196,9 @@ def test_ranking_cases(task: PlatformTask):
 
 
 def test_ranking_takes_all_unseen_items_when_fewer_exist():
-    task = build_task(platform(catalogue=12), TaskConfig(negatives_per_positive=10))
+    task = build_task(
+        platform(catalogue=12), TaskConfig(split="leave_last", negatives_per_positive=10)
+    )
     unseen_a = {f"i{k}" for k in range(1, 13)} - SEEN["a"]
     assert len(unseen_a) == 4
     for case in task.valid_ranking + task.test_ranking:
@@ -249,7 +251,7 @@ def test_timestamp_ties_keep_file_order():
 
 
 def test_threshold_and_label_platforms():
-    strict = build_task(platform(), TaskConfig(positive_threshold=5.0))
+    strict = build_task(platform(), TaskConfig(split="leave_last", positive_threshold=5.0))
     # With rating >= 5 only, a has two positives (i1, i5): train-only.
     assert not [e for e in strict.valid + strict.test if e.user == "a"]
     labelled = platform()
@@ -290,7 +292,7 @@ def _time_split(valid_from: float, test_from: float, **settings: object) -> Task
 
 SIZE_CONFIGS = [
     CONFIG,
-    TaskConfig(negatives_per_positive=4, eval_negatives=5),
+    TaskConfig(split="leave_last", negatives_per_positive=4, eval_negatives=5),
     _time_split(15, 28, history_len=2, negatives_per_positive=3),
     _time_split(0.5, 39.5, negatives_per_positive=4, eval_negatives=5),
     _time_split(-1, 0),  # nothing trains, time 0 is already test

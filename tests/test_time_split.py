@@ -213,14 +213,14 @@ def test_describe_prints_the_cuts_and_the_held_out_users() -> None:
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"split": "global_time"}, "task.split = 'global_time' needs task.valid_from"),
-        ({"split": "global_time", "valid_from": 5}, "needs task.test_from"),
+        ({"valid_from": None}, "task.split = 'global_time' needs task.valid_from"),
+        ({"split": "global_time", "test_from": None}, "needs task.test_from"),
         (
             {"split": "global_time", "valid_from": 5, "test_from": 5},
             r"task.valid_from \(5.0\) must be before task.test_from \(5.0\)",
         ),
-        ({"valid_from": 5}, "task.valid_from needs task.split = 'global_time'"),
-        ({"test_from": 5}, "task.test_from needs task.split = 'global_time'"),
+        ({"split": "leave_last", "valid_from": 5}, "task.valid_from needs task.split = 'global_"),
+        ({"split": "leave_last", "test_from": 5}, "task.test_from needs task.split = 'global_"),
         ({"split": "global_time", "valid_from": float("nan"), "test_from": 5}, "finite"),
         ({"split": "random"}, "'leave_last' or 'global_time'"),
     ],

@@ -10,7 +10,7 @@ import torch
 from client.dp_training import LocalTrainer
 from common.adapters import trainable_arrays
 from common.backbone import load_backbone
-from common.config import DPConfig, LoraSettings, ModelConfig, TrainConfig
+from common.config import DPConfig, LoraSettings, ModelConfig, TaskConfig, TrainConfig
 from common.evaluation import evaluate
 from common.featurizer import TextFeaturizer
 from common.model import build_scorer
@@ -18,15 +18,17 @@ from common.platform_data import read_dataset
 from common.task import build_task
 from common.training import loss_on
 
+TINY_TASK = TaskConfig(split="leave_last", history_len=5)
+
 
 def test_training_changes_adapters_only_and_lowers_loss(
     tiny_bert_dir: Path, synthetic_dir: Path
 ) -> None:
     torch.manual_seed(0)
     data = read_dataset(synthetic_dir)[0]
-    task = build_task(data)
+    task = build_task(data, TINY_TASK)
     backbone, tokenizer = load_backbone(str(tiny_bert_dir))
-    scorer = build_scorer(backbone, ModelConfig(scorer="two_tower"), LoraSettings(rank=4))
+    scorer = build_scorer(backbone, ModelConfig(), LoraSettings(rank=4))
     featurizer = TextFeaturizer(tokenizer, data.item_text, max_length=48)
     frozen = {n: p.detach().clone() for n, p in scorer.named_parameters() if not p.requires_grad}
     before = trainable_arrays(scorer)
@@ -35,7 +37,8 @@ def test_training_changes_adapters_only_and_lowers_loss(
         loss_before = float(loss_on(scorer.eval(), featurizer, probe))
 
     plain = DPConfig(enabled=False, expected_batch_size=16)
-    trainer = LocalTrainer(scorer, featurizer, probe, TrainConfig(batch_size=8), plain)
+    train = TrainConfig(batch_size=8, adapter_every=1)
+    trainer = LocalTrainer(scorer, featurizer, probe, train, plain)
     result = trainer.run(steps=40, learning_rate=5e-3, noise_multiplier=None)
 
     assert result.steps == 40 and result.mechanism is None
@@ -52,9 +55,9 @@ def test_training_changes_adapters_only_and_lowers_loss(
 
 def test_evaluation_reports_protocol_metrics(tiny_bert_dir: Path, synthetic_dir: Path) -> None:
     data = read_dataset(synthetic_dir)[0]
-    task = build_task(data)
+    task = build_task(data, TINY_TASK)
     backbone, tokenizer = load_backbone(str(tiny_bert_dir))
-    scorer = build_scorer(backbone, ModelConfig(scorer="cross"), LoraSettings(rank=4))
+    scorer = build_scorer(backbone, ModelConfig(), LoraSettings(rank=4))
     featurizer = TextFeaturizer(tokenizer, data.item_text, max_length=48)
     full = evaluate(scorer, featurizer, task, "test")
     ranking = {"hr@10", "ndcg@10", "mrr", "full-ndcg@10", "full-recall@20"}

@@ -44,8 +44,9 @@ from common.adapters import load_adapter, load_trainable_arrays, trainable_array
 from common.atomic import atomic_write
 from common.config import RunConfig
 from common.errors import ConfigError
-from common.model import Scorer, TextFeaturizer
+from common.featurizer import TextFeaturizer
 from common.platform_data import federation_platforms
+from common.scorers import Scorer
 from common.sharing import private_names, shared_scorer
 
 AUDIT_FILE = "canary_audit.json"

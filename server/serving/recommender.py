@@ -33,7 +33,8 @@ from client.popularity_prior import PRIOR_FILE, positive_counts, prior_scores, r
 from common.adapters import HEAD_FILE, load_adapter, load_trainable_arrays, trainable_arrays
 from common.config import load_config
 from common.errors import ConfigError, FedFuseError
-from common.model import ItemTowerScorer, TextFeaturizer
+from common.featurizer import TextFeaturizer
+from common.item_tower import ItemTowerScorer
 from common.platform_data import (
     ITEMS,
     MAX_TEXT_CHARS,
@@ -168,11 +169,6 @@ class Recommender:
         record = RunRecord(run_dir)
         record.read_config()  # one clear line for a folder that is not a run
         self.config = config = load_config(record.root / CONFIG_FILE)
-        if config.model.scorer != "item_tower":
-            raise ConfigError(
-                f"{record.root}: recommendations need the item tower (model.scorer = "
-                f"'item_tower'); this run used {config.model.scorer!r}"
-            )
         folders = dict(federation_platforms(config.data))
         if platform not in folders:
             raise FedFuseError(f"unknown platform {platform!r} (this run has {sorted(folders)})")
