@@ -8,6 +8,7 @@ of the protocol, the masking and the unmasking are Flower's own.
 from __future__ import annotations
 
 import copy
+import json
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -25,6 +26,7 @@ from safetensors.numpy import load_file as load_numpy
 from scipy.stats import chisquare
 
 from client import client_app
+from client.ledger import LEDGER_FILE
 from client.platform_client import LastReply
 from common.config import load_config
 from common.errors import ConfigError
@@ -39,6 +41,7 @@ from server.federation.secure_aggregation import (
     value_bound,
 )
 from server.federation.server_app import run_federation
+from server.federation.strategy import RoundFailed
 
 
 class InProcessGrid(Grid):
@@ -249,3 +252,38 @@ def test_the_range_covers_the_largest_noise_a_platform_can_calibrate(write_run_c
     ceiling = noise_ceiling(config)
     for q in (0.05, 0.5, 1.0):
         assert calibrate_noise(config.dp, q, config.federation.rounds) <= ceiling * 1.01
+
+
+@pytest.mark.parametrize("stage", ["collect_masked_vectors", "unmask"])
+def test_a_platform_lost_mid_round_is_unmasked_around(
+    tmp_path: Path, write_run_config, three_platforms: Path, stage: str
+) -> None:
+    """Platform p2 (node 3) is lost from round 1's masked-vector stage (it never trains) or
+    from its unmasking stage (it trained and its masked vector is in the sum): SecAgg+
+    rebuilds what it needs from the other two (threshold 2 of 3) and round 1 completes; in
+    round 2 p2 is lost from key setup on, and the session goes on without it."""
+    run, _ = _run(tmp_path, write_run_config, three_platforms, drop={3: stage})
+    assert RunRecord(run).last_round() == 2
+    events = [e for e in RunRecord(run).events() if e.get("event") == "train"]
+    ok = sorted((e["round"], e["platform"]) for e in events if e["status"] == "ok")
+    summed = [("p0", "p1", "p2") if stage == "unmask" else ("p0", "p1"), ("p0", "p1")]
+    assert ok == [(r + 1, p) for r, names in enumerate(summed) for p in names]
+    ledger = json.loads((tmp_path / "state" / "p2" / LEDGER_FILE).read_text())
+    charged = [e["server_round"] for e in ledger["entries"] if e["kind"] == "dp-sgd"]
+    assert charged == ([1] if stage == "unmask" else [])  # lost before training: not charged
+
+
+def test_too_few_platforms_left_fail_the_round_cleanly(
+    tmp_path: Path, write_run_config, three_platforms: Path
+) -> None:
+    """Two of three platforms lost at key setup: one is left, below the threshold of 2; the
+    round fails (a round-failed record, the run stays resumable) and no platform trained."""
+    with pytest.raises(RoundFailed, match="secure aggregation halted: 1 of 3 platforms left"):
+        _run(tmp_path, write_run_config, three_platforms, drop={2: "setup", 3: "setup"})
+    record = RunRecord(tmp_path / "run")
+    assert record.last_round() == 0
+    assert [e["event"] for e in record.events() if e["event"] == "round-failed"] == ["round-failed"]
+    for platform in ("p0", "p1", "p2"):
+        ledger = tmp_path / "state" / platform / LEDGER_FILE
+        entries = json.loads(ledger.read_text())["entries"] if ledger.exists() else []
+        assert [e for e in entries if e["kind"] == "dp-sgd"] == []  # the prior at most

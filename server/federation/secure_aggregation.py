@@ -249,6 +249,26 @@ class SecureRound:
     events: list[dict[str, object]] = field(default_factory=list)
 
 
+class _SessionWorkflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, its session narrowed to the platforms that completed the key
+    exchange. Flower 1.41 keeps a platform lost before it shared its keys among the session's
+    platforms and, at unmasking, asks the others for key shares of it they never received:
+    every platform's unmasking then fails and the round with it (tests/test_secure_aggregation.py,
+    a platform lost at key setup). Such a platform masked nothing, so nothing of it needs
+    rebuilding: it leaves the session as if never sampled."""
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: Any) -> bool:
+        done = super().share_keys_stage(grid, context, state)
+        kept = set(state.active_node_ids)
+        state.sampled_node_ids = kept
+        state.nid_to_neighbours = {
+            node: neighbours & kept
+            for node, neighbours in state.nid_to_neighbours.items()
+            if node in kept
+        }
+        return done and self._check_threshold(state)
+
+
 def reconstruction_threshold(platforms: int) -> int:
     """t: shares needed to rebuild a platform's secrets, a majority of the sampled platforms
     (at least 2); up to n − t may drop out of a round, and no t − 1 of them can unmask."""
@@ -268,7 +288,7 @@ def run_secure_round(
         {Key.CURRENT_ROUND: server_round}
     )
     context.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord()
-    workflow = SecAggPlusWorkflow(
+    workflow = _SessionWorkflow(
         num_shares=1.0,  # every platform holds a share of every other's secrets
         reconstruction_threshold=threshold / sampled,
         max_weight=1.0,
