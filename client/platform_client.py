@@ -147,7 +147,7 @@ class PlatformClient:
                 self.total_steps,
                 committed,
             )
-            self.evidence = step_evidence(self.noise_multiplier, config)
+            self.evidence = step_evidence(self.noise_multiplier, config, self.trainer)
         if uses_prior:
             counts = popularity_prior(
                 identity.state_dir,

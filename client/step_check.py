@@ -18,6 +18,7 @@ than recorded is as wrong a record as one that leaks: both are flagged.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import math
@@ -367,12 +368,14 @@ def run_canaries(
     config: RunConfig | None = None,
     trials: int = TRIALS,
     seed: int = SEED,
+    platform: LocalTrainer | None = None,
 ) -> DiracCanaries:
     """Run at least ``trials`` canary trials through the DP step at (σ, C); the probe holds
     what each canary coordinate of the noisy gradient was and whether that canary was in.
 
     ``config``: the run's configuration, for its objective, private item factors and
-    gradient scales (default: FedFuse's).
+    gradient scales (default: FedFuse's). ``platform``: the platform's own trainer, which
+    the test then runs through (:func:`_as_platform`).
     Torch's generator is seeded for the run, and one thread used (the tiny model's steps gain
     nothing from more, and threads thrash on a busy machine); both are restored afterwards.
     """
@@ -394,6 +397,8 @@ def run_canaries(
         ),
         probe,
     )
+    if platform is not None:
+        trainer = _as_platform(platform, trainer)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -403,6 +408,16 @@ def run_canaries(
     finally:
         torch.set_num_threads(threads)
     return probe
+
+
+def _as_platform(platform: LocalTrainer, audit: LocalTrainer) -> LocalTrainer:
+    """The audit's trainer as a copy of the platform's own: its class and whatever state the
+    platform's code set on it, with the audit's model, examples, settings and probe in their
+    place. A fault in how one platform's trainer was made (one platform left unclipped, in
+    issue 33's experiment) is then in that platform's test too."""
+    clone = copy.copy(platform)
+    vars(clone).update(vars(audit))
+    return clone
 
 
 # --- the platform's own check -------------------------------------------------------------
@@ -431,13 +446,16 @@ def code_identity() -> dict[str, str]:
 _SELF_TESTS: dict[tuple[Any, ...], dict[str, Any]] = {}
 
 
-def step_evidence(noise_multiplier: float, config: RunConfig) -> dict[str, Any]:
+def step_evidence(
+    noise_multiplier: float, config: RunConfig, trainer: LocalTrainer | None = None
+) -> dict[str, Any]:
     """The record a platform charges with each round: its DP step's canary test at the σ it
     will run, the recorded C and privacy unit, and the identity of the code that ran it.
 
-    Computed once per process and mechanism (the code cannot change under a running process);
-    a failed test is recorded and training goes on: the evidence is for the auditor, and the
-    ledger's ε is charged either way."""
+    Computed once per process and mechanism (the code cannot change under a running process),
+    or with ``trainer`` (the platform's own, which the test then runs through) once per call:
+    the platform keeps its record. A failed test is recorded and training goes on: the
+    evidence is for the auditor, and the ledger's ε is charged either way."""
     dp = config.dp
     key = (
         noise_multiplier,
@@ -449,8 +467,11 @@ def step_evidence(noise_multiplier: float, config: RunConfig) -> dict[str, Any]:
         config.objective,
         config.audit.confidence,
     )
-    if key not in _SELF_TESTS:
-        probe = run_canaries(noise_multiplier, dp.max_grad_norm, config, SELF_TEST_TRIALS)
+    record = _SELF_TESTS.get(key) if trainer is None else None
+    if record is None:
+        probe = run_canaries(
+            noise_multiplier, dp.max_grad_norm, config, SELF_TEST_TRIALS, platform=trainer
+        )
         result = bound(
             probe.observed,
             probe.included,
@@ -459,12 +480,14 @@ def step_evidence(noise_multiplier: float, config: RunConfig) -> dict[str, Any]:
             dp.delta,
             config.audit.confidence,
         )
-        _SELF_TESTS[key] = {
+        record = {
             "passed": not result.flagged,
             "unit": dp.unit,
             **asdict(result),
             "problems": list(result.problems),  # as JSON holds it
         }
+        if trainer is None:
+            _SELF_TESTS[key] = record
         if result.flagged:
             log.warning("DP step self-test failed: %s", "; ".join(result.problems))
-    return {"self_test": _SELF_TESTS[key], "code": code_identity()}
+    return {"self_test": record, "code": code_identity()}
