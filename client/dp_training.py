@@ -40,8 +40,10 @@ round is safe here because ε is never taken from it: the ledger composes every 
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
+import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -65,6 +67,8 @@ from common.training import (
     optimizer_moments,
     unit_loss,
 )
+
+log = logging.getLogger(__name__)
 
 # Faster per-sample gradient method per device. CPU: measured by scripts/bench_dp.py (hooks
 # 1.42x faster than ghost, see README). CUDA: not yet measured in this project (no GPU was
@@ -137,17 +141,55 @@ def calibrate_noise(
             f"popularity prior (ε = {already:.3g}); raise prior.noise_multiplier"
         )
 
+    progress = _Progress(f"calibrating σ to ε = {target:g} over {total_steps} steps")
     low, high = 0.3, 1.0
     while eps(high) > target:
         low, high = high, high * 2
+        progress.step(low, high)
         if high > 1e4:
             raise ConfigError(f"dp.target_epsilon = {target:g} is unreachable for this run")
     while eps(low) <= target and low > 0.05:
         high, low = low, low / 2
+        progress.step(low, high)
     while (high - low) / high > 1e-3:
         middle = (low + high) / 2
         low, high = (low, middle) if eps(middle) <= target else (middle, high)
+        progress.step(low, high)
+    progress.done(high)
     return high
+
+
+class _Progress:
+    """Progress of a slow calibration (each ε of a long run can take seconds): a line once
+    every ``EVERY`` seconds, and the result if any line was written; a fast one stays silent."""
+
+    EVERY = 5.0
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.started = self.last = time.monotonic()
+        self.steps = 0
+        self.spoke = False
+
+    def step(self, low: float, high: float) -> None:
+        self.steps += 1
+        now = time.monotonic()
+        if now - self.last >= self.EVERY:
+            self.last, self.spoke = now, True
+            elapsed = now - self.started
+            log.info(
+                "%s: σ in [%.4g, %.4g] after %d steps, %.0f s",
+                self.what,
+                low,
+                high,
+                self.steps,
+                elapsed,
+            )
+
+    def done(self, sigma: float) -> None:
+        if self.spoke:
+            elapsed = time.monotonic() - self.started
+            log.info("%s: σ = %.4g (%.0f s)", self.what, sigma, elapsed)
 
 
 class LocalTrainer:

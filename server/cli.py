@@ -592,7 +592,7 @@ class _Console(logging.StreamHandler):
         super().handleError(record)
 
 
-def _show_progress() -> None:
+def show_progress() -> None:
     """Library modules log their progress; the command decides it reaches the console, as
     ``[fedfuse] …`` lines on stdout like the command's own."""
     handler = _Console()
@@ -669,7 +669,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
-    _show_progress()
+    show_progress()
     _quiet_library_warnings()
     # SIGTERM like Ctrl-C: a line and a resumable run; a caller's handler comes back after
     main_thread = threading.current_thread() is threading.main_thread()

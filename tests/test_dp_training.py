@@ -546,3 +546,23 @@ def test_one_step_rounds_that_keep_their_moments_are_one_optimiser(
         if name == "head.mix.bias":  # under the softmax its gradient is 0 up to rounding,
             continue  # which AdamW turns into steps of ±lr: the order of a sum decides it
         np.testing.assert_allclose(value, expected[name], rtol=1e-4, atol=1e-7, err_msg=name)
+
+
+def test_a_slow_calibration_reports_its_progress(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A calibration that takes longer than its reporting interval says where σ stands as it
+    goes, then the σ it found; a fast one says nothing."""
+    import client.dp_training as dp_training
+
+    dp = DPConfig(target_epsilon=2.0, delta=1e-5)
+    monkeypatch.setattr(dp_training._Progress, "EVERY", 1e9)
+    with caplog.at_level("INFO", logger="client.dp_training"):
+        calibrate_noise(dp, 0.01, 25)
+    assert caplog.records == []
+    monkeypatch.setattr(dp_training._Progress, "EVERY", 0.0)
+    with caplog.at_level("INFO", logger="client.dp_training"):
+        sigma = calibrate_noise(dp, 0.01, 26)
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) > 5 and all("calibrating σ to ε = 2 over 26 steps" in x for x in lines)
+    assert "σ in [" in lines[0] and f"σ = {sigma:.4g} (" in lines[-1]

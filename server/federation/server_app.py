@@ -21,6 +21,7 @@ from safetensors.numpy import load_file as load_numpy
 from common.adapters import load_adapter, load_trainable_arrays, save_adapter, trainable_arrays
 from common.config import RunConfig, flower_run_config, run_configuration
 from common.sharing import seeded_arrays, shared_names, shared_scorer
+from server.cli import show_progress
 from server.federation.run_record import RunRecord
 from server.federation.secure_aggregation import (
     SecureLockstepStrategy,
@@ -106,7 +107,7 @@ def run_federation(grid: Grid, config: RunConfig, record: RunRecord) -> int:
         extra = {MOMENTS_FILE: optimizer.moments} if optimizer is not None else None
         save_adapter(scorer, record.adapter_dir(absolute), extra)
         elapsed = time.perf_counter() - started
-        print(f"[fedfuse] round {absolute}/{federation.rounds} done ({elapsed:.0f} s)", flush=True)
+        log.info("round %d/%d done (%.0f s)", absolute, federation.rounds, elapsed)
         return None
 
     strategy.start(
@@ -133,6 +134,7 @@ def single_flower_log() -> None:
 def main(grid: Grid, context: Context) -> None:
     """Entry point for ``flwr run`` and the simulation engine."""
     single_flower_log()
+    show_progress()  # under `flwr run` no CLI decides it: the same lines as `fedfuse simulate`
     settings = flower_run_config(dict(context.run_config))
     config = run_configuration(settings)
     run_dir = Path(str(settings.get("run-dir", "runs/flwr-run")))

@@ -22,6 +22,7 @@ the platforms send noised gradients instead of trained tensors, and the server a
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Iterable
 
@@ -43,6 +44,8 @@ from common.wire_log import (
 )
 from server.federation.run_record import CONFIG_FILE, RunRecord
 from server.federation.server_optimizer import ServerOptimizer
+
+log = logging.getLogger(__name__)
 
 
 def reply_event(kind: str, server_round: int, reply: Message, node: int) -> dict[str, object]:
@@ -192,19 +195,17 @@ class FedFuseStrategy(FedAvg):
         one per failed platform; the full Flower log goes to the run folder instead."""
         of = f"/{self.planned_rounds}" if self.planned_rounds else ""
         ok = [e for e in events if e["status"] == "ok"]
-        line = f"[fedfuse] round {server_round}{of} {kind}: {len(ok)}/{len(events)} platforms"
+        line = f"round {server_round}{of} {kind}: {len(ok)}/{len(events)} platforms"
         if kind == "train" and ok:
             line += f", ε ≤ {max(float(e.get('epsilon', math.inf)) for e in ok):.3f}"
         if kind == "evaluate" and ok:
             line += f", mean NDCG@10 {np.mean([float(e.get('ndcg@10', math.nan)) for e in ok]):.4f}"
         names = ", ".join(sorted(str(e["platform"]) for e in ok))
-        print(f"{line}{': ' + names if names else ''}", flush=True)
+        log.info("%s%s", line, f": {names}" if names else "")
         for event in events:
             if event["status"] == "error":
                 who = self.platforms.get(int(event["node"]), f"node {event['node']}")
-                print(
-                    f"[fedfuse] round {server_round} {kind}: {who}: {event['reason']}", flush=True
-                )
+                log.info("round %d %s: %s: %s", server_round, kind, who, event["reason"])
 
     def _log_wire(self, direction: str, server_round: int, messages: list[Message]) -> None:
         """Messages to a node that has not replied yet carry its node id only (platform None)."""
