@@ -75,7 +75,7 @@ def check_startable(config: RunConfig) -> None:
     setting or gradient scale, a node count Flower would wait for forever, or a split with
     nothing to evaluate then costs no start-up time and leaves no run folder behind."""
     from client.dp_training import scaled_tensors
-    from common.model import resolve_backbone
+    from common.backbone import resolve_backbone
     from common.sharing import shared_scorer
     from server.audit.canary_audit import check_audit_platform
 
