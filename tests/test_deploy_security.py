@@ -393,3 +393,49 @@ def test_deploy_run_stops_on_a_signal_in_one_line(link: Link, signum: int) -> No
     assert line.startswith(f"fedfuse: stopped by {signal.Signals(signum).name}")
     _, alive = psutil.wait_procs(children, timeout=10)
     assert not alive
+
+
+@pytest.mark.tls
+def test_a_real_supernode_refuses_a_run_of_an_app_it_did_not_pin(
+    link: Link, write_run_config, synthetic_dir: Path, tmp_path: Path
+) -> None:
+    """Whoever started a run, every SuperNode installed and ran its app beside the data. A
+    SuperNode that pinned another bundle answers INVALID_FAB and never starts a ClientApp."""
+    config = write_run_config(
+        tmp_path / "run.toml",
+        data={"path": None},
+        federation={"min_nodes": 1, "rounds": 1, "fraction_evaluate": 0.0},
+    )
+    state = tmp_path / "state"
+    log = (tmp_path / "p0.log").open("w")
+    node = subprocess.Popen(
+        [*FEDFUSE, "supernode", "--platform", "p0", "--data-dir", str(synthetic_dir / "p0")]
+        + ["--state-dir", str(state), "--key", str(link.root / "keys" / "p0.key")]
+        + ["--superlink", f"127.0.0.1:{link.fleet}", "--ca", str(link.ca)]
+        + ["--runtime-port", str(_free_port()), "--trust-app", "0" * 64],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    log.close()
+    control = f"127.0.0.1:{link.control}"
+    run = link.deploy("run", "--config", str(config), "--name", "foreign", "--superlink", control)
+    submitted = subprocess.Popen([*run, "--runs", str(tmp_path / "runs")], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "not pinned here" not in (tmp_path / "p0.log").read_text():
+            assert time.monotonic() < deadline and node.poll() is None, (
+                tmp_path / "p0.log"
+            ).read_text()[-2000:]
+            time.sleep(0.5)
+        [foreign] = _operator_lists(link, ["ls"])["runs"]
+        env = dict(os.environ, FLWR_HOME=str(link.root / "operator" / "flwr-home"))
+        flwr = str(Path(sys.executable).parent / "flwr")
+        subprocess.run([flwr, "stop", str(foreign["run-id"]), "fedfuse"], env=env, timeout=120)
+    finally:
+        for process in (submitted, node):
+            stop_processes(lambda process=process: _ours(process))
+            process.wait(timeout=10)
+    node_log = (tmp_path / "p0.log").read_text()
+    assert "Start `flwr-clientapp`" not in node_log  # none of the bundle's code ran
+    assert not list((state / "flwr-home" / "apps").glob("*"))  # nor was it installed
