@@ -124,6 +124,17 @@ def test_the_superlink_binds_control_and_runtime_to_loopback_by_default(tmp_path
         superlink_command(tmp_path / "certs", tmp_path / "s", "127.0.0.1:1", "127.0.0.1:2", 3)
 
 
+def test_a_flwr_call_that_never_answers_ends_in_one_line() -> None:
+    """A SuperLink that accepts and never answers must not keep `deploy` waiting forever."""
+    from server.deployment.commands import FlowerCommand
+    from server.deployment.deploy import _call
+
+    started = time.monotonic()
+    with pytest.raises(FedFuseError, match="no answer within 1 s: check that the SuperLink"):
+        _call(FlowerCommand(["sleep", "30"]), capture=True, timeout=1)
+    assert time.monotonic() - started < 10
+
+
 def test_state_and_logs_left_open_by_an_earlier_start_become_owner_only(tmp_path: Path) -> None:
     """The SuperLink home was 0755 and state.db and the logs 0644."""
     home = tmp_path / "deploy"

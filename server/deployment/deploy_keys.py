@@ -6,6 +6,11 @@ version (subject alternative names need a config file on older ``openssl``), and
 key goes straight from memory to a 0600 file, atomically, with no moment where it is readable
 by others or half-written.
 
+The CA is kept apart from what the SuperLink host holds: its key goes to its own 0700 folder
+(meant to be kept offline, optionally passphrase-encrypted), it lives longer than the server
+certificate, and a renewal replaces only the server's key and certificate, so the platforms'
+``ca.crt`` stays valid.
+
 Formats are what Flower 1.41 expects:
 
 - TLS (``flower-superlink --ssl-*``, ``flower-supernode --root-certificates``): PEM. The
