@@ -109,9 +109,12 @@ def wire_logged(msg: Message, context: Context, call_next: ClientAppCallable) ->
     server_round = _round_of(msg)
     path, name = client.identity.state_dir / WIRE_LOG_FILE, client.identity.name
     names = sorted(client.shared)
-    append_records(path, [message_record("client", RECEIVED, msg, server_round, name, names)])
-    reply = call_next(msg, context)
-    append_records(path, [message_record("client", SENT, reply, server_round, name, names)])
+    try:
+        append_records(path, [message_record("client", RECEIVED, msg, server_round, name, names)])
+        reply = call_next(msg, context)
+        append_records(path, [message_record("client", SENT, reply, server_round, name, names)])
+    except OSError as err:  # its disk (full, read-only): one line for the server, not Ray's
+        return _error(msg, err)  # traceback; unrecorded, as nothing more can be written
     return reply
 
 

@@ -130,3 +130,37 @@ def test_a_full_disk_inside_the_platform_actors_ends_in_one_line_with_valid_ledg
         ledger = PrivacyLedger.load(state / LEDGER_FILE)  # verifies the hash chain
         rounds = [e["server_round"] for e in ledger.entries if e.get("kind") == DP_SGD]
         assert rounds == [1, 2]  # round 2 stays charged: trained, its reply lost
+
+
+def test_a_platform_whose_disk_refuses_its_wire_log_answers_with_a_one_line_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a full disk the wire log's append is the first write of a round: it raised inside
+    the ClientApp's mod, so the server's message was Ray's multi-line traceback. Now the
+    platform answers with an error reply of one line, and nothing is trained."""
+    import errno
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from client import client_app
+    from tests.test_strategy import _metadata
+
+    platform = SimpleNamespace(identity=SimpleNamespace(state_dir=tmp_path, name="p0"), shared={})
+    monkeypatch.setattr(client_app, "platform_client", lambda context: platform)
+
+    def full(path: Path, records: list[object]) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(client_app, "append_records", full)
+    content = RecordDict({"config": ConfigRecord({"server-round": 2})})
+    message = Message(content=content, metadata=_metadata(0, "train"))
+
+    def trained(msg: Message, context: object) -> Message:
+        raise AssertionError("a round whose message could not be logged was trained")
+
+    reply = client_app.wire_logged(message, None, trained)  # type: ignore[arg-type]
+    assert reply.has_error() and reply.error.code == client_app.INVALID_INPUT
+    assert reply.error.reason.splitlines() == [
+        f"[Errno 28] No space left on device: '{tmp_path / 'wire_log.jsonl'}'"
+    ]
