@@ -5,25 +5,18 @@ Usage: python scripts/bench_dp.py [--data DIR] [--platform kids_family] [--steps
        [--backbone default] [--max-contention 0.1] [--retries 2] [--memory-runs 3]
 
 Real ML-100K data (prepared into a temporary folder unless ``--data`` is given), the default
-backbone, trained through ``client.dp_training.LocalTrainer``. Two training paths: the
-default (``item_tower`` with the model, train and DP settings of ``--config``, every step
-through the adapters: the costly kind of step) and the previous
-default (``two_tower`` over 128-token concatenated histories, expected batch 256, physical 32),
-both DP-SGD at the same fixed σ (so noise calibration is not timed):
+backbone, trained through ``client.dp_training.LocalTrainer`` with the model, train and DP
+settings of ``--config``, every step through the adapters (the costly kind of step), DP-SGD at
+a fixed σ (so noise calibration is not timed):
 
-0. DP training throughput, default path against the previous one (target >= 10x): over the
-   default's whole schedule (the adapters on every ``train.adapter_every``-th step, the head
-   alone on the steps between: whole cycles, units over seconds) and on adapter steps alone.
 1. DP vs non-DP (default path): median time per optimiser step and peak memory, as ratios next
    to the targets (<= 1.10x time, <= 1.2x memory). Same steps, the same expected batch (fixed
    batches for non-DP, Poisson with the same expectation for DP) and physical batch. One
    process' peak RSS varies by up to about 15 % from run to run of one configuration, so both
    sides run ``--memory-runs`` times and the memory ratios are of medians.
-2. Opacus hooks vs ghost clipping on the cross scorer (ghost cannot run the two-tower scorers),
-   previous settings, and whether ``FASTER_CLIPPING`` picks the faster one here.
-3. Samples/s of each configuration as a share of the fp32 matmul rate measured in this run,
+2. Samples/s of each configuration as a share of the fp32 matmul rate measured in this run,
    with FLOPs counted by torch's FlopCounterMode on one step (per-sample gradient work included).
-4. Bytes a client uploads per round (LoRA + head) against the float32 bytes of the whole scorer.
+3. Bytes a client uploads per round (LoRA + head) against the float32 bytes of the whole scorer.
 
 Each configuration runs in its own subprocess (this script with ``--worker``), so its peak
 memory (ru_maxrss on CPU, max_memory_allocated on CUDA) belongs to that configuration alone.
@@ -36,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import statistics
@@ -49,13 +41,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-# scripts/ is sys.path[0] when this file runs as a script, as are its --worker subprocesses.
-from bench_foundation import matmul_gflops
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.flop_counter import FlopCounterMode
 
-from client.dp_training import FASTER_CLIPPING, LocalTrainer
+from client.dp_training import LocalTrainer
 from common.backbone import load_backbone
 from common.config import RunConfig, load_config, with_settings
 from common.config_sections import DEFAULT_BACKBONE
@@ -71,15 +60,9 @@ from common.training import resolve_device
 from common.wire_log import model_record
 
 OFF = "off"  # the worker's clipping value for the non-DP baseline
-# (scorer, clipping, settings): "default" = --config, "previous" = the earlier default path
-NON_DP = ("item_tower", OFF, "default")
-DP_DEFAULT = ("item_tower", "auto", "default")
-PREVIOUS = ("two_tower", "auto", "previous")
-SCHEDULE = ("item_tower", "auto", "schedule")  # the default's own adapter/head-only schedule
-CROSS_HOOKS = ("cross", "hooks", "previous")
-CROSS_GHOST = ("cross", "ghost", "previous")
-CONFIGS = (NON_DP, DP_DEFAULT, SCHEDULE, PREVIOUS, CROSS_HOOKS, CROSS_GHOST)
-SPEEDUP_TARGET = 10.0
+NON_DP = OFF
+DP_DEFAULT = "auto"  # the clipping each worker runs: off (the baseline) or DP's own choice
+CONFIGS = (NON_DP, DP_DEFAULT)
 TIME_TARGET = 1.10
 MEMORY_TARGET = 1.2
 UPLOAD_TARGET_PERCENT = 0.35
@@ -135,44 +118,21 @@ def peak_memory_mib(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def settings(args: argparse.Namespace, kind: str, clipping: str, preset: str) -> RunConfig:
-    """The run configuration one worker trains with."""
-    if preset == "previous":  # the default before the item tower (README history)
-        config = with_settings(
-            RunConfig(),
-            model={"max_length": 128},
-            train={"batch_size": 32},
-            dp={"expected_batch_size": 256},
-        )
-    elif preset == "schedule":
-        config = load_config(args.config)
-    else:
-        # Every timed step through the adapters: the default runs them on every
-        # train.adapter_every-th step only, and the head-only steps between (no encoder pass,
-        # about 0.03 s) would make a median or a FLOP rate of mixed steps meaningless.
-        config = with_settings(load_config(args.config), train={"adapter_every": 1})
-    return with_settings(
-        config,
-        model={"scorer": kind, "backbone": args.backbone},
-        dp={"clipping": "auto" if clipping == OFF else clipping},
-    )
-
-
-def timed_steps(args: argparse.Namespace, preset: str, config: RunConfig) -> int:
-    """``--steps``, or for the whole schedule the whole adapter cycles that cover it (after the
-    warm-up, an adapter step, steps 1..n end with one: n / adapter_every cycles)."""
-    if preset != "schedule":
-        return args.steps
-    cycle = config.train.adapter_every
-    return cycle * math.ceil(args.steps / cycle)
+def settings(args: argparse.Namespace) -> RunConfig:
+    """The run configuration a worker trains with. Every timed step goes through the adapters:
+    the default runs them on every train.adapter_every-th step only, and the head-only steps
+    between (no encoder pass, about 0.03 s) would make a median or a FLOP rate of mixed steps
+    meaningless."""
+    config = load_config(args.config)
+    return with_settings(config, model={"backbone": args.backbone}, train={"adapter_every": 1})
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
     """Train one configuration: timed steps after 1 warm-up, then one FLOP-counted step."""
-    kind, clipping, preset = args.worker.split(":")
+    clipping = args.worker
     torch.manual_seed(0)
-    config = settings(args, kind, clipping, preset)
-    steps = timed_steps(args, preset, config)
+    config = settings(args)
+    steps = args.steps
     device = resolve_device(config.train.device)
     sigma = None if clipping == OFF else args.noise_multiplier
     data = read_platform(Path(args.data) / args.platform)
@@ -198,8 +158,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         trainer.run(1, config.train.learning_rate, sigma)
     sizes = model_record(scorer, config.federation.strategy)
     return {
-        "scorer": kind,
-        "preset": preset,
+        "scorer": config.model.scorer,
         "expected_batch": config.dp.expected_batch_size,
         "physical_batch": config.train.batch_size,
         "adapter_every": config.train.adapter_every,
@@ -237,12 +196,12 @@ def children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_worker(args: argparse.Namespace, data: Path, config: tuple[str, str]) -> dict[str, Any]:
+def run_worker(args: argparse.Namespace, data: Path, clipping: str) -> dict[str, Any]:
     """This script in a fresh process for one configuration; its stderr is shown on failure."""
     command = [
         sys.executable,
         str(Path(__file__).resolve()),
-        *("--worker", ":".join(config), "--data", str(data), "--platform", args.platform),
+        *("--worker", clipping, "--data", str(data), "--platform", args.platform),
         *("--steps", str(args.steps), "--noise-multiplier", str(args.noise_multiplier)),
         *("--backbone", args.backbone, "--config", args.config),
     ]
@@ -250,7 +209,7 @@ def run_worker(args: argparse.Namespace, data: Path, config: tuple[str, str]) ->
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         sys.stderr.write(done.stderr)
-        raise SystemExit(f"worker {':'.join(config)} failed (exit {done.returncode})")
+        raise SystemExit(f"worker {clipping} failed (exit {done.returncode})")
     others = (busy_cpu_seconds() - busy) - (children_cpu_seconds() - children)
     result = json.loads(done.stdout.strip().splitlines()[-1])
     result["other_cores"] = max(0.0, others) / (time.perf_counter() - start)
@@ -258,34 +217,27 @@ def run_worker(args: argparse.Namespace, data: Path, config: tuple[str, str]) ->
 
 
 def ceiling_gflops(device: torch.device) -> float:
-    """fp32 matmul rate of the training device: bench_foundation's on CPU, timed here on CUDA."""
-    if device.type != "cuda":
-        return matmul_gflops()
-    size, repeats = 8192, 20
+    """fp32 matmul rate of the training device (2048² on CPU, 8192² on CUDA)."""
+    size, repeats = (8192, 20) if device.type == "cuda" else (2048, 10)
     a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
     torch.mm(a, b)
-    torch.cuda.synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     start = time.perf_counter()
     for _ in range(repeats):
         torch.mm(a, b)
-    torch.cuda.synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
 
 
 def label(result: dict[str, Any]) -> str:
     mode = "non-DP" if result["clipping"] == OFF else f"DP {result['clipping']}"
-    schedule = ", whole schedule" if result["preset"] == "schedule" else ""
-    return f"{result['scorer']} {mode}{schedule}"
+    return f"{result['scorer']} {mode}"
 
 
 def samples_per_second(result: dict[str, Any]) -> float:
     return result["expected_batch"] / median_step(result)
-
-
-def schedule_rate(result: dict[str, Any]) -> float:
-    """Units trained per second over whole cycles of steps (a median of mixed steps says
-    nothing): every unit of every timed step over their total time."""
-    return sum(result["step_examples"]) / sum(result["step_seconds"])
 
 
 def median_step(result: dict[str, Any]) -> float:
@@ -369,87 +321,8 @@ def dp_table(plain: dict[str, Any], dp: dict[str, Any], memory: str) -> str:
     return markdown_table(header, rows)
 
 
-def clipping_table(results: list[dict[str, Any]], memory: str) -> str:
-    """Section 2: per-sample gradient methods side by side (step time relative to cross hooks)."""
-    reference = median_step(results[0])
-    rows = [
-        [
-            label(r),
-            step_cell(r),
-            f"{median_step(r) / reference:.2f}x",
-            f"{r['peak_mib']:.0f}",
-            f"{increment(r):.0f}",
-        ]
-        for r in results
-    ]
-    header = [
-        "configuration",
-        "s/step median (min–max)",
-        f"vs {label(results[0])}",
-        f"peak {memory} MiB",
-        "training increment MiB",
-    ]
-    return markdown_table(header, rows)
-
-
-def clipping_verdict(hooks: dict[str, Any], ghost: dict[str, Any]) -> str:
-    """Which method was faster here, checked against the choice client/dp_training.py makes."""
-    device = hooks["device"]
-    faster = "hooks" if median_step(hooks) <= median_step(ghost) else "ghost"
-    line = (
-        f"faster on {device} (cross scorer): {faster}, ghost / hooks = "
-        f"{median_step(ghost) / median_step(hooks):.2f}x; "
-        f"FASTER_CLIPPING[{device!r}] = {FASTER_CLIPPING[device]!r}"
-    )
-    if FASTER_CLIPPING[device] == faster:
-        return line + " agrees"
-    return (
-        line + f"\nMISMATCH: FASTER_CLIPPING[{device!r}] picks {FASTER_CLIPPING[device]!r} but "
-        f"{faster!r} measured faster here; update client/dp_training.py"
-    )
-
-
-def speedup_table(
-    previous: dict[str, Any], adapters: dict[str, Any], schedule: dict[str, Any]
-) -> str:
-    """Section 0: DP training units per second, the default path against the previous one
-    (whose unit is one labelled example): over the default's whole schedule (what training
-    a round costs, the target's measure) and on its costliest steps, through the adapters."""
-    base = samples_per_second(previous)
-    paths = (
-        (previous, f"{label(previous)} (previous)", step_cell(previous), base),
-        (adapters, f"{label(adapters)}, adapter steps only", step_cell(adapters), None),
-        (
-            schedule,
-            f"{label(schedule)} (adapters every {schedule['adapter_every']}th step)",
-            f"{statistics.mean(schedule['step_seconds']):.2f} (mean)",
-            None,
-        ),
-    )
-    rows = []
-    for result, name, seconds, _ in paths:
-        rate = schedule_rate(result) if result is schedule else samples_per_second(result)
-        ratio = rate / base
-        checked = ["", ""]
-        if result is schedule:
-            checked = [f">= {SPEEDUP_TARGET:g}x", "PASS" if ratio >= SPEEDUP_TARGET else "MISS"]
-        rows.append(
-            [
-                name,
-                f"{result['max_length']}",
-                f"{result['expected_batch']} / {result['physical_batch']}",
-                seconds,
-                f"{rate:.1f}",
-                f"{ratio:.1f}x",
-                *checked,
-            ]
-        )
-    header = ["DP path", "max tokens", "expected / physical batch", "s/step", "units/s"]
-    return markdown_table([*header, "vs previous", "target", "result"], rows)
-
-
 def flops_table(results: list[dict[str, Any]], ceiling: float) -> str:
-    """Section 3: samples/s = expected batch / median step; FLOPs per example from one step."""
+    """Section 2: samples/s = expected batch / median step; FLOPs per example from one step."""
     rows = [["fp32 matmul (ceiling)", "", "", f"{ceiling:.1f}", "1.000"]]
     for r in results:
         per_example = r["flops"] / r["flop_examples"]
@@ -469,7 +342,7 @@ def flops_table(results: list[dict[str, Any]], ceiling: float) -> str:
 
 
 def upload_table(results: list[dict[str, Any]]) -> str:
-    """Section 4: what a client sends per round (LoRA + head) against the whole scorer."""
+    """Section 3: what a client sends per round (LoRA + head) against the whole scorer."""
     rows = []
     for r in results:
         percent = 100 * r["upload_bytes"] / r["model_bytes"]
@@ -487,9 +360,7 @@ def upload_table(results: list[dict[str, Any]]) -> str:
     return markdown_table(header, rows)
 
 
-def measure_memory(
-    args: argparse.Namespace, data: Path, spec: tuple[str, str], tag: str
-) -> dict[str, Any]:
+def measure_memory(args: argparse.Namespace, data: Path, spec: str, tag: str) -> dict[str, Any]:
     """One configuration of section 1 run ``--memory-runs`` times: the least contended run's
     step times, and each memory figure as the median of the runs (every run's kept too)."""
     runs = [
@@ -504,9 +375,7 @@ def measure_memory(
     }
 
 
-def measure(
-    args: argparse.Namespace, data: Path, spec: tuple[str, str], tag: str
-) -> dict[str, Any]:
+def measure(args: argparse.Namespace, data: Path, spec: str, tag: str) -> dict[str, Any]:
     """One configuration, run again (up to ``--retries`` times) while other processes competed.
 
     The attempt with the least foreign CPU load is kept; its load is reported with the results.
@@ -537,9 +406,7 @@ def report(args: argparse.Namespace, data: Path) -> None:
     ceiling = ceiling_gflops(device)
     print(f"fp32 matmul: {ceiling:.1f} GFLOP/s", file=sys.stderr, flush=True)
     results = {
-        spec: (measure_memory if spec in (NON_DP, DP_DEFAULT) else measure)(
-            args, data, spec, f"{n}/{len(CONFIGS)}"
-        )
+        spec: measure_memory(args, data, spec, f"{n}/{len(CONFIGS)}")
         for n, spec in enumerate(CONFIGS, 1)
     }
     # A ceiling is a maximum: the better of two measurements discounts a moment of contention.
@@ -561,19 +428,12 @@ def report(args: argparse.Namespace, data: Path) -> None:
         for r in results.values()
     )
     print(f"CPU cores busy with other processes meanwhile: {contention}\n")
-    print("### 0. DP training throughput: default path vs the previous one\n")
-    print(speedup_table(results[PREVIOUS], results[DP_DEFAULT], results[SCHEDULE]) + "\n")
-    print("### 1. DP vs non-DP local training (default scorer)\n")
+    print("### 1. DP vs non-DP local training\n")
     print(dp_table(plain, results[DP_DEFAULT], memory) + "\n")
-    print("### 2. Per-sample gradients: Opacus hooks vs ghost clipping\n")
-    clipping = [results[CROSS_HOOKS], results[CROSS_GHOST], results[PREVIOUS]]
-    print(clipping_table(clipping, memory) + "\n")
-    print(clipping_verdict(results[CROSS_HOOKS], results[CROSS_GHOST]) + "\n")
-    print("### 3. Training throughput against the matmul ceiling\n")
-    order = (DP_DEFAULT, NON_DP, PREVIOUS, CROSS_HOOKS, CROSS_GHOST)
-    print(flops_table([results[spec] for spec in order], ceiling) + "\n")
-    print("### 4. Upload per round vs full model\n")
-    print(upload_table([plain, results[PREVIOUS], results[CROSS_HOOKS]]))
+    print("### 2. Training throughput against the matmul ceiling\n")
+    print(flops_table([results[DP_DEFAULT], plain], ceiling) + "\n")
+    print("### 3. Upload per round vs full model\n")
+    print(upload_table([plain]))
 
 
 def main() -> None:
@@ -596,7 +456,7 @@ def main() -> None:
     parser.add_argument(
         "--memory-runs", type=int, default=3, help="runs of each side of the DP memory ratios"
     )
-    parser.add_argument("--worker", help=argparse.SUPPRESS)  # SCORER:CLIPPING:PRESET -> JSON
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # CLIPPING -> JSON
     args = parser.parse_args()
     if args.steps < 1 or args.memory_runs < 1:
         parser.error("--steps and --memory-runs must be at least 1")
