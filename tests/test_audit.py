@@ -13,7 +13,7 @@ import pytest
 
 from client.ledger import EXAMPLE, LEDGER_FILE, PRIVACY_UNITS, USER, _digest
 from client.platform_client import LastReply, PrivateTensors
-from common.config import load_config
+from common.config import TaskConfig, load_config
 from common.errors import FedFuseError
 from common.platform_data import read_dataset
 from common.task import build_task, training_units
@@ -28,6 +28,8 @@ from server.audit.audit import (
 )
 from server.cli import main
 from server.simulation.simulation import prepare_run, simulate
+
+LEAVE_LAST = TaskConfig(split="leave_last")  # the runs' split (tests/conftest.py's TINY_RUN)
 
 
 @pytest.fixture(scope="module")
@@ -81,7 +83,7 @@ def _privacy_units(synthetic_dir: Path, unit: str) -> dict[str, int]:
     """N per platform: its training units, or its users with any."""
     sizes = {}
     for data in read_dataset(synthetic_dir):
-        units = training_units(build_task(data).train, "softmax")
+        units = training_units(build_task(data, LEAVE_LAST).train, "softmax")
         sizes[data.name] = len({e.user for e in units}) if unit == USER else len(units)
     return sizes
 

@@ -25,8 +25,9 @@ from client.ledger import (
     epsilon,
     unit_of,
 )
-from server.audit.audit import PLD_GRID, _agree, audit, audit_ledger, recompute
+from server.audit.audit import audit
 from server.audit.audit_report import person_heading, render_html, summary_text
+from server.audit.ledger_checks import PLD_GRID, agree, audit_ledger, recompute
 from server.audit.person_epsilon import (
     EXAMPLE,
     MAX_EXACT,
@@ -95,7 +96,7 @@ def test_worst_case_matches_an_independent_dp_accounting_computation(three) -> N
         assert tuple(row["platforms"]) == worst
         assert row["epsilon_pld"] == pytest.approx(figures[worst], rel=1e-4)
         # FedFuse's own accountant on the same union of entries agrees within the audit's bar
-        assert _agree(row["epsilon_prv"], row["epsilon_pld"])
+        assert agree(row["epsilon_prv"], row["epsilon_pld"])
     everything = [m for ledger in THREE for m in ledger.mechanisms()]
     assert three["rows"][-1]["epsilon_prv"] == pytest.approx(epsilon(everything, DELTA), rel=5e-3)
 

@@ -27,16 +27,16 @@ from client.popularity_prior import (
     prior_scores,
     unit_histogram,
 )
-from common.config import DPConfig, load_config, with_settings
+from common.config import DPConfig, TaskConfig, load_config, with_settings
 from common.platform_data import read_dataset
 from common.task import Example, PlatformTask, build_task
-from server.audit.audit import audit_ledger
+from server.audit.ledger_checks import audit_ledger
 
 
 @pytest.fixture(scope="module")
 def task(synthetic_dir: Path):
     data = read_dataset(synthetic_dir)[0]
-    return build_task(data), sorted(data.item_text)
+    return build_task(data, TaskConfig(split="leave_last")), sorted(data.item_text)
 
 
 def _ledger(folder: Path, task, unit: str = EXAMPLE) -> PrivacyLedger:

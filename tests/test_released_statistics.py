@@ -10,7 +10,7 @@ import pytest
 
 from client.ledger import PrivacyLedger
 from client.popularity_prior import FORMAT, PRIOR_FILE, prior_mechanism
-from server.audit.audit import prior_flags
+from server.audit.evidence_checks import prior_flags
 
 SIGMA = 0.5  # below 1 the distance to the nearest integer still shows σ
 

@@ -17,7 +17,7 @@ from client import step_check
 from client.ledger import Mechanism, PrivacyLedger
 from client.step_check import code_identity, step_evidence
 from common.config import RunConfig
-from server.audit.audit import code_flags, evidence_flags
+from server.audit.evidence_checks import code_flags, evidence_flags
 
 SIGMA, CLIP = 1.0, 1.0
 CONFIG = RunConfig.model_validate({"dp": {"max_grad_norm": CLIP, "delta": 1e-5}})

@@ -161,7 +161,7 @@ def test_split_sizes_of_the_hand_checked_platform(task: PlatformTask) -> None:
 
 
 def test_examples_and_cases_carry_their_time() -> None:
-    task = build_task(platform())  # leave_last too
+    task = build_task(platform(), TaskConfig(split="leave_last"))
     for e in task.train + task.valid + task.test:
         if e.candidate in SEEN[e.user]:
             assert e.time == WHEN[e.user, e.candidate]
