@@ -390,3 +390,6 @@ def test_a_frozen_inhouse_model_is_the_one_every_blend_runs(
     moved = replace(load_frozen(own), config=other)
     with pytest.raises(ConfigError, match=r"inhouse@nonprivate\.json: \[task\] differs from"):
         with_inhouse(frozen_local, moved)
+    carried = load_config(config_file, ["model.carried_history=true"])
+    with pytest.raises(ConfigError, match=r"nonprivate\.json: model\.carried_history differs"):
+        with_inhouse(frozen_local, replace(load_frozen(own), config=carried))

@@ -315,6 +315,13 @@ def with_inhouse(partner: Frozen, own: Frozen) -> Frozen:
                 f"{own.path}: [{section}] differs from {partner.path}'s; a blend needs both "
                 "models on one dataset and task"
             )
+    # the blend's in-house model is trained under the partner's configuration, and whether it
+    # reads carried histories (sasrec_carried) follows model.carried_history
+    if partner.config.model.carried_history != own.config.model.carried_history:
+        raise ConfigError(
+            f"{own.path}: model.carried_history differs from {partner.path}'s; the in-house "
+            "model a blend runs must be the one chosen"
+        )
     config = partner.config.model_copy(update={"baselines": own.config.baselines})
     sha256 = hashlib.sha256(f"{partner.sha256}+{own.sha256}".encode()).hexdigest()
     return replace(partner, config=config, sha256=sha256)
