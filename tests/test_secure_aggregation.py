@@ -287,3 +287,23 @@ def test_too_few_platforms_left_fail_the_round_cleanly(
         ledger = tmp_path / "state" / platform / LEDGER_FILE
         entries = json.loads(ledger.read_text())["entries"] if ledger.exists() else []
         assert [e for e in entries if e["kind"] == "dp-sgd"] == []  # the prior at most
+
+
+@pytest.mark.ray
+def test_a_secure_simulation_completes_and_audits_clean(
+    tmp_path: Path, write_run_config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Flower's Simulation Engine (Ray actors), two platforms, secure lockstep: the run ends
+    and `fedfuse audit` recomputes every ε and raises no flag on its wire logs."""
+    from server.cli import main
+    from server.simulation.simulation import prepare_run, simulate
+
+    config = write_run_config(
+        tmp_path / "run.toml",
+        train={"local_steps": 2, "eval_max_cases": 5},
+        federation={"rounds": 2, "schedule": "lockstep", "secure_aggregation": True},
+    )
+    run = simulate(prepare_run(load_config(config), tmp_path / "runs", "secure"))
+    assert RunRecord(run).last_round() == 2
+    assert main(["audit", str(run), "--no-white-box"]) == 0
+    assert "flags: 0 (audit clean)" in capsys.readouterr().out
