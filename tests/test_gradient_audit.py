@@ -17,13 +17,13 @@ import torch
 from dp_accounting.pld import privacy_loss_distribution
 from opacus.optimizers import DPOptimizer
 
-from client.step_check import (
+from client.step_bound import (
     clopper_pearson_upper,
     gdp_epsilon,
     mu_lower_bound,
-    run_canaries,
     theoretical_epsilon,
 )
+from client.step_check import run_canaries
 from common.config import RunConfig
 from server.audit.audit import AUDIT_HTML, AUDIT_JSON
 from server.audit.gradient_audit import audit_dp_step

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from client.ledger import PrivacyLedger
+from client.step_bound import SAMPLING_SIGMAS, bound_verdict
 from common.config import load_config
 from common.errors import FedFuseError
 from server.audit.findings import flag, read_json
@@ -90,8 +91,6 @@ def prior_flags(folder: Path, ledger: PrivacyLedger) -> list[dict[str, Any]]:
     out unnoised. Under the example unit the true counts are integers, so the distance of
     each released value to the nearest integer follows the wrapped normal of the recorded σ:
     its mean square is compared with that law's, at SAMPLING_SIGMAS standard errors."""
-    from client.step_check import SAMPLING_SIGMAS
-
     path = folder / PRIOR_FILE
     platform = str(ledger.header["platform"])
     charged = [e for e in ledger.entries if e.get("kind") == "gaussian-histogram"]
@@ -149,8 +148,6 @@ def evidence_flags(ledger: PrivacyLedger) -> tuple[list[dict[str, Any]], list[st
     """Flags on the evidence each DP-SGD entry carries (``client/step_check.py``): a missing
     record, a failed self-test, or one inconsistent with its entry (another σ, C or unit) or
     with its own numbers (recomputed here). Also the distinct code identities recorded."""
-    from client.step_check import bound_verdict
-
     platform, unit = str(ledger.header["platform"]), ledger.unit
     flags, identities = [], []
     for index, entry in enumerate(ledger.entries):

@@ -38,12 +38,12 @@ which is a lower bound on the step's ε when its privacy region is Gaussian. A b
 theoretical ε is *flagged*: the implementation leaks more than recorded. With m trials per
 side the bound cannot exceed about μ = 2Φ⁻¹(1 − 3.7/m), which caps what it can certify
 (docs/privacy.md: power and limits). The test is two-sided: a noise spread or clipped canary
-mean off the record is flagged too (``client/step_check.bound``).
+mean off the record is flagged too (``client/step_bound.bound``).
 
-Where. The probe, the bound and the trials live in ``client/step_check.py``: each platform runs
-them on its own step before it trains and records the outcome in its ledger, which is the
-evidence of what *ran*. This module reruns them on the auditor's machine, which shows what the
-code installed *here* does at the recorded parameters.
+Where. The probe and the trials live in ``client/step_check.py``, the bound in
+``client/step_bound.py``: each platform runs them on its own step before it trains and records
+the outcome in its ledger, which is the evidence of what *ran*. This module reruns them on the
+auditor's machine, which shows what the code installed *here* does at the recorded parameters.
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ from dataclasses import asdict
 from typing import Any
 
 from client.ledger import DP_SGD, EXAMPLE, PrivacyLedger
-from client.step_check import TRIALS, StepAudit, bound, run_canaries
+from client.step_bound import StepAudit, bound
+from client.step_check import TRIALS, run_canaries
 from common.config import RunConfig, with_settings
 from common.errors import FedFuseError
 
