@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import pytest
 from flwr.app import Context, Error, Message, RecordDict
-from flwr.common import bytes_to_ndarray
+from flwr.common import bytes_to_ndarray, ndarrays_to_parameters
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from flwr.serverapp import Grid
 from flwr.supercore.task_identity import TaskIdentity
@@ -307,3 +307,27 @@ def test_a_secure_simulation_completes_and_audits_clean(
     assert RunRecord(run).last_round() == 2
     assert main(["audit", str(run), "--no-white-box"]) == 0
     assert "flags: 0 (audit clean)" in capsys.readouterr().out
+
+
+def test_the_lockstep_mean_counts_only_the_platforms_that_sent_a_tensor() -> None:
+    """Three platforms in the sum: two stepped tensor a, one was not due (zeros, indicators 0),
+    nobody stepped b (an adapter on a head-only step). Flower hands back the mean over all
+    three; the mean over a's senders comes back, and b is left out (the optimiser keeps it)."""
+    from flwr.common import Code, FitRes, Status
+
+    from server.federation.secure_aggregation import SecureRound, lockstep_means
+
+    a = [np.array([1.0, 2.0]), np.array([3.0, 6.0]), np.zeros(2)]
+    b = [np.zeros(3)] * 3
+    indicators_a, indicators_b = [1.0, 1.0, 0.0], [0.0, 0.0, 0.0]
+    over_all = [
+        np.mean(a, axis=0),
+        np.mean(b, axis=0),
+        np.array([np.mean(indicators_a)]),
+        np.array([np.mean(indicators_b)]),
+    ]
+    reply = FitRes(Status(Code.OK, ""), ndarrays_to_parameters([]), 1, {})
+    secure = SecureRound(over_all, [(None, reply)] * 3, {}, 3, 2, quantisation(8.0, 3))
+    means = lockstep_means(secure, ["a", "b"])
+    assert set(means) == {"a"}
+    np.testing.assert_allclose(means["a"], [2.0, 4.0])
