@@ -1,7 +1,7 @@
 """The statistics of the DP step's canary test (``client/step_check.py`` runs the step): from
 the canary coordinates a step left, a lower bound on its ε against the one Gaussian step's
 theoretical ε, and the measured noise spread and clipped canary mean against the record.
-No torch: ``fedfuse audit`` rechecks a recorded verdict with these functions alone."""
+No model and no training: ``fedfuse audit`` rechecks a recorded verdict with these alone."""
 
 from __future__ import annotations
 
