@@ -274,7 +274,8 @@ def _serve(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from server.serving.access import TOKEN_FILE, Tokens, read_or_create_token
-    from server.serving.http_app import LOOPBACK_NAMES, create_app, is_loopback, listen, serve
+    from server.serving.http_app import LOOPBACK_NAMES, create_app
+    from server.serving.listener import is_loopback, listen, serve
     from server.serving.recommender import Recommender
 
     if args.insecure_no_auth and not is_loopback(args.host):

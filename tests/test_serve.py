@@ -27,7 +27,7 @@ from common.errors import ConfigError
 from common.platform_data import PlatformData, federation_platforms, read_platform
 from server.cli import main
 from server.federation.run_record import CONFIG_FILE
-from server.serving import http_app
+from server.serving import listener
 from server.serving.access import RateLimit, Tokens, read_or_create_token
 from server.serving.http_app import (
     MAX_BODY,
@@ -37,9 +37,8 @@ from server.serving.http_app import (
     Busy,
     Lane,
     create_app,
-    listen,
-    server_config,
 )
+from server.serving.listener import listen, server_config
 from server.serving.recommender import Recommender
 from server.serving.service_process import running_service
 
@@ -387,7 +386,7 @@ def in_process_server(
     recommender: Recommender, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[tuple[str, int]]:
     """The real uvicorn settings on a thread, with a request read deadline of 0.5 s."""
-    monkeypatch.setattr(http_app, "REQUEST_READ_TIMEOUT_S", 0.5)
+    monkeypatch.setattr(listener, "REQUEST_READ_TIMEOUT_S", 0.5)
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
