@@ -331,3 +331,21 @@ def test_the_lockstep_mean_counts_only_the_platforms_that_sent_a_tensor() -> Non
     means = lockstep_means(secure, ["a", "b"])
     assert set(means) == {"a"}
     np.testing.assert_allclose(means["a"], [2.0, 4.0])
+
+
+def test_a_round_that_failed_after_training_is_replayed_not_retrained(
+    tmp_path: Path, write_run_config, three_platforms: Path
+) -> None:
+    """All three platforms train round 1 (charged), then two are lost before unmasking: the
+    round fails. Resumed with every platform back, round 1 is answered from their stored
+    replies (`replayed`), each ledger still holds one charge for it, and the run completes."""
+    with pytest.raises(RoundFailed, match="halted"):
+        _run(tmp_path, write_run_config, three_platforms, drop={2: "unmask", 3: "unmask"})
+    run, _ = _run(tmp_path, write_run_config, three_platforms)
+    assert RunRecord(run).last_round() == 2
+    events = [e for e in RunRecord(run).events() if e.get("event") == "train"]
+    replayed = sorted(e["platform"] for e in events if e.get("replayed"))
+    assert replayed == ["p0", "p1", "p2"]
+    for platform in ("p0", "p1", "p2"):
+        entries = json.loads((tmp_path / "state" / platform / LEDGER_FILE).read_text())["entries"]
+        assert [e["server_round"] for e in entries if e["kind"] == "dp-sgd"] == [1, 2]
