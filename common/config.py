@@ -11,6 +11,7 @@ of them from.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import tomllib
@@ -130,6 +131,19 @@ def load_config(
         return RunConfig.model_validate(raw)
     except ValidationError as err:
         raise ConfigError(_describe(err, source)) from None
+
+
+def add_config_options(parser: argparse.ArgumentParser) -> None:
+    """A command's ``--config FILE`` and repeatable ``--set SECTION.KEY=VALUE``, as
+    :func:`load_config` takes them."""
+    parser.add_argument("--config", help="run configuration TOML (defaults apply without one)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one configuration value (repeatable)",
+    )
 
 
 def _type_name(annotation: Any) -> str:

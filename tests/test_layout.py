@@ -42,6 +42,9 @@ def test_server_jobs_each_have_a_folder() -> None:
 # Where print stays: the command line's own output, and the modules still to move to logging.
 PRINTS = {
     "server/cli.py": "the command line decides what reaches the console",
+    "server/audit/command.py": "fedfuse audit's own output: the summary, files written",
+    "server/serving/commands.py": "fedfuse recommend's and serve's own output",
+    "server/simulation/commands.py": "fedfuse simulate's, compare's and tune's own output",
     "server/deployment/deploy.py": "fedfuse deploy's own output: commands, files, run ids",
     # The ServerApp process of `flwr run` has no handler on FedFuse's loggers yet: its round
     # lines need one installed in server_app.main() before they can move to logging.
