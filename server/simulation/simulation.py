@@ -74,7 +74,7 @@ def check_startable(config: RunConfig) -> None:
     """Everything that can be checked before Ray starts: a bad backbone, data folder, audit
     setting or gradient scale, a node count Flower would wait for forever, or a split with
     nothing to evaluate then costs no start-up time and leaves no run folder behind."""
-    from client.dp_training import scaled_tensors
+    from client.gradient_rows import scaled_tensors
     from common.backbone import resolve_backbone
     from common.sharing import shared_scorer
     from server.audit.canary_audit import check_audit_platform
