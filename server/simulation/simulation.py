@@ -331,11 +331,15 @@ def _simulate(record: RunRecord, cpus_per_client: float, gpus_per_client: float)
         }
     )
     platforms = len(federation_platforms(config.data))
-    print(
-        f"[fedfuse] {platforms} platforms, {config.federation.rounds} rounds, "
-        f"strategy {config.federation.strategy}, run folder {record.root}, "
-        f"platform state {config.dp.state_dir}; full log in the run folder's {LOG_FILE}",
-        flush=True,
+    log.info(
+        "%d platforms, %d rounds, strategy %s, run folder %s, platform state %s; full log in "
+        "the run folder's %s",
+        platforms,
+        config.federation.rounds,
+        config.federation.strategy,
+        record.root,
+        config.dp.state_dir,
+        LOG_FILE,
     )
     try:
         with stoppable(record), logs_to(record.root / LOG_FILE):
