@@ -16,8 +16,8 @@ training unit, or ``user``, all of one user's training units. Per round:
    from Opacus (hooks, or ghost clipping under ``example``). A training unit is one labelled
    example, or under the ranking objective one positive with its own sampled negatives: its W
    candidates run through the adapters as W rows, and their per-row gradients are summed into
-   the unit's (:func:`_fold_candidates`). Under ``user`` each user's unit gradients are then
-   summed into one row per user (:func:`_fold_users`). Each row — a privacy unit's whole
+   the unit's (``client/gradient_rows.py``). Under ``user`` each user's unit gradients are then
+   summed into one row per user (the same module). Each row — a privacy unit's whole
    gradient — is clipped to L2 norm ``max_grad_norm`` by Opacus' ``DPOptimizer``.
    ``dp.gradient_scales`` first multiplies the named parts of every row by their scale, so
    a part with weak signal (the private item factors) gets a larger share of the clip norm
@@ -43,7 +43,6 @@ from __future__ import annotations
 import logging
 import math
 import secrets
-import time
 from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -54,10 +53,20 @@ from opacus.optimizers import DPOptimizer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from client.ledger import Mechanism, epsilon
+from client.gradient_rows import (
+    after_noise,
+    fold_candidates,
+    fold_users,
+    scale_rows,
+    scaled_tensors,
+    unscale,
+)
+from client.ledger import Mechanism
+from client.noise_calibration import expected_batch, sample_rate
 from common.config import DPConfig, TrainConfig
 from common.errors import ConfigError
-from common.model import Scorer, TextFeaturizer
+from common.featurizer import TextFeaturizer
+from common.scorers import Scorer
 from common.task import Example
 from common.training import (
     batch_inputs,
@@ -87,109 +96,6 @@ class RoundResult:
     mechanism: Mechanism | None
     released: dict[str, torch.Tensor] = field(default_factory=dict)
     moments: dict[str, np.ndarray] = field(default_factory=dict)
-
-
-def expected_batch(dp: DPConfig) -> int:
-    """Expected privacy units per logical batch. ``dp.expected_batch_size`` counts training
-    units; a user brings at most k of them, so under ``user`` a batch expects B / k users: a
-    logical batch is then no larger than under ``example``, and a platform's few hundred users
-    still make several steps per round."""
-    if dp.user_level:
-        return max(1, dp.expected_batch_size // dp.max_examples_per_user)
-    return dp.expected_batch_size
-
-
-def sample_rate(privacy_units: int, dp: DPConfig) -> float:
-    """Poisson sampling probability q of one privacy unit (training unit or user) per batch.
-
-    Opacus sets q = 1 / len(data_loader) = 1 / ceil(N / B); using the same formula here keeps
-    the planned mechanism (noise calibration, budget check) identical to the executed one.
-    """
-    return 1.0 / math.ceil(privacy_units / min(expected_batch(dp), privacy_units))
-
-
-def steps_per_round(privacy_units: int, train: TrainConfig, dp: DPConfig) -> int:
-    """Optimiser steps one round runs: ``local_steps``, or ``local_epochs`` expected passes
-    over the privacy units (under ``user``: over the platform's users)."""
-    if train.local_steps:
-        return train.local_steps
-    return max(1, math.ceil(train.local_epochs / sample_rate(privacy_units, dp)))
-
-
-def calibrate_noise(
-    dp: DPConfig, sample_rate: float, total_steps: int, committed: Sequence[Mechanism] = ()
-) -> float:
-    """Smallest σ (within 0.1 %) whose ε after ``total_steps``, composed with the
-    ``committed`` releases (the popularity prior), stays within the target.
-
-    Bisection on the ledger's own accountant rather than Opacus' ``get_noise_multiplier``: the
-    two estimate PRV ε with different settings, and the last planned round must fit the budget
-    by the very measure the ledger enforces.
-    """
-    if dp.noise_multiplier is not None:
-        return dp.noise_multiplier
-    target = min(dp.target_epsilon, dp.budget)
-
-    def eps(sigma: float) -> float:
-        planned = Mechanism(sigma, sample_rate, total_steps, dp.max_grad_norm, unit=dp.unit)
-        return epsilon([*committed, planned], dp.delta)
-
-    already = epsilon(list(committed), dp.delta)
-    if already >= target:
-        raise ConfigError(
-            f"dp.target_epsilon = {target:g} leaves nothing for training after the "
-            f"popularity prior (ε = {already:.3g}); raise prior.noise_multiplier"
-        )
-
-    progress = _Progress(f"calibrating σ to ε = {target:g} over {total_steps} steps")
-    low, high = 0.3, 1.0
-    while eps(high) > target:
-        low, high = high, high * 2
-        progress.step(low, high)
-        if high > 1e4:
-            raise ConfigError(f"dp.target_epsilon = {target:g} is unreachable for this run")
-    while eps(low) <= target and low > 0.05:
-        high, low = low, low / 2
-        progress.step(low, high)
-    while (high - low) / high > 1e-3:
-        middle = (low + high) / 2
-        low, high = (low, middle) if eps(middle) <= target else (middle, high)
-        progress.step(low, high)
-    progress.done(high)
-    return high
-
-
-class _Progress:
-    """Progress of a slow calibration (each ε of a long run can take seconds): a line once
-    every ``EVERY`` seconds, and the result if any line was written; a fast one stays silent."""
-
-    EVERY = 5.0
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.started = self.last = time.monotonic()
-        self.steps = 0
-        self.spoke = False
-
-    def step(self, low: float, high: float) -> None:
-        self.steps += 1
-        now = time.monotonic()
-        if now - self.last >= self.EVERY:
-            self.last, self.spoke = now, True
-            elapsed = now - self.started
-            log.info(
-                "%s: σ in [%.4g, %.4g] after %d steps, %.0f s",
-                self.what,
-                low,
-                high,
-                self.steps,
-                elapsed,
-            )
-
-    def done(self, sigma: float) -> None:
-        if self.spoke:
-            elapsed = time.monotonic() - self.started
-            log.info("%s: σ = %.4g (%.0f s)", self.what, sigma, elapsed)
 
 
 class LocalTrainer:
@@ -247,7 +153,7 @@ class LocalTrainer:
         """Per-sample gradient method: ghost clipping cannot handle a module called twice per
         forward (Opacus raises "parameter tying"), which is what the two_tower scorer does,
         nor sum a user's rows before clipping (it never materialises them)."""
-        mode = self.dp.clipping
+        mode: str = self.dp.clipping
         if mode == "auto":
             mode = "hooks" if self.dp.needs_rows else FASTER_CLIPPING[self.scorer.device().type]
         if mode == "ghost" and self.dp.needs_rows:  # also when set past config validation
@@ -420,10 +326,10 @@ class LocalTrainer:
             self.probe(optimizer)
         scaled = scaled_tensors(self.scorer, self.dp.gradient_scales)
         if scaled:
-            _after_noise(optimizer, lambda: _unscale(scaled))
+            after_noise(optimizer, lambda: unscale(scaled))
         released: dict[str, torch.Tensor] = {}
         if self.release:
-            _after_noise(optimizer, lambda: released.update(self._withhold()))
+            after_noise(optimizer, lambda: released.update(self._withhold()))
         losses: list[float] = []
         try:
             while _steps_taken(engine) < steps:
@@ -441,10 +347,10 @@ class LocalTrainer:
                             loss = unit_loss(logits, inputs, units)
                         loss.backward()
                         if logits.dim() == 2 and adapters:
-                            _fold_candidates(model, len(units), logits.shape[1])
+                            fold_candidates(model, len(units), logits.shape[1])
                         if self.dp.user_level:
-                            _fold_users(model, [len(group) for group in chunk])
-                        _scale_rows(scaled)
+                            fold_users(model, [len(group) for group in chunk])
+                        scale_rows(scaled)
                         losses.append(float(loss.detach()))
                         # Noise and the step once per logical batch: the other chunks only
                         # clip and accumulate (what Opacus' BatchMemoryManager signals).
@@ -506,91 +412,14 @@ def _units(chunk: list[list[Example]]) -> list[Example]:
     return [example for group in chunk for example in group]
 
 
-def _fold_candidates(model: nn.Module, units: int, width: int) -> None:
-    """Sum the per-row gradients of each unit's ``width`` candidate rows into one per unit.
-
-    The encoder saw ``units * width`` rows and Opacus scaled each row's gradient by that
-    count (mean loss over its rows); the loss is a mean over ``units``, hence the division.
-    Nothing is clipped yet: clipping then bounds each unit's whole contribution."""
-    for param in model.parameters():
-        sample = getattr(param, "grad_sample", None)
-        if param.requires_grad and sample is not None and sample.shape[0] == units * width:
-            param.grad_sample = sample.view(units, width, *param.shape).sum(dim=1) / width
-
-
-def _fold_users(model: nn.Module, sizes: list[int]) -> None:
-    """Sum each user's per-unit gradient rows (consecutive, ``sizes[i]`` rows for user i) into
-    one row per user, before clipping: clipping then bounds the user's whole contribution.
-
-    A unit's row is its own loss's gradient, as the example-level step clips it (Opacus'
-    mean-loss scaling by the rows' count cancels the loss's mean over units; for candidate
-    rows :func:`_fold_candidates` has done so already), so a user's row is the plain sum of
-    their units' gradients."""
-    owners = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes))
-    for param in model.parameters():
-        sample = getattr(param, "grad_sample", None)
-        if param.requires_grad and sample is not None:
-            rows = sample.new_zeros((len(sizes), *param.shape))
-            param.grad_sample = rows.index_add_(0, owners.to(sample.device), sample)
-
-
-def scaled_tensors(scorer: nn.Module, scales: dict[str, float]) -> list[tuple[nn.Parameter, float]]:
-    """The trainable tensors ``dp.gradient_scales`` names, each with its scale. A key that
-    names none is an error: a misspelt part would silently keep its share of the clip norm
-    (``fedfuse simulate`` checks this before it starts)."""
-    trainable = [(n, p) for n, p in scorer.named_parameters() if p.requires_grad]
-    for key in scales:
-        if not any(key in name for name, _ in trainable):
-            raise ConfigError(f"dp.gradient_scales: '{key}' names no trainable tensor")
-    chosen = []
-    for name, param in trainable:
-        matching = [scale for key, scale in scales.items() if key in name]
-        if len(matching) > 1:
-            raise ConfigError(f"dp.gradient_scales: more than one key names {name}")
-        if matching:
-            chosen.append((param, matching[0]))
-    return chosen
-
-
-def _scale_rows(scaled: list[tuple[nn.Parameter, float]]) -> None:
-    """Multiply the per-unit gradient rows of the scaled tensors, before clipping (a tensor
-    frozen on a head-only step has no rows)."""
-    for param, scale in scaled:
-        sample = getattr(param, "grad_sample", None)
-        if sample is not None:
-            sample.mul_(scale)
-
-
-def _after_noise(optimizer: DPOptimizer, action: Callable[[], None]) -> None:
-    """Run ``action`` once Opacus has added the noise, before the optimiser step. The hooks
-    already there (the accountant, an audit's probe, an earlier action) run first: they see
-    the Gaussian mechanism's own output."""
-    inner = optimizer.step_hook
-
-    def hook(opt: DPOptimizer) -> None:
-        if inner is not None:
-            inner(opt)
-        action()
-
-    optimizer.step_hook = hook
-
-
-def _unscale(scaled: list[tuple[nn.Parameter, float]]) -> None:
-    """Divide the noised gradient by the gradient scales (post-processing)."""
-    for param, scale in scaled:
-        if param.grad is not None:
-            param.grad.div_(scale)
-
-
 def _zero_grads(model: nn.Module, mode: str) -> None:
     for param in model.parameters():
         if param.requires_grad:
             if mode == "ghost":
                 param.grad = torch.zeros_like(param)
             else:
-                param.grad_sample = torch.zeros(
-                    (0, *param.shape), dtype=param.dtype, device=param.device
-                )
+                empty = torch.zeros((0, *param.shape), dtype=param.dtype, device=param.device)
+                param.grad_sample = empty  # type: ignore[attr-defined]  # Opacus' attribute
 
 
 def _steps_taken(engine: PrivacyEngine) -> int:

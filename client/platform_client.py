@@ -20,8 +20,9 @@ from safetensors.numpy import load_file as load_numpy
 from safetensors.numpy import save_file as save_numpy
 
 from client.canaries import canaries_for, insert_canaries
-from client.dp_training import LocalTrainer, calibrate_noise, steps_per_round
+from client.dp_training import LocalTrainer
 from client.ledger import Mechanism, PrivacyLedger
+from client.noise_calibration import calibrate_noise, steps_per_round
 from client.popularity_prior import popularity_prior, prior_mechanism, prior_scores
 from client.step_check import step_evidence
 from common.adapters import load_trainable_arrays, trainable_arrays

@@ -18,14 +18,9 @@ from transformers import PreTrainedModel
 from common.backbone import is_encoder, lora_targets
 from common.config import LoraSettings, ModelConfig
 from common.errors import ConfigError
-
-# Re-exported for client/dp_training.py, which is open in other work; drop these two once it
-# imports them from common.scorers and common.featurizer.
-from common.featurizer import TextFeaturizer as TextFeaturizer
 from common.item_tower import ItemTowerScorer
 from common.item_tower_head import ItemTowerHead
 from common.layer_cache import layer_list_name, layers_of
-from common.scorers import Scorer as Scorer
 
 
 def build_scorer(

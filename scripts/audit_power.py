@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from client.dp_training import calibrate_noise
+from client.noise_calibration import calibrate_noise
 from common.config import DPConfig
 from common.dataset_summary import markdown_table
 from server.audit.gradient_audit import audit_dp_step

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.dp_training import scaled_tensors
+from client.gradient_rows import scaled_tensors
 from common.adapters import load_trainable_arrays
 from common.config import load_config, with_settings
 from common.dataset_summary import markdown_table

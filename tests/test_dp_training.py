@@ -13,14 +13,9 @@ import torch
 from opacus.optimizers import DPOptimizer
 from torch import nn
 
-from client.dp_training import (
-    LocalTrainer,
-    calibrate_noise,
-    expected_batch,
-    sample_rate,
-    steps_per_round,
-)
+from client.dp_training import LocalTrainer
 from client.ledger import EXAMPLE, USER, Mechanism, epsilon
+from client.noise_calibration import calibrate_noise, expected_batch, sample_rate, steps_per_round
 from common.adapters import load_trainable_arrays, trainable_arrays
 from common.backbone import load_backbone
 from common.config import DPConfig, LoraSettings, ModelConfig, TaskConfig, TrainConfig
@@ -553,15 +548,15 @@ def test_a_slow_calibration_reports_its_progress(
 ) -> None:
     """A calibration that takes longer than its reporting interval says where σ stands as it
     goes, then the σ it found; a fast one says nothing."""
-    import client.dp_training as dp_training
+    import client.noise_calibration as noise_calibration
 
     dp = DPConfig(target_epsilon=2.0, delta=1e-5)
-    monkeypatch.setattr(dp_training._Progress, "EVERY", 1e9)
-    with caplog.at_level("INFO", logger="client.dp_training"):
+    monkeypatch.setattr(noise_calibration._Progress, "EVERY", 1e9)
+    with caplog.at_level("INFO", logger="client.noise_calibration"):
         calibrate_noise(dp, 0.01, 25)
     assert caplog.records == []
-    monkeypatch.setattr(dp_training._Progress, "EVERY", 0.0)
-    with caplog.at_level("INFO", logger="client.dp_training"):
+    monkeypatch.setattr(noise_calibration._Progress, "EVERY", 0.0)
+    with caplog.at_level("INFO", logger="client.noise_calibration"):
         sigma = calibrate_noise(dp, 0.01, 26)
     lines = [record.getMessage() for record in caplog.records]
     assert len(lines) > 5 and all("calibrating σ to ε = 2 over 26 steps" in x for x in lines)

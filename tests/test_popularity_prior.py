@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client.dp_training import calibrate_noise
 from client.ledger import (
     EXAMPLE,
     GAUSSIAN_HISTOGRAM,
@@ -19,6 +18,7 @@ from client.ledger import (
     PrivacyLedger,
     epsilon,
 )
+from client.noise_calibration import calibrate_noise
 from client.platform_client import PlatformClient, PlatformIdentity
 from client.popularity_prior import (
     PRIOR_FILE,

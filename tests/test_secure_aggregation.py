@@ -246,7 +246,7 @@ def test_too_many_platforms_for_the_field_are_refused() -> None:
 
 def test_the_range_covers_the_largest_noise_a_platform_can_calibrate(write_run_config, tmp_path):
     """σ̄ is σ at q = 1 over every round: no platform's calibrated σ (q < 1) is larger."""
-    from client.dp_training import calibrate_noise
+    from client.noise_calibration import calibrate_noise
 
     config = load_config(write_run_config(tmp_path / "run.toml"))
     ceiling = noise_ceiling(config)
