@@ -176,6 +176,7 @@ def test_node_config_sets_the_platform_and_its_dp_policy(
 
 
 def test_evaluate_reply_has_the_protocol_metrics(run_config) -> None:
+    run_config = run_config | {"train.eval_max_cases": 0}  # every case: full metrics too
     context = _context(run_config, {"partition-id": 1, "num-partitions": 2})
     reply = app(_message("evaluate", _initial_arrays(run_config), {"split": "test"}), context)
     metrics = dict(reply.content["metrics"])

@@ -120,7 +120,9 @@ def test_the_server_logs_every_message_and_names_platforms_once_they_replied(
 ) -> None:
     for field, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
         monkeypatch.setattr(TaskIdentity, field, value)  # what the ServerApp runtime sets
-    config = RunConfig(model=ModelConfig(backbone=str(tiny_bert_dir)), lora=LoraSettings(rank=2))
+    # no private item factors: on the tiny BERT their table would outweigh the backbone
+    model_config = ModelConfig(backbone=str(tiny_bert_dir), private_factors=0)
+    config = RunConfig(model=model_config, lora=LoraSettings(rank=2))
     record = RunRecord(tmp_path)
     record.write_config(config.model_dump(mode="json"))
     strategy = FedFuseStrategy(record, lambda r: 0.1, round_offset=2, min_available_nodes=2)
