@@ -13,7 +13,7 @@ training unit, or ``user``, all of one user's training units. Per round:
    is in the run configuration the server sends, and amplification by subsampling holds only
    if nobody outside the platform can predict which units were drawn.
 2. Per-unit gradients of the trainable tensors only (LoRA + head; the backbone is frozen),
-   from Opacus (hooks, or ghost clipping under ``example``). A training unit is one labelled
+   from Opacus' hooks. A training unit is one labelled
    example, or under the ranking objective one positive with its own sampled negatives: its W
    candidates run through the adapters as W rows, and their per-row gradients are summed into
    the unit's (``client/gradient_rows.py``). Under ``user`` each user's unit gradients are then
@@ -79,11 +79,6 @@ from common.training import (
 
 log = logging.getLogger(__name__)
 
-# Faster per-sample gradient method per device. CPU: measured by scripts/bench_dp.py (hooks
-# 1.42x faster than ghost, see README). CUDA: not yet measured in this project (no GPU was
-# lent); ghost follows Opacus' published GPU results and applies to the cross scorer only.
-FASTER_CLIPPING = {"cpu": "hooks", "cuda": "ghost"}
-
 
 @dataclass(frozen=True)
 class RoundResult:
@@ -148,25 +143,6 @@ class LocalTrainer:
     @property
     def sample_rate(self) -> float:
         return sample_rate(self.privacy_units, self.dp)
-
-    def clipping_mode(self) -> str:
-        """Per-sample gradient method: ghost clipping cannot handle a module called twice per
-        forward (Opacus raises "parameter tying"), which is what the two_tower scorer does,
-        nor sum a user's rows before clipping (it never materialises them)."""
-        mode: str = self.dp.clipping
-        if mode == "auto":
-            mode = "hooks" if self.dp.needs_rows else FASTER_CLIPPING[self.scorer.device().type]
-        if mode == "ghost" and self.dp.needs_rows:  # also when set past config validation
-            what = "dp.unit = 'user'" if self.dp.user_level else "dp.gradient_scales"
-            raise ConfigError(f"{what} needs dp.clipping = 'hooks' or 'auto'")
-        # the item tower's layer swapping is verified with hooks only
-        if mode == "ghost" and self.scorer.kind in ("two_tower", "item_tower"):
-            if self.dp.clipping == "ghost":
-                raise ConfigError(
-                    f"dp.clipping = 'ghost' does not support model.scorer = '{self.scorer.kind}'"
-                )
-            mode = "hooks"
-        return mode
 
     def _loader(self, generator: torch.Generator) -> DataLoader:
         """Logical batches of privacy-unit indices (Poisson-sampled once Opacus wraps it, from
@@ -303,7 +279,11 @@ class LocalTrainer:
         noise_multiplier: float,
         moments: dict[str, np.ndarray] | None,
     ) -> RoundResult:
-        mode = self.clipping_mode()
+        if self.dp.clipping == "ghost":  # also when set past the configuration's validation
+            raise ConfigError(
+                "dp.clipping = 'ghost' cannot run the item tower: its layer swap and the "
+                "candidate and user folding need per-unit gradient rows; use 'hooks' or 'auto'"
+            )
         engine = PrivacyEngine(accountant="prv")
         generator = secret_generator()  # the Poisson sample and each user's subset
         inner = self._optimizer(learning_rate, moments)
@@ -315,13 +295,9 @@ class LocalTrainer:
             noise_multiplier=noise_multiplier,
             max_grad_norm=self.dp.max_grad_norm,
             poisson_sampling=True,
-            grad_sample_mode=mode,
+            grad_sample_mode="hooks",
         )
-        criterion = None  # the loss is unit_loss, except under ghost clipping (BCE only)
-        if mode == "ghost":
-            model, optimizer, criterion, loader = made
-        else:
-            model, optimizer, loader = made
+        model, optimizer, loader = made
         if self.probe is not None:
             self.probe(optimizer)
         scaled = scaled_tensors(self.scorer, self.dp.gradient_scales)
@@ -340,11 +316,7 @@ class LocalTrainer:
                         units = _units(chunk)
                         inputs = batch_inputs(self.scorer, self.featurizer, units, adapters)
                         logits = model(**inputs)
-                        if criterion is not None:
-                            labels = torch.tensor([e.label for e in units], dtype=torch.float32)
-                            loss = criterion(logits, labels.to(logits.device))
-                        else:
-                            loss = unit_loss(logits, inputs, units)
+                        loss = unit_loss(logits, inputs, units)
                         loss.backward()
                         if logits.dim() == 2 and adapters:
                             fold_candidates(model, len(units), logits.shape[1])
@@ -358,7 +330,7 @@ class LocalTrainer:
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                     if not chunks:  # an empty Poisson batch still costs one noisy step
-                        _zero_grads(model, mode)
+                        _zero_grads(model)
                         optimizer.step()
                         optimizer.zero_grad(set_to_none=True)
                     self._after_step(adapters)
@@ -412,14 +384,11 @@ def _units(chunk: list[list[Example]]) -> list[Example]:
     return [example for group in chunk for example in group]
 
 
-def _zero_grads(model: nn.Module, mode: str) -> None:
+def _zero_grads(model: nn.Module) -> None:
     for param in model.parameters():
         if param.requires_grad:
-            if mode == "ghost":
-                param.grad = torch.zeros_like(param)
-            else:
-                empty = torch.zeros((0, *param.shape), dtype=param.dtype, device=param.device)
-                param.grad_sample = empty  # type: ignore[attr-defined]  # Opacus' attribute
+            empty = torch.zeros((0, *param.shape), dtype=param.dtype, device=param.device)
+            param.grad_sample = empty  # type: ignore[attr-defined]  # Opacus' attribute
 
 
 def _steps_taken(engine: PrivacyEngine) -> int:

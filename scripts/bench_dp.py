@@ -163,7 +163,7 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         "physical_batch": config.train.batch_size,
         "adapter_every": config.train.adapter_every,
         "max_length": config.model.max_length,
-        "clipping": OFF if sigma is None else trainer.clipping_mode(),
+        "clipping": OFF if sigma is None else "hooks",
         "device": device.type,
         "train_examples": len(units),
         "parameters": count_parameters(scorer),
