@@ -22,7 +22,7 @@ from common.model import build_scorer
 from common.platform_data import read_platform
 from common.platform_writer import write_dataset
 from common.synthetic import SyntheticConfig, generate
-from common.task import Example, PlatformTask, build_task
+from common.task import Example, PlatformTask, build_task, training_units
 from server.audit.canary_audit import (
     AUDIT_FILE,
     audit_scores,
@@ -234,9 +234,11 @@ def test_fedfuse_simulate_writes_the_audit_into_the_run_folder(
     config = _audit_config(small_platform, tiny_bert_dir, tmp_path / "unused")
     run = simulate(prepare_run(config, tmp_path / "runs", "audited"))
     entry = _audit_entry(run)
-    assert entry["model"] == "final global adapter"
-    # the platform trained on its real examples plus the included canaries
-    real = len(build_task(read_platform(small_platform / "p0"), config.task).train)
+    # the recipe keeps item factors and mixing weights private: the served model includes them
+    assert entry["model"] == "final global adapter + the platform's private part"
+    # the platform trained on its real training units plus the included canaries
+    task = build_task(read_platform(small_platform / "p0"), config.task)
+    real = len(training_units(task.train, config.objective))
     train = next(e for e in RunRecord(run).events() if e["event"] == "train")
     assert train["num-examples"] == real + entry["included"]
     # Not asserted: "not flagged". The actor's DP noise is not seeded, and the bound only

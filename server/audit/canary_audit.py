@@ -166,10 +166,10 @@ def audited_model(
 ) -> tuple[Scorer, TextFeaturizer, str]:
     """The model the canaries are scored with, its featurizer, and a word on what it is.
 
-    fedavg/ffa: the final global adapter — what the world sees, post-processing of the
-    platform's DP releases. fedsa: the global adapter plus the platform's private part from its
-    state folder (its personalised model): the shared part alone carries little of its training,
-    and the private part comes out of the same DP-SGD, so the same ε covers it. Either way the
+    The final global adapter — what the world sees, post-processing of the platform's DP
+    releases — plus whatever the strategy keeps private (the item factors and mixing weights of
+    the recipe; fedsa's B and head too) from the platform's state folder, i.e. the model it
+    serves: the private part comes out of the same DP-SGD, so the same ε covers it. Either way the
     auditor sees only the last model, not the noisy steps: the weakest (black-box) setting.
     """
     strategy = config.federation.strategy
