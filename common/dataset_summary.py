@@ -98,6 +98,20 @@ def _seconds(value: float) -> str:
     return f"{text} ({when} UTC)"
 
 
+def own_cuts(platforms: Sequence[PlatformData], config: TaskConfig) -> TaskConfig:
+    """The split a summary shows when no run configuration names one: the default global time
+    split, cut at this data's own :data:`TIME_QUANTILES` (the defaults' cut dates are
+    ML-100K's, meaningless for other data), or leave-last when the data cannot be cut."""
+    if config.split != "global_time" or not sum(p.num_interactions for p in platforms):
+        return config
+    valid_from, test_from = time_cuts(platforms, TIME_QUANTILES)
+    if valid_from >= test_from:  # too many tied timestamps for a time split
+        update: dict[str, object] = {"split": "leave_last", "valid_from": None, "test_from": None}
+    else:
+        update = {"valid_from": valid_from, "test_from": test_from}
+    return TaskConfig.model_validate(config.model_dump() | update)
+
+
 def time_split_summary(
     platforms: Sequence[PlatformData],
     config: TaskConfig,

@@ -17,7 +17,7 @@ import threading
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from common.config import add_config_options, load_config
 from common.errors import FedFuseError, Stopped
@@ -25,6 +25,10 @@ from server.audit.command import add_audit_parser
 from server.federation.run_record import check_finished
 from server.serving.commands import add_serving_parsers
 from server.simulation.commands import add_simulation_parsers
+
+if TYPE_CHECKING:
+    from common.config import TaskConfig
+    from common.platform_data import PlatformData
 
 # docs/exit-codes.md shows the same table
 EXIT_CODES = """exit codes:
@@ -67,7 +71,7 @@ def _data_prepare(args: argparse.Namespace) -> None:
     del tables  # ML-1M's million rows would otherwise stay in memory beside the re-read data
     platforms = read_dataset(out)
     print(f"wrote {len(platforms)} platforms to {out}\n")
-    print(describe(platforms, load_config(args.config, args.set).task))
+    print(describe(platforms, _summary_task(args, platforms)))
 
 
 def _data_check(args: argparse.Namespace) -> None:
@@ -85,7 +89,16 @@ def _data_check(args: argparse.Namespace) -> None:
         for warning in platform.warnings:
             print(f"warning: {warning}", file=sys.stderr)
     print(f"ok: {len(platforms)} platform(s) valid under {args.path}\n")
-    print(describe(platforms, config.task))
+    print(describe(platforms, _summary_task(args, platforms)))
+
+
+def _summary_task(args: argparse.Namespace, platforms: list[PlatformData]) -> TaskConfig:
+    """The split a data summary is shown under: the run configuration's when one is given,
+    else the default split at this data's own cut times."""
+    from common.dataset_summary import own_cuts
+
+    config = load_config(args.config, args.set)
+    return config.task if args.config or args.set else own_cuts(platforms, config.task)
 
 
 def _config_show(args: argparse.Namespace) -> None:

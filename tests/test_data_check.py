@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from common.config import load_config
 from common.errors import DataError
 from common.platform_data import read_dataset
 from server.cli import main
@@ -55,8 +56,10 @@ def expected_line(case: str) -> str:
     return f"{', '.join(where)}: {spec['message']}"
 
 
-def check(path: Path | str, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    code = main(["data", "check", str(path)])
+def check(
+    path: Path | str, capsys: pytest.CaptureFixture[str], *settings: str
+) -> tuple[int, str, str]:
+    code = main(["data", "check", str(path), *(a for s in settings for a in ("--set", s))])
     out, err = capsys.readouterr()
     return code, out, err
 
@@ -168,7 +171,7 @@ def test_cli_subprocess_exit_code_and_one_line_stderr(
 
 
 def test_valid_csv_platform_prints_summary(capsys: pytest.CaptureFixture[str]):
-    code, out, err = check(VALID / "csv_ratings", capsys)
+    code, out, err = check(VALID / "csv_ratings", capsys, "task.split=leave_last")
     assert code == 0
     assert err == ""
     lines = out.splitlines()
@@ -182,8 +185,36 @@ def test_valid_csv_platform_prints_summary(capsys: pytest.CaptureFixture[str]):
     assert "users on 2+ platforms: 0 of 3 (0.0 %)" in lines
 
 
+def test_without_a_configuration_the_summary_cuts_the_data_at_its_own_quantiles(
+    capsys: pytest.CaptureFixture[str],
+):
+    """The defaults' cut dates are ML-100K's: for any other data the summary cuts at the
+    data's own 0.7/0.85 interaction quantiles, as if those cuts had been configured."""
+    code, out, _ = check(VALID / "csv_ratings", capsys)
+    assert code == 0
+    cuts = re.search(r"task\.valid_from=(\d+).*task\.test_from=(\d+)", out)
+    assert cuts is not None and int(cuts[1]) < int(cuts[2])
+    given = ("task.split=global_time", f"task.valid_from={cuts[1]}", f"task.test_from={cuts[2]}")
+    assert check(VALID / "csv_ratings", capsys, *given)[1] == out
+    default_cuts = load_config(None, []).task
+    assert (
+        check(VALID / "csv_ratings", capsys, *given)[1]
+        != check(
+            VALID / "csv_ratings",
+            capsys,
+            f"task.valid_from={default_cuts.valid_from}",
+            f"task.test_from={default_cuts.test_from}",
+        )[1]
+    )
+
+
 def test_valid_jsonl_label_platform_prints_summary(capsys: pytest.CaptureFixture[str]):
-    code, out, err = check(VALID / "jsonl_labels", capsys)
+    code, out, err = check(
+        VALID / "jsonl_labels",
+        capsys,
+        "task.split=leave_last",
+        "federation.fraction_evaluate=0",  # no test case: a run would refuse it, the summary not
+    )
     assert (code, err) == (0, "")
     lines = out.splitlines()
     assert lines[0] == f"ok: 1 platform(s) valid under {(VALID / 'jsonl_labels').as_posix()}"
