@@ -271,7 +271,7 @@ def test_a_broken_run_file_is_one_line_in_recommend_and_serve(
     def served(*_: object) -> None:
         raise AssertionError("fedfuse serve served a broken run")
 
-    monkeypatch.setattr("server.serving.http_app.serve", served)
+    monkeypatch.setattr("server.serving.listener.serve", served)
     run = broken_runs[fault]
     state = ["--platform", "p0", "--platform-state", str(run / "platform_state" / "p0")]
     user = _busiest_user(recommender)
