@@ -74,7 +74,8 @@ def test_flwr_run_trains_checkpoints_and_stops_the_superlink(
     assert config["federation"]["rounds"] == 1  # the section.key override reached the apps
     assert config["dp"]["state_dir"] == str(run / "platform_state")
     ledger = json.loads((run / "platform_state" / "p0" / "privacy_ledger.json").read_text())
-    assert [e["server_round"] for e in ledger["entries"]] == [1]
+    # the DP popularity prior's release (before round 1, recorded as round 0), then round 1
+    assert [e["server_round"] for e in ledger["entries"]] == [0, 1]
     assert (run / "summary.md").is_file()
 
 
