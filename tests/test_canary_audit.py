@@ -135,7 +135,11 @@ def test_audit_settings_are_checked(synthetic_dir: Path) -> None:
 
 # --- acceptance: missing noise is caught, correct DP passes --------------------------------
 
-CLAIMED_EPSILON = 0.5
+# Low enough that a run without noise beats it by a wide margin on any machine: the undefended
+# run's bound varies with the initialisation (0.78-1.04 over torch seeds 0-3, against 0 for
+# every seed with DP), and at ε = 0.5 with 200 canaries one machine once measured it below 0.5.
+CANARIES = 400
+CLAIMED_EPSILON = 0.3
 
 
 @pytest.fixture(scope="module")
@@ -146,8 +150,9 @@ def small_platform(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _audit_config(data: Path, backbone: Path, state: Path) -> RunConfig:
-    """Platform p0 alone (31 train examples) with 200 canaries: one round of 100 full-batch (q = 1)
-    DP-SGD steps at a high learning rate, so canaries get memorised when nothing stops it."""
+    """Platform p0 alone (31 train examples) with 400 canaries: one round of 100 full-batch (q = 1)
+    DP-SGD steps at a high learning rate, so canaries get memorised when nothing stops it. The
+    popularity prior's noise is raised so that the small claimed ε leaves room for training."""
     return load_config(
         None,
         [
@@ -164,6 +169,7 @@ def _audit_config(data: Path, backbone: Path, state: Path) -> RunConfig:
             "train.batch_size=128",
             "train.adapter_every=1",
             "dp.gradient_scales={}",
+            "prior.noise_multiplier=40",
             f"dp.target_epsilon={CLAIMED_EPSILON}",
             "dp.delta=1e-5",
             "dp.expected_batch_size=1000",  # capped at N: q = 1
@@ -172,7 +178,7 @@ def _audit_config(data: Path, backbone: Path, state: Path) -> RunConfig:
             "federation.schedule='rounds'",
             "federation.min_nodes=1",
             "federation.fraction_evaluate=0",
-            "audit.canaries=200",
+            f"audit.canaries={CANARIES}",
             "audit.canary_platform=p0",
         ],
     )
@@ -182,8 +188,8 @@ def _audit_entry(run_dir: Path) -> dict[str, object]:
     document = json.loads((run_dir / AUDIT_FILE).read_text(encoding="utf-8"))
     assert document["confidence"] == 0.95 and len(document["platforms"]) == 1
     entry = document["platforms"][0]
-    assert entry["platform"] == "p0" and entry["canaries"] == 200 and entry["delta"] == 1e-5
-    assert 0 < entry["correct"] <= entry["guesses"] <= 200 and entry["canary_seed"] == 0
+    assert entry["platform"] == "p0" and entry["canaries"] == CANARIES and entry["delta"] == 1e-5
+    assert 0 < entry["correct"] <= entry["guesses"] <= CANARIES and entry["canary_seed"] == 0
     assert entry["epsilon_theoretical"] == pytest.approx(CLAIMED_EPSILON, rel=0.01)
     return entry
 
@@ -220,9 +226,8 @@ def test_without_noise_the_audit_flags_the_run_and_with_dp_it_does_not(
     )
     leaky = _train_and_audit(tmp_path / "no-noise", small_platform, tiny_bert_dir)
     assert leaky["flagged"]
-    # measured: 83 of 100 right, ε >= 0.99 on the item tower with its per-item score (73 of
-    # 100, ε >= 0.48, without it; the retired two_tower scorer gave 76, ε >= 0.62)
-    assert leaky["epsilon_lower_bound"] > 1.2 * CLAIMED_EPSILON
+    # measured: 152-162 of 200 right, ε >= 0.78-1.04 over torch seeds 0-3
+    assert leaky["epsilon_lower_bound"] > 2 * CLAIMED_EPSILON
 
 
 @pytest.mark.ray
