@@ -27,6 +27,7 @@ from server.audit.audit import (
     audit,
 )
 from server.cli import main
+from server.federation.run_record import release
 from server.simulation.simulation import prepare_run, simulate
 
 LEAVE_LAST = TaskConfig(split="leave_last")  # the runs' split (tests/conftest.py's TINY_RUN)
@@ -301,3 +302,34 @@ def test_the_operator_names_the_release_every_platform_must_have_run(
     capsys.readouterr()
     assert main(["audit", str(copy), "--release", "torch"]) == 2
     assert "--release 'torch': expected KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("made", "named"),
+    [(None, "a FedFuse release that did not record itself"), ("0.1.0", "FedFuse 0.1.0")],
+    ids=["unrecorded", "older"],
+)
+def test_a_folder_an_older_release_wrote_names_the_release_and_audits_without_the_dp_step(
+    copy: Path, capsys: pytest.CaptureFixture[str], made: str | None, named: str
+) -> None:
+    """run.json records the release that made the run; settings this release retired (the
+    two_tower scorer) stop only the white-box audit, whose one-line error names both releases
+    and the way to audit everything else here."""
+    identity = json.loads((copy / "run.json").read_text())
+    assert identity["fedfuse"] == release()
+    if made is None:
+        del identity["fedfuse"]
+    else:
+        identity["fedfuse"] = made
+    (copy / "run.json").write_text(json.dumps(identity))
+    settings = json.loads((copy / "config.json").read_text())
+    settings["model"]["scorer"] = "two_tower"
+    (copy / "config.json").write_text(json.dumps(settings))
+
+    assert main(["audit", str(copy)]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "model.scorer" in error
+    assert f"written by {named} and this is FedFuse {release()}" in error
+    assert "--no-white-box" in error and not (copy / AUDIT_JSON).exists()
+    assert main(["audit", str(copy), "--no-white-box"]) == 0
+    assert json.loads((copy / AUDIT_JSON).read_text())["flags"] == []

@@ -226,7 +226,7 @@ def run_canary_audit(config: RunConfig, run_dir: Path, adapter_dir: Path) -> str
     claim = f"ledger ε = {epsilon:.3f}" if math.isfinite(epsilon) else "no DP claim"
     verdict = "FLAGGED: leaks more than claimed" if entry["flagged"] else "not flagged"
     return (
-        f"[fedfuse] canary audit of {entry['platform']}: {result.correct}/{result.guesses} "
+        f"canary audit of {entry['platform']}: {result.correct}/{result.guesses} "
         f"correct guesses on {result.canaries} canaries -> ε >= {result.epsilon_lower_bound:.3f} "
         f"at {config.audit.confidence:.0%} confidence ({claim}, δ = {delta:g}): {verdict} "
         f"({path.name})"

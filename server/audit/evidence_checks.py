@@ -15,10 +15,9 @@ import numpy as np
 
 from client.ledger import PrivacyLedger
 from client.step_bound import SAMPLING_SIGMAS, bound_verdict
-from common.config import load_config
-from common.errors import FedFuseError
+from common.errors import ConfigError, FedFuseError
 from server.audit.findings import flag, read_json
-from server.federation.run_record import CONFIG_FILE
+from server.federation.run_record import RunRecord
 
 CANARY_FILE = "canary_audit.json"
 PRIOR_FILE = "popularity_prior.json"  # client/popularity_prior.PRIOR_FILE, spelled out so the
@@ -244,7 +243,10 @@ def white_box(run_dir: Path, ledgers: list[PrivacyLedger]) -> dict[str, Any]:
     from client.step_check import CANARY_NORM, TRIALS
     from server.audit.gradient_audit import audit_ledger_steps
 
-    config = load_config(run_dir / CONFIG_FILE)
+    try:
+        config = RunRecord(run_dir).run_config()
+    except ConfigError as err:  # settings this release cannot rebuild the run's model from
+        raise ConfigError(f"{err}, or audit all but the DP step here with --no-white-box") from None
     return {
         "confidence": config.audit.confidence,
         "trials": TRIALS,

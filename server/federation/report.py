@@ -102,10 +102,14 @@ def _plot(series: dict[str, dict[int, float]], ylabel: str, path: Path) -> None:
     plt.close(figure)
 
 
+def run_table(record: RunRecord) -> str:
+    """The run's summary table (:func:`summary_table` of its events and ledgers)."""
+    return summary_table(record.events(), ledger_spent(record))
+
+
 def write_report(record: RunRecord) -> str:
     """Write summary.md, ndcg_per_round.png and epsilon_per_round.png; return the table."""
-    events = record.events()
-    table = summary_table(events, ledger_spent(record))
+    events, table = record.events(), run_table(record)
     atomic_write(
         record.root / SUMMARY_FILE,
         "# Run summary\n\n" + table + "\n\n"

@@ -3,8 +3,9 @@
 Layout of ``RUN_DIR``::
 
     config.json              the resolved run configuration
-    run.json                 the run's identity (``run_id``) and where its platform state is:
-                             ``platform_state`` relative to the folder, or an absolute path
+    run.json                 the run's identity (``run_id``), where its platform state is
+                             (``platform_state``: relative to the folder, or an absolute path)
+                             and the FedFuse release that made it (``fedfuse``)
     metrics.jsonl            one JSON object per event (train/evaluate per platform and round)
     adapters/round_NNN/      global adapter after round NNN, in peft format (+ FedFuse head)
 
@@ -16,6 +17,7 @@ round.
 from __future__ import annotations
 
 import fcntl
+import importlib.metadata
 import json
 import re
 import uuid
@@ -25,7 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from common.atomic import atomic_write
-from common.errors import FedFuseError
+from common.config import RunConfig, load_config
+from common.errors import ConfigError, FedFuseError
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
@@ -34,6 +37,15 @@ ROUND_PATTERN = re.compile(r"^round_(\d{3,})$")
 RUN_FILE = "run.json"
 LOCK_FILE = ".run.lock"
 INCOMPLETE = ".incomplete"  # a run folder's suffix until its last round is done
+
+
+def release() -> str:
+    """The installed FedFuse's version (pyproject.toml's); "unpackaged" where it runs from an
+    app bundle without being installed."""
+    try:
+        return importlib.metadata.version("fedfuse")
+    except importlib.metadata.PackageNotFoundError:
+        return "unpackaged"
 
 
 def check_finished(root: Path) -> None:
@@ -84,8 +96,13 @@ class RunRecord:
         return {str(k): str(v) for k, v in document.items()}
 
     def write_identity(self, platform_state: str, run_id: str | None = None) -> None:
-        """Name the run (a new id unless given) and where its platform state lies."""
-        document = {"run_id": run_id or uuid.uuid4().hex, "platform_state": platform_state}
+        """Name the run (a new id unless given), where its platform state lies and the release
+        that made it (what reads an older folder's settings names it: :meth:`run_config`)."""
+        document = {
+            "run_id": run_id or uuid.uuid4().hex,
+            "platform_state": platform_state,
+            "fedfuse": release(),
+        }
         atomic_write(self.root / RUN_FILE, json.dumps(document, indent=2) + "\n")
 
     def run_id(self) -> str:
@@ -103,6 +120,21 @@ class RunRecord:
 
     def write_config(self, config: dict[str, Any]) -> None:
         atomic_write(self.root / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+
+    def run_config(self) -> RunConfig:
+        """The run's settings, validated. A folder an older release wrote may hold settings
+        this one retired (a scorer, an objective): the error then names both releases."""
+        try:
+            return load_config(self.root / CONFIG_FILE)
+        except ConfigError as err:
+            made = self.identity().get("fedfuse")
+            if made == release():
+                raise
+            wrote = f"FedFuse {made}" if made else "a FedFuse release that did not record itself"
+            raise ConfigError(
+                f"{err}; this run folder was written by {wrote} and this is FedFuse {release()} "
+                "(CHANGELOG.md says what changed): read it with the release that wrote it"
+            ) from None
 
     def read_config(self) -> dict[str, Any]:
         path = self.root / CONFIG_FILE

@@ -31,7 +31,6 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common.config import load_config
 from common.errors import FedFuseError
 from common.sharing import shared_scorer
 from common.wire_log import (
@@ -218,7 +217,7 @@ class FedFuseStrategy(FedAvg):
         """Once per process: the full model size beside the shared tensors (for the audit)."""
         if self.model_logged or not (self.record.root / CONFIG_FILE).exists():
             return
-        config = load_config(self.record.root / CONFIG_FILE)
+        config = self.record.run_config()
         scorer, _ = shared_scorer(config.model, config.lora, config.federation.strategy)
         append_records(
             self.record.root / WIRE_LOG_FILE, [model_record(scorer, config.federation.strategy)]

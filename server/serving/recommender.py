@@ -31,7 +31,6 @@ from safetensors import SafetensorError
 from client.platform_client import PrivateTensors
 from client.popularity_prior import PRIOR_FILE, positive_counts, prior_scores, read_prior
 from common.adapters import HEAD_FILE, load_adapter, load_trainable_arrays, trainable_arrays
-from common.config import load_config
 from common.errors import ConfigError, FedFuseError
 from common.featurizer import TextFeaturizer
 from common.item_tower import ItemTowerScorer
@@ -48,7 +47,7 @@ from common.platform_data import (
 )
 from common.sharing import private_names, shared_scorer
 from common.task import build_task
-from server.federation.run_record import CONFIG_FILE, RunRecord
+from server.federation.run_record import RunRecord
 
 DECIMALS = 3  # of returned scores and their parts: what a person can read, and no more
 
@@ -168,7 +167,7 @@ class Recommender:
     def __init__(self, run_dir: Path | str, platform: str, state_dir: Path | str | None = None):
         record = RunRecord(run_dir)
         record.read_config()  # one clear line for a folder that is not a run
-        self.config = config = load_config(record.root / CONFIG_FILE)
+        self.config = config = record.run_config()
         folders = dict(federation_platforms(config.data))
         if platform not in folders:
             raise FedFuseError(f"unknown platform {platform!r} (this run has {sorted(folders)})")

@@ -131,6 +131,7 @@ def _add_cpus_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _simulate(args: argparse.Namespace) -> None:
+    from server.federation.report import run_table
     from server.federation.run_record import RunRecord
     from server.simulation.simulation import (
         check_resources,
@@ -152,6 +153,7 @@ def _simulate(args: argparse.Namespace) -> None:
         check_resources(args.cpus_per_client, args.gpus_per_client, config.train.device)
         record = prepare_run(config, Path(args.runs), args.name)
     final = simulate(record, args.cpus_per_client, args.gpus_per_client)
+    print(run_table(RunRecord(final)), flush=True)
     if args.side_by_side:
         from server.simulation.joining import side_by_side
 

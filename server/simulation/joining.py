@@ -29,10 +29,10 @@ from client.ledger import LEDGER_FILE, PrivacyLedger
 from client.platform_client import PlatformClient
 from common.adapters import load_adapter, trainable_arrays
 from common.atomic import atomic_write
-from common.config import RunConfig, load_config
+from common.config import RunConfig
 from common.dataset_summary import markdown_table
 from common.sharing import shared_scorer
-from server.federation.run_record import CONFIG_FILE, RunRecord
+from server.federation.run_record import RunRecord
 from server.simulation.baselines import Arrays, Metrics, Scoring, evaluation_clients
 from server.simulation.blend import BlendScorer, CaseScorer, fit_weight
 from server.simulation.bpr import BPRScorer, Settings, train_bpr
@@ -153,7 +153,7 @@ def final_model(
 ) -> tuple[RunConfig, list[PlatformClient], Arrays, dict[str, float]]:
     """A finished run's configuration, evaluation clients (on its platform state), final
     shared tensors and each platform's ε."""
-    config = load_config(run_dir / CONFIG_FILE)
+    config = RunRecord(run_dir).run_config()
     state = Path(config.dp.state_dir)
     clients = evaluation_clients(config, state)
     scorer, _ = shared_scorer(config.model, config.lora, config.federation.strategy)

@@ -20,7 +20,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from common.config import RUN_CONFIG_ENV, DPConfig, RunConfig, load_config, with_settings
+from common.config import RUN_CONFIG_ENV, DPConfig, RunConfig, with_settings
 from common.errors import ConfigError, FedFuseError, Stopped
 from common.platform_data import federation_platforms, path_error, read_platform
 from common.task import check_ranking_cases
@@ -133,7 +133,7 @@ def locate_state(record: RunRecord) -> RunConfig:
     is now: inside this folder (wherever the folder was moved or copied), or the absolute
     folder it names. A folder from before run.json is read as inside if its recorded state
     folder was."""
-    config = load_config(record.root / CONFIG_FILE)
+    config = record.run_config()
     identity = record.identity()
     if not identity:
         inside = Path(config.dp.state_dir) == (record.root / PLATFORM_STATE).resolve()
@@ -227,7 +227,7 @@ def resume_settings(record: RunRecord, config: RunConfig) -> None:
     may change on a resume (:data:`RESUMABLE`); any other change is refused, because the
     ledgers were charged for the recorded ones (and the ledger's folder stays where it is). A
     refusal writes nothing, not even the run's lock file."""
-    recorded = load_config(record.root / CONFIG_FILE)
+    recorded = record.run_config()
     old, new = _flat(recorded), _flat(config)
     if config.dp.state_dir == DPConfig.model_fields["state_dir"].default:
         new["dp.state_dir"] = old["dp.state_dir"]  # a file's default is no move of the ledgers
@@ -255,7 +255,7 @@ def simulate(record: RunRecord, cpus_per_client: float = 1.0, gpus_per_client: f
     hides GPUs from actors without one; ``train.device = "auto"`` then trains on what it sees.
     The run folder is held by this process throughout (:meth:`RunRecord.owned`).
     """
-    config = load_config(record.root / CONFIG_FILE)
+    config = record.run_config()
     check_resources(cpus_per_client, gpus_per_client, config.train.device)
     with record.owned():
         check_ledgers(record, locate_state(record))
@@ -321,7 +321,7 @@ def _simulate(record: RunRecord, cpus_per_client: float, gpus_per_client: float)
     from client.client_app import app as client_app
     from server.federation.server_app import app as server_app
 
-    config = load_config(record.root / CONFIG_FILE)
+    config = record.run_config()
     check_startable(config)  # a resumed run's backbone or data may have moved
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
     os.environ[RUN_CONFIG_ENV] = json.dumps(
@@ -362,11 +362,11 @@ def _simulate(record: RunRecord, cpus_per_client: float, gpus_per_client: float)
                 f"{os.fsdecode(err.filename)}: {err.strerror}; after fixing it, "
                 f"`fedfuse simulate --resume {record.root}`"
             ) from None
-        print(
-            f"[fedfuse] interrupted after round {record.last_round()} (see "
-            f"{record.root / LOG_FILE}); continue with `fedfuse simulate --resume {record.root}`",
-            file=sys.stderr,
-            flush=True,
+        log.error(
+            "interrupted after round %d (see %s); continue with `fedfuse simulate --resume %s`",
+            record.last_round(),
+            record.root / LOG_FILE,
+            record.root,
         )
         raise
     finally:
@@ -381,15 +381,16 @@ def _simulate(record: RunRecord, cpus_per_client: float, gpus_per_client: float)
 
 
 def finish_run(record: RunRecord) -> Path:
-    """After the last round: the canary audit (if asked), the report, then the folder loses its
-    ``.incomplete`` suffix and the configuration points at the moved platform state."""
+    """After the last round: the canary audit (if asked), the report (summary.md and its plots;
+    the command prints its table), then the folder loses its ``.incomplete`` suffix and the
+    configuration points at the moved platform state."""
     from server.audit.canary_audit import run_canary_audit
 
-    config = load_config(record.root / CONFIG_FILE)
+    config = record.run_config()
     if config.audit.canaries:
         done = record.last_round()
-        print(run_canary_audit(config, record.root, record.adapter_dir(done)), flush=True)
-    print(write_report(record), flush=True)
+        log.info("%s", run_canary_audit(config, record.root, record.adapter_dir(done)))
+    write_report(record)
     final = record.root.with_name(record.root.name.removesuffix(INCOMPLETE))
     if final != record.root:
         record.root.rename(final)
