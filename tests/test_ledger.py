@@ -262,19 +262,25 @@ def test_an_over_budget_charge_writes_nothing(tmp_path: Path) -> None:
 
 def test_the_memoised_renyi_divergence_is_opacus_own() -> None:
     """client/ledger.py memoises Opacus' per-order RDP of a sampled Gaussian (a pure function
-    of q, σ and the order): it must return exactly what the unmemoised function does, and the
-    accountants' ε on it must not move."""
+    of q, σ and the order): it must return exactly what the unmemoised function does, the
+    accountants' ε on it must not move, and it stands in for Opacus' function only while the
+    ledger's accountants run."""
     from opacus.accountants.analysis import rdp as rdp_analysis
 
-    from client.ledger import _composed_epsilon
+    from client.ledger import _composed_epsilon, _renyi
 
-    original = rdp_analysis._compute_rdp.__wrapped__
+    original = rdp_analysis._compute_rdp
+    assert original is not _renyi and _renyi.__wrapped__ is original
     for q, sigma in [(1 / 18, 0.7061), (0.2, 0.9159), (1.0, 10.0), (0.01, 2.5)]:
         for order in [1.25, 2.0, 7.5, 32.0, 256.0]:
-            assert rdp_analysis._compute_rdp(q, sigma, order) == original(q, sigma, order)
+            assert _renyi(q, sigma, order) == original(q, sigma, order)
     history = [Mechanism(10.0, 1.0, 1, 1.0), Mechanism(0.7061, 1 / 18, 55, 1.0)]
+    _renyi.cache_clear()
+    _composed_epsilon.cache_clear()
     cached = (epsilon(history, 1e-6, "prv"), epsilon(history, 1e-6, "rdp"))
-    rdp_analysis._compute_rdp.cache_clear()
+    assert _renyi.cache_info().hits > 0  # the accountants ran on the memoised function
+    assert rdp_analysis._compute_rdp is original  # and Opacus has its own back
+    _renyi.cache_clear()
     _composed_epsilon.cache_clear()
     assert (epsilon(history, 1e-6, "prv"), epsilon(history, 1e-6, "rdp")) == cached
 
