@@ -54,6 +54,11 @@ class RunConfig(BaseModel):
     def _trainable(self) -> RunConfig:
         if self.objective == "softmax" and self.task.negatives_per_positive == 0:
             raise ValueError("train.objective 'softmax' needs task.negatives_per_positive >= 1")
+        if self.federation.secure_aggregation and not self.dp.enabled:
+            raise ValueError(
+                "federation.secure_aggregation needs dp.enabled = true: its range comes from "
+                "the clip norm, which only DP training applies"
+            )
         return self
 
     @property

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import uuid
 from collections.abc import Iterable
 from pathlib import Path
@@ -242,6 +243,21 @@ def test_quantisation_never_overflows_at_the_extremes(platforms: int) -> None:
 def test_too_many_platforms_for_the_field_are_refused() -> None:
     with pytest.raises(ConfigError, match="quantisation levels"):
         quantisation(1.0, 2**17)
+
+
+def test_secure_aggregation_without_dp_is_refused_when_the_settings_are_read() -> None:
+    """Its range comes from the clip norm: without DP the run is refused before anything starts
+    (one line naming both keys); compare's non-private cells run without it."""
+    from server.simulation.compare import at_level
+
+    secure = ["federation.secure_aggregation=true", "federation.min_nodes=2"]
+    with pytest.raises(ConfigError, match="secure_aggregation needs dp.enabled = true"):
+        load_config(None, [*secure, "dp.enabled=false"])
+    config = load_config(None, secure)
+    assert config.federation.secure_aggregation and config.federation.schedule == "lockstep"
+    nonprivate = at_level(config, math.inf)
+    assert not nonprivate.dp.enabled and not nonprivate.federation.secure_aggregation
+    assert at_level(config, 4.0).federation.secure_aggregation
 
 
 def test_the_range_covers_the_largest_noise_a_platform_can_calibrate(write_run_config, tmp_path):

@@ -138,15 +138,6 @@ def value_bound(config: RunConfig, names: Sequence[str]) -> float:
     return config.dp.max_grad_norm / smallest * (BATCH_SLACK + TAIL * noise_ceiling(config))
 
 
-def check_secure_aggregation(config: RunConfig) -> None:
-    """What secure aggregation needs of the run configuration (a one-line ConfigError)."""
-    if config.federation.secure_aggregation and not config.dp.enabled:
-        raise ConfigError(
-            "federation.secure_aggregation needs dp.enabled = true: its range comes from the "
-            "clip norm, which only DP training applies"
-        )
-
-
 class _OneRound(Strategy):
     """The legacy strategy SecAggPlusWorkflow drives, for one round: it hands out the round's
     instructions and keeps what the workflow aggregated (every result then carries the mean

@@ -25,7 +25,6 @@ from server.cli import show_progress
 from server.federation.run_record import RunRecord
 from server.federation.secure_aggregation import (
     SecureLockstepStrategy,
-    check_secure_aggregation,
     value_bound,
 )
 from server.federation.server_optimizer import MOMENTS_FILE, ServerOptimizer
@@ -71,8 +70,7 @@ def run_federation(grid: Grid, config: RunConfig, record: RunRecord) -> int:
         optimizer = ServerOptimizer(config.train, shared, moments)
     if optimizer is None:
         kind: Any = FedFuseStrategy
-    elif federation.secure_aggregation:
-        check_secure_aggregation(config)
+    elif federation.secure_aggregation:  # with DP on (RunConfig checks)
         kind = partial(SecureLockstepStrategy, value_bound(config, names), optimizer)
     else:
         kind = partial(LockstepStrategy, optimizer)

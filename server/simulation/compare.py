@@ -116,9 +116,13 @@ def parse_levels(specs: Sequence[str]) -> list[Cell]:
 
 
 def at_level(config: RunConfig, epsilon: float) -> RunConfig:
-    """``config`` with DP off (``inf``) or calibrated to reach ``epsilon`` after all rounds."""
-    dp = {"enabled": False} if math.isinf(epsilon) else {"enabled": True, "target_epsilon": epsilon}
-    return with_settings(config, dp=dp)
+    """``config`` with DP off (``inf``) or calibrated to reach ``epsilon`` after all rounds.
+    Without DP there is no clip norm to bound what secure aggregation sums: it is off too."""
+    if math.isinf(epsilon):
+        return with_settings(
+            config, dp={"enabled": False}, federation={"secure_aggregation": False}
+        )
+    return with_settings(config, dp={"enabled": True, "target_epsilon": epsilon})
 
 
 def _fresh(folder: Path) -> Path:
