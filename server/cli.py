@@ -27,7 +27,7 @@ from server.serving.commands import add_serving_parsers
 from server.simulation.commands import add_simulation_parsers
 
 if TYPE_CHECKING:
-    from common.config import TaskConfig
+    from common.config import RunConfig, TaskConfig
     from common.platform_data import PlatformData
 
 # docs/exit-codes.md shows the same table
@@ -48,6 +48,7 @@ def _data_prepare(args: argparse.Namespace) -> None:
     from common.platform_writer import write_dataset
     from common.synthetic import SyntheticConfig, generate
 
+    config = load_config(args.config, args.set)  # bad settings are refused before any writing
     if args.dataset == "ml100k":
         tables = build_ml100k()
     elif args.dataset == "ml1m":
@@ -71,7 +72,7 @@ def _data_prepare(args: argparse.Namespace) -> None:
     del tables  # ML-1M's million rows would otherwise stay in memory beside the re-read data
     platforms = read_dataset(out)
     print(f"wrote {len(platforms)} platforms to {out}\n")
-    print(describe(platforms, _summary_task(args, platforms)))
+    print(describe(platforms, _summary_task(config, bool(args.config or args.set), platforms)))
 
 
 def _data_check(args: argparse.Namespace) -> None:
@@ -89,16 +90,15 @@ def _data_check(args: argparse.Namespace) -> None:
         for warning in platform.warnings:
             print(f"warning: {warning}", file=sys.stderr)
     print(f"ok: {len(platforms)} platform(s) valid under {args.path}\n")
-    print(describe(platforms, _summary_task(args, platforms)))
+    print(describe(platforms, _summary_task(config, bool(args.config or args.set), platforms)))
 
 
-def _summary_task(args: argparse.Namespace, platforms: list[PlatformData]) -> TaskConfig:
-    """The split a data summary is shown under: the run configuration's when one is given,
-    else the default split at this data's own cut times."""
+def _summary_task(config: RunConfig, configured: bool, platforms: list[PlatformData]) -> TaskConfig:
+    """The split a data summary is shown under: the run configuration's when one is given
+    (``configured``), else the default split at this data's own cut times."""
     from common.dataset_summary import own_cuts
 
-    config = load_config(args.config, args.set)
-    return config.task if args.config or args.set else own_cuts(platforms, config.task)
+    return config.task if configured else own_cuts(platforms, config.task)
 
 
 def _config_show(args: argparse.Namespace) -> None:

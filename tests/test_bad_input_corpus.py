@@ -56,6 +56,11 @@ CASES: dict[str, tuple[list[str], int, str]] = {
         2,
         "many",
     ),
+    "prepare-unknown-key": (
+        ["data", "prepare", "--dataset", "synthetic", "--out", "{w}/d", "--set", "task.bogus=1"],
+        2,
+        "task.bogus",
+    ),
     "check-missing": (["data", "check", "{w}/missing"], 2, "missing"),
     "check-a-file": (["data", "check", "{file}"], 2, "{file}"),
     "check-empty-folder": (["data", "check", "{empty}"], 2, "{empty}"),
