@@ -16,8 +16,8 @@ import pytest
 
 from server.cli import main
 from server.federation.run_record import RunRecord
+from tests.cli_process import ROOT, cli_env, start_cli
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY_TOML = ROOT / "simulations" / "synthetic_tiny.toml"
 
 
@@ -168,17 +168,6 @@ def test_the_exit_codes_are_in_help_and_in_the_docs() -> None:
             assert f"| {code} |" in docs, code
 
 
-def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "server.cli", *args]
-
-
-def _env() -> dict[str, str]:
-    return os.environ | {
-        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-        "PYTHONUNBUFFERED": "1",
-    }
-
-
 @pytest.mark.parametrize(
     "args",
     [
@@ -193,9 +182,9 @@ def test_a_closed_pipe_ends_quietly(tmp_path: Path, args: list[str]) -> None:
     read, write = os.pipe()
     os.close(read)
     try:
-        command = _cli(*(a.format(tmp=tmp_path) for a in args))
+        command = [sys.executable, "-m", "server.cli", *(a.format(tmp=tmp_path) for a in args)]
         done = subprocess.run(
-            command, stdout=write, stderr=subprocess.PIPE, cwd=ROOT, env=_env(), timeout=120
+            command, stdout=write, stderr=subprocess.PIPE, cwd=ROOT, env=cli_env(), timeout=120
         )
     finally:
         os.close(write)
@@ -244,16 +233,7 @@ def test_ctrl_c_and_sigterm_stop_within_seconds_and_leave_a_resumable_run(
             "--split",
             "valid",
         ]
-    process = subprocess.Popen(
-        _cli(*args),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env=_env(),
-        # a shell's background job ignores SIGINT, and a child inherits that
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-    )
+    process = start_cli(*args)
     try:
         assert process.stdout is not None
         deadline = time.monotonic() + 400

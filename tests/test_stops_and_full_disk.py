@@ -19,12 +19,7 @@ import pytest
 
 from client.ledger import DP_SGD, LEDGER_FILE, PrivacyLedger
 from server.federation.run_record import RunRecord
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    return os.environ | {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"} | extra
+from tests.cli_process import ROOT, cli_env, start_cli
 
 
 def _free_port() -> int:
@@ -56,17 +51,9 @@ def test_serve_stops_on_ctrl_c_and_sigterm_with_one_line(
     """Signal handling for ``serve`` was untested (issue 35): it must stop within seconds,
     end with one ``fedfuse: stopped by ...`` line and no traceback, and exit 128 + signal."""
     port = _free_port()
-    command = [sys.executable, "-m", "server.cli", "serve", str(finished_run), "--platform", "p0"]
-    command += ["--port", str(port), "--token-file", str(tmp_path / "serve.token")]
-    process = subprocess.Popen(
-        command,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env=_env(),
-        # a shell's background job ignores SIGINT, and a child inherits that
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    token = str(tmp_path / "serve.token")
+    process = start_cli(
+        "serve", str(finished_run), "--platform", "p0", "--port", str(port), "--token-file", token
     )
     try:
         _up(f"http://127.0.0.1:{port}", process, 180)
@@ -115,7 +102,7 @@ def test_a_full_disk_inside_the_platform_actors_ends_in_one_line_with_valid_ledg
     command += ["--runs", str(runs), "--name", "full", "--no-side-by-side"]
     path = os.pathsep.join([str(inject), *filter(None, [os.environ.get("PYTHONPATH")])])
     done = subprocess.run(
-        command, capture_output=True, text=True, cwd=ROOT, env=_env(PYTHONPATH=path), timeout=540
+        command, capture_output=True, text=True, cwd=ROOT, env=cli_env(PYTHONPATH=path), timeout=540
     )
     assert done.returncode == 2, done.stderr[-3000:]
     lines = done.stderr.strip().splitlines()
