@@ -243,6 +243,46 @@ def _ours(process: subprocess.Popen) -> list[psutil.Process]:
         return []
 
 
+def _session(process: psutil.Process) -> int | None:
+    try:
+        return os.getsid(process.pid)
+    except (ProcessLookupError, PermissionError):
+        return None
+
+
+@pytest.mark.slow
+def test_a_supernode_that_cannot_reach_the_superlink_ends_in_one_line(
+    tmp_path: Path, synthetic_dir: Path
+) -> None:
+    """Flower gives up after --max-wait with a multi-line exit message and exit 1; the
+    launcher ends with one line saying what to check, exit 2, and leaves no process behind."""
+    files = write_certificates(tmp_path / "certs", tmp_path / "ca", ["127.0.0.1"])
+    write_node_keys(tmp_path / "keys", "p0")
+    err = (tmp_path / "p0.err").open("w")
+    node = subprocess.Popen(
+        [*FEDFUSE, "supernode", "--platform", "p0", "--data-dir", str(synthetic_dir / "p0")]
+        + ["--state-dir", str(tmp_path / "state"), "--key", str(tmp_path / "keys" / "p0.key")]
+        + ["--superlink", f"127.0.0.1:{_free_port()}", "--ca", str(files.ca_cert)]
+        + ["--runtime-port", str(_free_port()), "--max-wait", "2"],
+        stdout=subprocess.DEVNULL,
+        stderr=err,
+        start_new_session=True,
+    )
+    err.close()
+    try:
+        node.wait(timeout=120)
+        left = [p for p in psutil.process_iter() if _session(p) == node.pid]
+    finally:
+        stop_processes(lambda: [p for p in psutil.process_iter() if _session(p) == node.pid])
+    stderr = (tmp_path / "p0.err").read_text()
+    assert node.returncode == 2, stderr
+    assert not left  # Flower's SuperExec stopped with it
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("fedfuse: error: the SuperNode stopped: Failed to initialize")
+    assert "(Flower exit code 305)" in last and "--fleet-address" in last
+    assert "Exit Code" not in stderr and "For more information" not in stderr
+
+
 @pytest.fixture(scope="module")
 def link(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Link]:
     root = tmp_path_factory.mktemp("link")

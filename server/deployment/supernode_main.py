@@ -9,6 +9,10 @@ pins the SHA-256 of the bundle it trusts (``fedfuse deploy app-hash``), and this
 checks every bundle when the SuperNode fetches it, before it is stored or any of its code
 runs. A bundle with another hash is answered as Flower answers an unverified one (error
 ``INVALID_FAB``); the SuperNode keeps serving the trusted runs.
+
+When Flower's SuperNode gives up (the SuperLink unreachable for ``--max-wait-time``, a refused
+key), Flower logs a multi-line exit message and exits 1; the launcher ends instead with one
+``fedfuse: error:`` line that says what to check, and exit 2 (bad input, as every command).
 """
 
 from __future__ import annotations
@@ -22,8 +26,44 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import psutil
+
+from common.processes import stop_processes
+
 log = logging.getLogger("flwr.fedfuse.supernode")  # Flower's handlers: console and log file
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+# Flower's exit codes whose cause is this platform's settings, and what to check
+HINTS = {
+    305: "check --superlink, that the SuperLink's Fleet listener is open to this host "
+    "(deploy superlink --fleet-address), --ca, or wait longer (--max-wait)",
+}
+
+
+class _FlowerExit(logging.Filter):
+    """Holds back Flower's exit message (``Exit Code: N``, the reason, a help link) and keeps
+    its code and reason for the launcher's one line."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.code: int | None = None
+        self.reason = ""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        match = re.match(r"Exit Code: (\d+)\n(.*)", record.getMessage(), re.DOTALL)
+        if match is None:
+            return True
+        self.code = int(match[1])
+        self.reason = " ".join(match[2].split("\n\nFor more information")[0].split())
+        return False
+
+    def line(self) -> str:
+        hint = HINTS.get(self.code or 0, "see Flower's exit code page for this code")
+        return (
+            f"fedfuse: error: the SuperNode stopped: {self.reason} "
+            f"(Flower exit code {self.code}); {hint}"
+        )
 
 
 class UntrustedApp(Exception):
@@ -84,7 +124,18 @@ def main(argv: list[str] | None = None) -> None:
     )
     os.umask(0o077)  # the installed apps and Flower's files in the platform's state folder
     sys.argv = [sys.argv[0], *flower_args]
-    flower_supernode()
+    exit_message = _FlowerExit()
+    logging.getLogger("flwr").addFilter(exit_message)
+    try:
+        flower_supernode()
+    except SystemExit as stop:
+        if not stop.code or exit_message.code is None:
+            raise
+        # the SuperExec Flower started would otherwise retry this SuperNode for a while
+        stop_processes(lambda: psutil.Process().children(recursive=True), timeout=5)
+        print(exit_message.line(), file=sys.stderr, flush=True)
+        # Flower's exit handlers have run; its force-exit timer would turn this into exit 1
+        os._exit(2)
 
 
 if __name__ == "__main__":
