@@ -377,6 +377,12 @@ class FederationConfig(BaseModel):
         5, ge=1, description="platforms needed to start a round (fewer replies are accepted)"
     )
     eval_split: Literal["valid", "test"] = Field("valid", description="split evaluated per round")
+    node_wait: float = Field(
+        600.0,
+        gt=0,
+        description="seconds a round waits for min_nodes platforms to be online; then the "
+        "run stops there (resumable) instead of waiting for ever",
+    )
     secure_aggregation: bool = Field(
         False,
         description="lockstep: the server learns only the sum of the noised gradients (Flower's "

@@ -17,6 +17,7 @@ from flwr.app import (
     MetricRecord,
     RecordDict,
 )
+from flwr.supercore.task_identity import TaskIdentity
 
 from common.config import FederationConfig, RunConfig, TrainConfig
 from server.federation.run_record import RunRecord
@@ -122,6 +123,42 @@ def test_a_round_without_any_successful_platform_stops_the_run(tmp_path: Path) -
         strategy.aggregate_train(1, [_error_reply(1), _error_reply(2)])
     assert "privacy budget exhausted" in str(caught.value)
     assert record.events()[-1] == {"event": "round-failed", "round": 3, "reason": str(caught.value)}
+
+
+class _Grid:
+    """A grid whose platforms come online one call at a time, up to ``most``."""
+
+    def __init__(self, online: int, most: int) -> None:
+        self.online, self.most = online, most
+
+    def get_node_ids(self) -> list[int]:
+        nodes = list(range(1, self.online + 1))
+        self.online = min(self.online + 1, self.most)
+        return nodes
+
+
+def test_a_round_waits_a_bounded_time_for_its_platforms(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flower's sampling would wait for min_nodes for ever: a round waits node_wait seconds,
+    then stops the run there with one line (a platform that comes back in time is waited for).
+    """
+    for field, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, field, value)  # what the ServerApp runtime sets
+    record = RunRecord(tmp_path)
+    strategy = FedFuseStrategy(
+        record, lambda r: 0.1, round_offset=2, node_wait=0.5, min_available_nodes=3
+    )
+    started = time.monotonic()
+    with pytest.raises(RoundFailed, match=r"round 3: 1 of the 3 platforms .* after 0.5 s"):
+        strategy.configure_train(1, ArrayRecord(), ConfigRecord(), _Grid(1, 1))
+    assert time.monotonic() - started < 5
+    assert record.events()[-1]["event"] == "round-failed"
+    # two more come online while it waits: the round goes ahead with all three
+    patient = FedFuseStrategy(record, lambda r: 0.1, node_wait=30, min_available_nodes=3)
+    sent = list(patient.configure_train(1, ArrayRecord(), ConfigRecord(), _Grid(1, 3)))
+    assert sorted(m.metadata.dst_node_id for m in sent) == [1, 2, 3]
+    assert FederationConfig().node_wait == 600
 
 
 def _adamw_by_hand(

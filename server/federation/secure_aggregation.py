@@ -333,6 +333,7 @@ class SecureLockstepStrategy(LockstepStrategy):
     ) -> Iterable[Message]:
         absolute = self._round(server_round)
         config = ConfigRecord({**config, "learning-rate": float(self.learning_rate(absolute))})
+        self.await_nodes(grid, server_round)
         messages = list(FedAvg.configure_train(self, server_round, arrays, config, grid))
         config["server-round"] = absolute
         self.sent = arrays

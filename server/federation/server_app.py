@@ -80,6 +80,7 @@ def run_federation(grid: Grid, config: RunConfig, record: RunRecord) -> int:
         round_offset=done,
         planned_rounds=federation.rounds,
         server_learning_rate=federation.server_learning_rate,
+        node_wait=federation.node_wait,
         fraction_train=federation.fraction_train,
         fraction_evaluate=federation.fraction_evaluate,
         min_train_nodes=federation.min_nodes,

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -76,10 +77,12 @@ class FedFuseStrategy(FedAvg):
         round_offset: int = 0,
         planned_rounds: int | None = None,
         server_learning_rate: float = 1.0,
+        node_wait: float = 600.0,
         **fedavg: object,
     ) -> None:
         super().__init__(**fedavg)  # type: ignore[arg-type]
         self.record = record
+        self.node_wait = node_wait
         self.server_learning_rate = server_learning_rate
         self.sent: ArrayRecord | None = None  # the global tensors of the round in flight
         self.planned_rounds = planned_rounds
@@ -92,11 +95,40 @@ class FedFuseStrategy(FedAvg):
     def _round(self, server_round: int) -> int:
         return self.round_offset + server_round
 
+    def await_nodes(self, grid: Grid, server_round: int) -> None:
+        """Flower's sampling waits for ``min_available_nodes`` without end, so a platform gone
+        for good would hang the run: wait ``node_wait`` seconds at most, then stop the run at
+        this round (resumable once the platforms are back)."""
+        needed = max(self.min_available_nodes, self.min_train_nodes)
+        deadline = time.monotonic() + self.node_wait
+        announced = False
+        while (online := len(list(grid.get_node_ids()))) < needed:
+            absolute = self._round(server_round)
+            if time.monotonic() >= deadline:
+                reason = (
+                    f"round {absolute}: {online} of the {needed} platforms it needs "
+                    f"(federation.min_nodes) online after {self.node_wait:g} s "
+                    "(federation.node_wait); the run stops here and resumes once they are back"
+                )
+                self.record.append([{"event": "round-failed", "round": absolute, "reason": reason}])
+                raise RoundFailed(reason)
+            if not announced:
+                log.info(
+                    "round %d waits for platforms: %d of %d online (at most %g s)",
+                    absolute,
+                    online,
+                    needed,
+                    self.node_wait,
+                )
+                announced = True
+            time.sleep(min(1.0, max(deadline - time.monotonic(), 0.0)))
+
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         absolute = self._round(server_round)
         config = ConfigRecord({**config, "learning-rate": float(self.learning_rate(absolute))})
+        self.await_nodes(grid, server_round)
         messages = list(super().configure_train(server_round, arrays, config, grid))
         config["server-round"] = absolute  # shared by the messages, after FedAvg's own value
         self.sent = arrays
@@ -109,6 +141,8 @@ class FedFuseStrategy(FedAvg):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         config = ConfigRecord(dict(config))
+        if self.fraction_evaluate > 0:
+            self.await_nodes(grid, server_round)
         messages = list(super().configure_evaluate(server_round, arrays, config, grid))
         config["server-round"] = self._round(server_round)
         self._log_wire(SENT, self._round(server_round), messages)
