@@ -331,6 +331,7 @@ class PrivacyLedger:
         mechanism: Mechanism,
         run: str = "",
         evidence: dict[str, Any] | None = None,
+        reply_lost: bool = False,
     ) -> dict[str, Any]:
         """Record ``mechanism`` for ``server_round`` of ``run`` *before* it runs, under the
         ledger lock.
@@ -344,6 +345,12 @@ class PrivacyLedger:
         errs on the safe side. A mechanism of another privacy unit than the ledger's is refused.
         ``evidence``: the platform's own check of the step about to run and the identity of the
         code running it (``client/step_check.py``), hash-chained with the entry.
+
+        ``reply_lost``: the platform holds no stored reply to this round (it failed before its
+        answer was stored, e.g. on a full disk, so nothing was sent). Only this run's latest
+        charged round may then be charged once more, as a new entry (``attempt`` 2, 3, …): the
+        retry draws new noise, so it is a second mechanism and costs its own ε, and the run can
+        resume instead of being refused that round for ever.
         """
         if self.unit is not None and mechanism.unit != self.unit:
             raise LedgerError(
@@ -356,7 +363,9 @@ class PrivacyLedger:
                 for e in self.entries
                 if e["server_round"] == server_round and e.get("run", "") == run
             ]
-            if charged:
+            ours = [e["server_round"] for e in self.entries if e.get("run", "") == run]
+            retry = bool(charged) and reply_lost and max(ours) == server_round
+            if charged and not retry:
                 raise RoundAlreadyCharged(
                     f"platform {self.header['platform']!r} already spent round {server_round} "
                     f"of run {run or '(unnamed)'} (ledger entry {charged[0]['index']}, "
@@ -368,6 +377,7 @@ class PrivacyLedger:
                 "index": len(self.entries),
                 "run": run,
                 "server_round": server_round,
+                **({"attempt": len(charged) + 1} if retry else {}),
                 **asdict(mechanism),
                 "delta": self.delta,
                 "epsilon_prv": epsilon(mechanisms, self.delta, "prv"),

@@ -213,7 +213,9 @@ class PlatformClient:
 
         The round is charged to the ledger before any training (raising BudgetExhausted, or
         RoundAlreadyCharged for a round number the ledger holds), so a crash, a restart or a
-        replayed message can never train a round the ledger did not count. ``run`` names the
+        replayed message can never train a round the ledger did not count (a round whose
+        answer was never stored, so never sent, is charged again when asked for again:
+        :meth:`PrivacyLedger.charge`'s ``reply_lost``). ``run`` names the
         run (the server's ``run-id``): rounds are charged and replayed per run, so runs in turn
         share one budget and none is answered with another's reply. A replay of the
         round last answered gets that same answer again (re-sending a released update costs
@@ -232,7 +234,8 @@ class PlatformClient:
         planned = self.planned_mechanism()
         entry = None
         if self.ledger is not None and planned is not None:
-            entry = self.ledger.charge(server_round, planned, run, self.evidence)
+            # no stored answer to this round: if it was charged, its answer was lost unsent
+            entry = self.ledger.charge(server_round, planned, run, self.evidence, reply_lost=True)
         self._load(arrays)
         first_step = (server_round - 1) * self.steps
         release = self.shared if self.lockstep else ()

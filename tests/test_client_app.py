@@ -125,7 +125,9 @@ def test_exhausted_budget_gives_an_error_reply_and_no_training(run_config) -> No
 
 
 def test_a_replayed_round_is_answered_again_never_retrained(run_config, monkeypatch) -> None:
-    """After a SuperLink restart a platform trained and charged round 3 twice (issue 11)."""
+    """After a SuperLink restart a platform trained and charged round 3 twice (issue 11): a
+    round whose answer was stored is answered again; one whose answer was lost unsent is a
+    new, charged attempt; an older round is refused."""
     context = _context(run_config, {"partition-id": 0, "num-partitions": 2})
     arrays = _initial_arrays(run_config)
     first = app(_message("train", arrays, {"server-round": 1}), context)
@@ -141,13 +143,25 @@ def test_a_replayed_round_is_answered_again_never_retrained(run_config, monkeypa
     entries = json.loads((state / LEDGER_FILE).read_text())["entries"]
     assert [e["server_round"] for e in entries] == [0, 1]
 
-    # charged but no answer kept (the node died mid-round): refused, never trained twice
+    # charged but no answer kept (the node died, or its disk filled, before storing it: so
+    # nothing was sent): trained again and charged again, as a second attempt with new noise
+    (state / LastReply.FILE).unlink()
+    retried = app(_message("train", arrays, {"server-round": 1}), context)
+    assert not retried.has_error() and len(trained) == 1
+    assert "replayed" not in dict(retried.content["metrics"])
+    entries = json.loads((state / LEDGER_FILE).read_text())["entries"]
+    attempts = [(e["server_round"], e.get("attempt")) for e in entries]
+    assert attempts == [(0, None), (1, None), (1, 2)]
+    assert entries[2]["epsilon_prv"] > entries[1]["epsilon_prv"]  # the retry costs its own ε
+
+    # an older round than the latest charged one is never trained again
+    app(_message("train", arrays, {"server-round": 2}), context)
     (state / LastReply.FILE).unlink()
     refused = app(_message("train", arrays, {"server-round": 1}), context)
     assert refused.has_error() and refused.error.code == ROUND_ALREADY_CHARGED
-    assert "already spent round 1" in refused.error.reason and not trained
+    assert "already spent round 1" in refused.error.reason and len(trained) == 2
     entries = json.loads((state / LEDGER_FILE).read_text())["entries"]
-    assert [e["server_round"] for e in entries] == [0, 1]
+    assert [e["server_round"] for e in entries] == [0, 1, 1, 2]
 
 
 def test_bad_data_folder_gives_an_error_reply_not_a_crash(run_config, tmp_path: Path) -> None:

@@ -298,3 +298,25 @@ def test_rounds_are_charged_per_run_so_runs_in_turn_share_one_budget(tmp_path: P
     assert stored.spent() == pytest.approx(epsilon([ROUNDS[0]] * 2, 1e-5))
     with pytest.raises(BudgetExhausted, match="budget exhausted"):
         stored.charge(1, ROUNDS[2], "run-c")
+
+
+def test_a_round_whose_reply_was_lost_is_charged_again_and_audits_clean(tmp_path: Path) -> None:
+    """A round charged but never answered (the disk filled before the reply was stored) used
+    to be refused for ever, so the run could not resume. Only this run's latest round may be
+    charged once more, as a new attempt that costs its own ε; the audit recomputes it."""
+    from server.audit.ledger_checks import audit_ledger
+
+    ledger = _open(tmp_path)
+    ledger.charge(1, ROUNDS[0], "run-a")
+    with pytest.raises(RoundAlreadyCharged):  # a plain duplicate stays refused
+        ledger.charge(1, ROUNDS[0], "run-a")
+    retry = ledger.charge(1, ROUNDS[0], "run-a", reply_lost=True)
+    assert retry["attempt"] == 2
+    assert retry["epsilon_prv"] == pytest.approx(epsilon([ROUNDS[0]] * 2, 1e-5))
+    ledger.charge(2, ROUNDS[1], "run-a")
+    with pytest.raises(RoundAlreadyCharged, match="already spent round 1"):  # not the latest
+        ledger.charge(1, ROUNDS[0], "run-a", reply_lost=True)
+    stored = PrivacyLedger.load(tmp_path / LEDGER_FILE)  # the chain verifies
+    assert [e.get("attempt") for e in stored.entries] == [None, 2, None]
+    summary, flags = audit_ledger(stored)
+    assert flags == [] and len(summary["rounds"]) == 3

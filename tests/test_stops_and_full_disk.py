@@ -18,6 +18,7 @@ import httpx
 import pytest
 
 from client.ledger import DP_SGD, LEDGER_FILE, PrivacyLedger
+from server.cli import main
 from server.federation.run_record import RunRecord
 from tests.cli_process import ROOT, cli_env, start_cli
 
@@ -92,11 +93,13 @@ def test_a_full_disk_inside_the_platform_actors_ends_in_one_line_with_valid_ledg
     """The disk filling during ``simulate`` showed Ray tracebacks on the console and no final
     line (issue 35). In round 2 every platform, inside its Ray actor, has charged its ledger
     and trained, then cannot store its reply: one line naming the error, exit 2, and
-    ledgers that still verify and hold the charged round."""
+    ledgers that still verify and hold the charged round. The resume that line advises then
+    finished nothing: every platform refused round 2 as already spent."""
     inject = tmp_path / "inject"
     inject.mkdir()
     (inject / "sitecustomize.py").write_text(FULL_DISK, encoding="utf-8")
-    config = write_run_config(tmp_path / "run.toml")
+    # the budget leaves room for one round more than the planned ε (the lost round's retry)
+    config = write_run_config(tmp_path / "run.toml", dp={"epsilon_budget": 8.0})
     runs = tmp_path / "runs"
     command = [sys.executable, "-m", "server.cli", "simulate", "--config", str(config)]
     command += ["--runs", str(runs), "--name", "full", "--no-side-by-side"]
@@ -117,6 +120,26 @@ def test_a_full_disk_inside_the_platform_actors_ends_in_one_line_with_valid_ledg
         ledger = PrivacyLedger.load(state / LEDGER_FILE)  # verifies the hash chain
         rounds = [e["server_round"] for e in ledger.entries if e.get("kind") == DP_SGD]
         assert rounds == [1, 2]  # round 2 stays charged: trained, its reply lost
+
+    # space again: the resume the error line advises finishes the run. Round 2's replies were
+    # never stored, so never sent: each platform trains it again as a second, charged attempt
+    # (at a budget equal to the planned ε the retry is refused as over budget, in one line).
+    resumed = subprocess.run(
+        [sys.executable, "-m", "server.cli", "simulate", "--resume", str(run), "--no-side-by-side"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=cli_env(),
+        timeout=540,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    finished = runs / "full"
+    assert RunRecord(finished).last_round() == 2
+    for state in sorted((finished / "platform_state").iterdir()):
+        ledger = PrivacyLedger.load(state / LEDGER_FILE)
+        charged = [(e["server_round"], e.get("attempt")) for e in ledger.entries]
+        assert [c for c in charged if c[0] > 0] == [(1, None), (2, None), (2, 2)]
+    assert main(["audit", str(finished), "--no-white-box"]) == 0
 
 
 def test_a_platform_whose_disk_refuses_its_wire_log_answers_with_a_one_line_error(
