@@ -109,7 +109,8 @@ def run_table(record: RunRecord) -> str:
 
 def write_report(record: RunRecord) -> str:
     """Write summary.md, ndcg_per_round.png and epsilon_per_round.png; return the table."""
-    events, table = record.events(), run_table(record)
+    events = record.events()
+    table = summary_table(events, ledger_spent(record))
     atomic_write(
         record.root / SUMMARY_FILE,
         "# Run summary\n\n" + table + "\n\n"

@@ -100,10 +100,10 @@ class FedFuseStrategy(FedAvg):
         for good would hang the run: wait ``node_wait`` seconds at most, then stop the run at
         this round (resumable once the platforms are back)."""
         needed = max(self.min_available_nodes, self.min_train_nodes)
+        absolute = self._round(server_round)
         deadline = time.monotonic() + self.node_wait
         announced = False
         while (online := len(list(grid.get_node_ids()))) < needed:
-            absolute = self._round(server_round)
             if time.monotonic() >= deadline:
                 reason = (
                     f"round {absolute}: {online} of the {needed} platforms it needs "
