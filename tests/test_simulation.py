@@ -249,24 +249,6 @@ def test_a_configured_state_dir_is_honoured(tmp_path: Path, config_file: Path) -
 
 
 @pytest.mark.ray
-def test_the_console_shows_one_line_per_event_and_the_full_log_is_in_the_run(
-    tmp_path: Path, config_file: Path, capfd: pytest.CaptureFixture[str]
-) -> None:
-    """Every Flower line used to be printed twice, with library warnings on every round."""
-    run = simulate(prepare_run(load_config(config_file), tmp_path / "runs", "quiet"))
-    out, err = capfd.readouterr()
-    assert err == ""  # Flower, Ray and library warnings went to the run's log file
-    lines = out.splitlines()
-    assert len(lines) == len(set(lines))
-    for server_round in (1, 2):
-        assert f"[fedfuse] round {server_round}/2 train: 2/2 platforms, ε ≤ " in out
-        assert f"[fedfuse] round {server_round}/2 evaluate: 2/2 platforms, mean NDCG@10 " in out
-    assert "round 1/2 train: 2/2 platforms" in next(x for x in lines if "round 1/2 train" in x)
-    log = (run / "simulation.log").read_text()
-    assert "[ROUND 2/2]" in log and log.count("[ROUND 2/2]") == 1  # once, not twice
-
-
-@pytest.mark.ray
 def test_a_lockstep_run_charges_only_the_steps_taken_and_audits_clean(
     tmp_path: Path, write_run_config, capsys: pytest.CaptureFixture[str]
 ) -> None:

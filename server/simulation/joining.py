@@ -87,9 +87,7 @@ def inhouse_candidates(config: RunConfig, client: PlatformClient) -> list[Candid
 def inhouse_model(config: RunConfig, client: PlatformClient) -> Candidate:
     """The platform's better own model on validation, as it would choose its production
     model: (its name, scorer, valid NDCG@10)."""
-    best = max(inhouse_candidates(config, client), key=lambda c: c[2])
-    logger.info("%s: in-house model %s (valid NDCG@10 %.4f)", client.identity.name, *best[::2])
-    return best
+    return max(inhouse_candidates(config, client), key=lambda c: c[2])
 
 
 def inhouse(
@@ -102,6 +100,7 @@ def inhouse(
     for client in clients:
         method, scorer, valid = inhouse_model(config, client)
         name = client.identity.name
+        logger.info("%s: in-house model %s (valid NDCG@10 %.4f)", name, method, valid)
         chosen[name] = {"model": method, "valid_ndcg@10": valid}
         metrics[name] = scoring.score(client, scorer)  # type: ignore[arg-type]
         for other, candidate, other_valid in inhouse_candidates(config, client):
