@@ -76,6 +76,57 @@ def test_training_is_deterministic() -> None:
     assert not torch.equal(first.item.weight, third.item.weight)
 
 
+def test_a_kept_model_is_reused_as_trained_and_a_new_digest_trains_anew(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A resumed comparison reuses its in-house models (TrainedStore): the kept state and
+    record are exactly the trained ones, for SASRec and BPR; nothing is trained again; and
+    a different digest (settings, data or code changed) is a different file: trained anew."""
+    from server.simulation import bpr
+    from server.simulation.inhouse import TrainedStore
+
+    task = cycle_task(users=16)
+    quick = replace(SMALL, max_epochs=5, dropout=0.1)
+    store = TrainedStore(tmp_path / "p", "a" * 64)
+    model, _, record = sasrec.fit({"p": task}, False, quick, store=store, name="sasrec_local")
+    settings = bpr.Settings(dim=8, reg=0.01, max_epochs=4, eval_every=2)
+    factors, _, chosen = bpr.train_bpr({"p": task}, False, settings, store)
+    assert sorted(p.name for p in store.folder.iterdir()) == [
+        f"{name}-{'a' * 16}.{ext}"
+        for name in ("bpr_local", "sasrec_local")
+        for ext in ("json", "safetensors")
+    ]
+
+    def never(*_: object) -> None:
+        raise AssertionError("trained again")
+
+    monkeypatch.setattr(sasrec, "_train_epoch", never)
+    monkeypatch.setattr(bpr.BPRModel, "loss", never)
+    again, _, kept = sasrec.fit({"p": task}, False, quick, store=store, name="sasrec_local")
+    assert kept == record and not again.training
+    for name, value in model.state_dict().items():
+        assert torch.equal(again.state_dict()[name], value), name
+    refit, _, same = bpr.train_bpr({"p": task}, False, settings, store)
+    assert same == chosen and all(
+        torch.equal(refit.state_dict()[k], v) for k, v in factors.state_dict().items()
+    )
+    with pytest.raises(AssertionError, match="trained again"):
+        sasrec.fit({"p": task}, False, quick, store=TrainedStore(store.folder, "b" * 64))
+
+
+def test_the_digest_follows_the_settings_and_every_byte_of_the_data(tmp_path: Path) -> None:
+    from server.simulation.inhouse import training_digest
+
+    data = tmp_path / "interactions.tsv"
+    data.write_text("u1\ti1\t5\t1\n", encoding="utf-8")
+    first = training_digest("settings", "p", files=[data])
+    assert training_digest("settings", "p", files=[data]) == first
+    assert training_digest("other settings", "p", files=[data]) != first
+    assert training_digest("settings", "q", files=[data]) != first
+    data.write_text("u1\ti1\t4\t1\n", encoding="utf-8")
+    assert training_digest("settings", "p", files=[data]) != first
+
+
 def test_unknown_items_score_zero_and_unknown_history_is_ignored() -> None:
     task = cycle_task(users=8)
     model, sequences, _ = sasrec.fit({"p": task}, False, replace(SMALL, max_epochs=2))

@@ -17,8 +17,9 @@ from client.ledger import LEDGER_FILE, PrivacyLedger
 from common.config import load_config
 from common.errors import ConfigError
 from server.cli import main
-from server.simulation import compare, tuning
+from server.simulation import bpr, compare, joining, sasrec, tuning
 from server.simulation.frozen import UNFROZEN, WARNING, load_frozen, sidecar_path, with_inhouse
+from server.simulation.joining import INHOUSE_MODELS
 from server.simulation.tuning import read_grid
 
 
@@ -306,7 +307,10 @@ def test_compare_on_test_without_frozen_warns_and_marks_the_report(
 
 
 def test_blends_are_derived_from_the_frozen_partners(
-    tmp_path: Path, config_file: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    config_file: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """``--blend`` adds ``inhouse`` and ``inhouse+local`` with the frozen local's settings;
     the blend scores the very model the frozen cell trained (its ledger charged once)."""
@@ -334,8 +338,28 @@ def test_blends_are_derived_from_the_frozen_partners(
     assert all(r["frozen"]["sha256"] == sha for r in results)
     ledger = PrivacyLedger.load(out / "runs" / "local@eps4" / "p0" / LEDGER_FILE)
     assert [e["server_round"] for e in ledger.entries] == [0, 1, 2]
+
+    # scored again in a new process, the blend cell's record gone: the kept in-house models
+    # are reused (nothing trains again) and the blend scores as before
+    kept = sorted(p.name.split("-")[0] for p in (out / INHOUSE_MODELS / "p0").glob("*.json"))
+    assert kept == ["bpr_local", "sasrec_local"]
+    [cell] = (out / "cells").glob("inhouse+local*.json")
+    cell.unlink()
+    monkeypatch.setattr(joining, "_trained", {})
+    monkeypatch.setattr(sasrec, "_train_epoch", _never)
+    monkeypatch.setattr(bpr.BPRModel, "loss", _never)
+    assert (
+        main(["compare", "--frozen", str(frozen), "--blend", "--rescore", "--out", str(out)]) == 0
+    )
+    again = json.loads((out / "comparison.json").read_text())
+    assert [r["platforms"] for r in again] == [r["platforms"] for r in results]
+
     assert main(["compare", "--blend", "--out", str(tmp_path / "x")]) == 2
     assert "go with --frozen" in _error(capsys)
+
+
+def _never(*_: object) -> None:
+    raise AssertionError("trained again")
 
 
 @pytest.mark.parametrize(

@@ -38,7 +38,12 @@ from torch import nn
 from common.config import BaselineConfig, RunConfig
 from common.task import Example, PlatformTask, RankingCase
 from server.simulation.baselines import Metrics, Scoring, evaluation_clients, pooled_item
-from server.simulation.inhouse import EarlyStopping, Interactions, mean_valid_ndcg
+from server.simulation.inhouse import (
+    EarlyStopping,
+    Interactions,
+    TrainedStore,
+    mean_valid_ndcg,
+)
 
 __all__ = ["GRID", "BPRModel", "BPRScorer", "Interactions", "Settings", "bpr_local", "bpr_pooled"]
 
@@ -155,32 +160,43 @@ class BPRScorer:
 Validator = Callable[[BPRModel], float]
 
 
-def fit(data: Interactions, settings: Settings, validate: Validator) -> tuple[BPRModel, dict]:
+def fit(
+    data: Interactions,
+    settings: Settings,
+    validate: Validator,
+    store: TrainedStore | None = None,
+    name: str = "bpr",
+) -> tuple[BPRModel, dict]:
     """Train with early stopping on ``validate`` (a validation NDCG@10); returns the best
-    validated state and how it was reached."""
+    validated state and how it was reached (``store``: kept as ``name``, or reused)."""
     generator = torch.Generator().manual_seed(settings.seed)
     rng = np.random.default_rng([settings.seed, zlib.crc32(repr(settings).encode())])
     model = BPRModel(len(data.users), len(data.items), settings.dim, generator)
-    optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr)
-    users, items = np.divmod(data.positives, max(len(data.items), 1))
-    stopping = EarlyStopping(settings.patience)
-    for epoch in range(1, settings.max_epochs + 1):
-        order = rng.permutation(len(users))
-        u, i = users[order], items[order]
-        j = data.sample_negatives(rng, u)
-        keep = j >= 0
-        u, i, j = (torch.from_numpy(a[keep]) for a in (u, i, j))
-        for start in range(0, len(u), settings.batch_size):
-            batch = slice(start, start + settings.batch_size)
-            optimiser.zero_grad()
-            model.loss(u[batch], i[batch], j[batch], settings.reg).backward()
-            optimiser.step()
-        if epoch % settings.eval_every and epoch != settings.max_epochs:
-            continue
-        if stopping.update(epoch, validate(model), model):
-            break
-    stopping.restore(model)
-    return model, {"dim": settings.dim, "reg": settings.reg} | stopping.record(epoch)
+
+    def train() -> dict[str, Any]:
+        optimiser = torch.optim.Adam(model.parameters(), lr=settings.lr)
+        users, items = np.divmod(data.positives, max(len(data.items), 1))
+        stopping = EarlyStopping(settings.patience)
+        epoch = 0
+        for epoch in range(1, settings.max_epochs + 1):
+            order = rng.permutation(len(users))
+            u, i = users[order], items[order]
+            j = data.sample_negatives(rng, u)
+            keep = j >= 0
+            u, i, j = (torch.from_numpy(a[keep]) for a in (u, i, j))
+            for start in range(0, len(u), settings.batch_size):
+                batch = slice(start, start + settings.batch_size)
+                optimiser.zero_grad()
+                model.loss(u[batch], i[batch], j[batch], settings.reg).backward()
+                optimiser.step()
+            if epoch % settings.eval_every and epoch != settings.max_epochs:
+                continue
+            if stopping.update(epoch, validate(model), model):
+                break
+        stopping.restore(model)
+        return {"dim": settings.dim, "reg": settings.reg} | stopping.record(epoch)
+
+    return model, store.fitted(name, model, train) if store else train()
 
 
 def valid_ndcg(
@@ -191,13 +207,18 @@ def valid_ndcg(
 
 
 def train_bpr(
-    tasks: dict[str, PlatformTask], pooled: bool, settings: Settings
+    tasks: dict[str, PlatformTask],
+    pooled: bool,
+    settings: Settings,
+    store: TrainedStore | None = None,
 ) -> tuple[BPRModel, Interactions, dict[str, Any]]:
     """The configured point fitted on the train interactions of ``tasks`` (``pooled``: items
     namespaced by platform), early-stopped on the mean validation NDCG@10. Returns the model,
     its indexed data and the tuning record (``chosen``: the epoch and its NDCG@10)."""
     data = Interactions.of_tasks(tasks, pooled)
-    model, chosen = fit(data, settings, lambda m: valid_ndcg(m, data, tasks, pooled))
+    validate = lambda m: valid_ndcg(m, data, tasks, pooled)  # noqa: E731
+    name = "bpr_pooled" if pooled else "bpr_local"
+    model, chosen = fit(data, settings, validate, store, name)
     return model, data, {"chosen": chosen, "settings": asdict(settings)}
 
 

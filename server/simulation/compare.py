@@ -55,6 +55,7 @@ from server.simulation.comparison_report import report, scored_split
 from server.simulation.joining import (
     BLENDS,
     INHOUSE,
+    INHOUSE_MODELS,
     blend,
     final_model,
     inhouse,
@@ -209,11 +210,12 @@ def run_cell(
         metrics, extra["tuning"] = NONPRIVATE[cell.method](config, _fresh(work), scoring)
         epsilons = dict.fromkeys(metrics, math.inf)  # plain BPR: no DP mechanism at all
     elif cell.method == INHOUSE:
-        metrics, extra = inhouse(config, evaluation_clients(config, _fresh(work)), scoring)
+        clients = evaluation_clients(config, _fresh(work))
+        metrics, extra = inhouse(config, clients, scoring, out / INHOUSE_MODELS)
         epsilons = dict.fromkeys(metrics, math.inf)  # the platform's own non-private model
     elif cell.method in BLENDS:
         clients, arrays, epsilons = _partner(cell, config, initial, out, scoring, cpus_per_client)
-        metrics, extra = blend(config, clients, arrays, scoring)
+        metrics, extra = blend(config, clients, arrays, scoring, out / INHOUSE_MODELS)
     elif cell.method == "local":
         metrics, epsilons = train_local(config, initial, _fresh(work), scoring)
     elif cell.method == "centralized":

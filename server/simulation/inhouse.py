@@ -9,15 +9,21 @@ those are not interactions, so they are neither history nor excluded from negati
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load, save
 from torch import nn
 
+from common.atomic import atomic_write, atomic_write_bytes
 from common.evaluation import evaluate
 from common.task import Example, PlatformTask
 from server.simulation.baselines import pooled_item
@@ -133,3 +139,47 @@ def mean_valid_ndcg(tasks: dict[str, PlatformTask], scorer_of: Callable[[str], o
         for name, task in tasks.items()
     ]
     return float(np.mean(values))
+
+
+@dataclass(frozen=True)
+class TrainedStore:
+    """Trained in-house models kept in ``folder``, so that a resumed or repeated command
+    reuses them instead of training them again (an hour and more on ML-1M). Training is
+    seeded and runs on the CPU, so a kept state is the state training would give again; its
+    file names carry ``digest``, a hash of everything the training reads (the settings, the
+    platform's data files and the training code), so a change of any of them trains anew."""
+
+    folder: Path
+    digest: str
+
+    def fitted(
+        self, name: str, model: nn.Module, train: Callable[[], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """``model`` (freshly built) as trained by ``train()``, which trains it in place and
+        returns its record: loaded from the folder when kept there, else trained and kept."""
+        stem = self.folder / f"{name}-{self.digest[:16]}"
+        weights, record = stem.with_suffix(".safetensors"), stem.with_suffix(".json")
+        if weights.exists() and record.exists():
+            model.load_state_dict(load(weights.read_bytes()))
+            kept: dict[str, Any] = json.loads(record.read_text(encoding="utf-8"))
+            logger.info("%s: trained state reused from %s", name, weights)
+            return kept
+        trained = train()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+        atomic_write_bytes(weights, save(state))
+        atomic_write(record, json.dumps(trained, indent=2) + "\n")  # written last: complete
+        return trained
+
+
+def training_digest(*parts: str, files: Iterable[Path] = ()) -> str:
+    """SHA-256 over ``parts``, the bytes of ``files`` and the in-house training code (this
+    module, BPR's and SASRec's) with torch's version."""
+    digest = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    code = [here / name for name in ("inhouse.py", "bpr.py", "sasrec.py")]
+    for part in [*parts, torch.__version__]:
+        digest.update(part.encode() + b"\0")
+    for path in [*code, *files]:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()

@@ -31,11 +31,13 @@ from common.adapters import load_adapter, trainable_arrays
 from common.atomic import atomic_write
 from common.config import RunConfig
 from common.dataset_summary import markdown_table
+from common.platform_data import federation_platforms
 from common.sharing import shared_scorer
 from server.federation.run_record import RunRecord
 from server.simulation.baselines import Arrays, Metrics, Scoring, evaluation_clients
 from server.simulation.blend import BlendScorer, CaseScorer, fit_weight
 from server.simulation.bpr import BPRScorer, Settings, train_bpr
+from server.simulation.inhouse import TrainedStore, training_digest
 from server.simulation.sasrec import SASRecScorer, SASRecSettings, fit, sasrec_carried_scorer
 
 logger = logging.getLogger(__name__)
@@ -45,6 +47,7 @@ PARTNERS = ("fedavg", "local")  # the DP models a platform's in-house model is b
 BLENDS = tuple(f"{INHOUSE}+{partner}" for partner in PARTNERS)
 
 SIDE_BY_SIDE_FILE = "joining.md"  # the main job's in-house / federated / blend table
+INHOUSE_MODELS = "inhouse_models"  # a comparison's trained in-house models, kept for its resume
 
 
 def _key(config: RunConfig) -> str:
@@ -59,17 +62,31 @@ Candidate = tuple[str, CaseScorer, float]  # a platform's own model: name, score
 _trained: dict[tuple[str, str], list[Candidate]] = {}  # one process, one training
 
 
-def inhouse_candidates(config: RunConfig, client: PlatformClient) -> list[Candidate]:
+def _store(config: RunConfig, name: str, kept: Path | None) -> TrainedStore | None:
+    """Where platform ``name``'s trained in-house models are kept under ``kept`` (none: not
+    kept), named by a digest of its settings, its data files and the training code."""
+    if kept is None:
+        return None
+    folder = dict(federation_platforms(config.data))[name]
+    files = sorted(p for p in folder.rglob("*") if p.is_file())
+    return TrainedStore(kept / name, training_digest(_key(config), name, files=files))
+
+
+def inhouse_candidates(
+    config: RunConfig, client: PlatformClient, kept: Path | None = None
+) -> list[Candidate]:
     """The platform's own models, BPR and SASRec, each with its validation NDCG@10.
-    Deterministic (seeded), so they are trained once per process and configuration."""
+    Deterministic (seeded), so they are trained once per process and configuration, and
+    once at all when ``kept`` names a folder to keep them in (:class:`TrainedStore`)."""
     name = client.identity.name
     key = (_key(config), name)
     if key not in _trained:
         tasks = {name: client.task}
+        store = _store(config, name, kept)
         bpr_settings = Settings.of(config.baselines, config.task.seed)
-        bpr, data, bpr_record = train_bpr(tasks, False, bpr_settings)
+        bpr, data, bpr_record = train_bpr(tasks, False, bpr_settings, store)
         settings = SASRecSettings.of(config)
-        sasrec, sequences, sasrec_record = fit(tasks, False, settings)
+        sasrec, sequences, sasrec_record = fit(tasks, False, settings, None, store, "sasrec_local")
         _trained[key] = [
             ("bpr_local", BPRScorer(bpr, data), bpr_record["chosen"]["valid_ndcg@10"]),
             (
@@ -79,31 +96,32 @@ def inhouse_candidates(config: RunConfig, client: PlatformClient) -> list[Candid
             ),
         ]
         if client.task.carried is not None:  # people brought their histories: use them too
-            carried, record = sasrec_carried_scorer(client.task, config)
+            carried, record = sasrec_carried_scorer(client.task, config, store)
             _trained[key].append(("sasrec_carried", carried, record["valid_ndcg@10"]))
     return _trained[key]
 
 
-def inhouse_model(config: RunConfig, client: PlatformClient) -> Candidate:
+def inhouse_model(config: RunConfig, client: PlatformClient, kept: Path | None = None) -> Candidate:
     """The platform's better own model on validation, as it would choose its production
     model: (its name, scorer, valid NDCG@10)."""
-    return max(inhouse_candidates(config, client), key=lambda c: c[2])
+    return max(inhouse_candidates(config, client, kept), key=lambda c: c[2])
 
 
 def inhouse(
-    config: RunConfig, clients: list[PlatformClient], scoring: Scoring
+    config: RunConfig, clients: list[PlatformClient], scoring: Scoring, kept: Path | None = None
 ) -> tuple[dict[str, Metrics], dict[str, Any]]:
     """Each platform's in-house model alone; metrics, which model each platform chose, and
     every candidate's own metrics on the scored split (the better of the two, looked up
-    after the fact, is the yardstick a skeptical platform would name)."""
+    after the fact, is the yardstick a skeptical platform would name). ``kept``: the folder
+    that keeps the trained models for a later command (:func:`inhouse_candidates`)."""
     metrics, chosen = {}, {}
     for client in clients:
-        method, scorer, valid = inhouse_model(config, client)
+        method, scorer, valid = inhouse_model(config, client, kept)
         name = client.identity.name
         logger.info("%s: in-house model %s (valid NDCG@10 %.4f)", name, method, valid)
         chosen[name] = {"model": method, "valid_ndcg@10": valid}
         metrics[name] = scoring.score(client, scorer)  # type: ignore[arg-type]
-        for other, candidate, other_valid in inhouse_candidates(config, client):
+        for other, candidate, other_valid in inhouse_candidates(config, client, kept):
             scored = metrics[name] if other == method else scoring.score(client, candidate)  # type: ignore[arg-type]
             chosen[name][other] = {k: v for k, v in scored.items() if k != "cases"} | {
                 "valid_ndcg@10": other_valid
@@ -116,12 +134,13 @@ def blend(
     clients: list[PlatformClient],
     arrays: dict[str, Arrays],
     scoring: Scoring,
+    kept: Path | None = None,
 ) -> tuple[dict[str, Metrics], dict[str, Any]]:
     """Each platform's in-house model blended with its DP model (``arrays`` per platform, its
     own private part loaded from its state): the weight fitted on validation, then scored."""
     metrics, record = {}, {}
     for client in clients:
-        method, own, valid = inhouse_model(config, client)
+        method, own, valid = inhouse_model(config, client, kept)
         partner = client.loaded_scorer(arrays[client.identity.name])
         cases = client.task.ranking("valid")
         weight, curve = fit_weight(own, partner, client.featurizer, cases)  # type: ignore[arg-type]

@@ -41,7 +41,13 @@ from common.config import RunConfig
 from common.errors import ConfigError
 from common.task import Example, PlatformTask, RankingCase, global_periods
 from server.simulation.baselines import Metrics, Scoring, evaluation_clients, pooled_item
-from server.simulation.inhouse import EarlyStopping, Interactions, mean_valid_ndcg, rated_train
+from server.simulation.inhouse import (
+    EarlyStopping,
+    Interactions,
+    TrainedStore,
+    mean_valid_ndcg,
+    rated_train,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -297,41 +303,48 @@ def fit(
     pooled: bool,
     settings: SASRecSettings,
     scored: Sequence[str] | None = None,
+    store: TrainedStore | None = None,
+    name: str = "sasrec",
 ) -> tuple[SASRec, Sequences, dict[str, Any]]:
     """Train the configured point on the train sequences of ``tasks``, early-stopped on the
     mean validation NDCG@10 over them (over ``scored`` only, when given); returns the best
-    validated model and its record."""
+    validated model and its record (``store``: kept as ``name``, or reused)."""
     torch.manual_seed(settings.seed)  # initialisation and dropout
     rng = np.random.default_rng([settings.seed, zlib.crc32(b"sasrec"), int(pooled)])
     sequences = Sequences(tasks, pooled)
     model = SASRec(sequences.n_items, settings)
-    optimiser = torch.optim.AdamW(
-        model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
-    )
-    windows = sequences.windows(settings.max_len)
-    merged = timeline(tasks, ("train", "valid"), sequences.data.items) if pooled else None
 
-    def validate() -> float:
-        return mean_valid_ndcg(
-            {name: tasks[name] for name in scored or tasks},
-            lambda name: SASRecScorer(
-                model, sequences.data.items, settings.max_len, name if pooled else None, merged
-            ),
+    def train() -> dict[str, Any]:
+        optimiser = torch.optim.AdamW(
+            model.parameters(), lr=settings.lr, weight_decay=settings.weight_decay
         )
+        windows = sequences.windows(settings.max_len)
+        merged = timeline(tasks, ("train", "valid"), sequences.data.items) if pooled else None
 
-    stopping = EarlyStopping(settings.patience)
-    epoch = 0
-    for epoch in range(1, settings.max_epochs + 1):
-        loss = _train_epoch(model, optimiser, sequences, windows, rng, settings.batch_size)
-        if epoch % settings.eval_every and epoch != settings.max_epochs:
-            continue
-        score = validate()
-        logger.debug("epoch %d: loss %.4f, valid NDCG@10 %.4f", epoch, loss, score)
-        if stopping.update(epoch, score, model):
-            break
-    stopping.restore(model)
+        def validate() -> float:
+            return mean_valid_ndcg(
+                {name: tasks[name] for name in scored or tasks},
+                lambda name: SASRecScorer(
+                    model, sequences.data.items, settings.max_len, name if pooled else None, merged
+                ),
+            )
+
+        stopping = EarlyStopping(settings.patience)
+        epoch = 0
+        for epoch in range(1, settings.max_epochs + 1):
+            loss = _train_epoch(model, optimiser, sequences, windows, rng, settings.batch_size)
+            if epoch % settings.eval_every and epoch != settings.max_epochs:
+                continue
+            score = validate()
+            logger.debug("epoch %d: loss %.4f, valid NDCG@10 %.4f", epoch, loss, score)
+            if stopping.update(epoch, score, model):
+                break
+        stopping.restore(model)
+        return asdict(settings) | stopping.record(epoch)
+
+    record = store.fitted(name, model, train) if store else train()
     model.eval()
-    return model, sequences, asdict(settings) | stopping.record(epoch)
+    return model, sequences, record
 
 
 def _announce(label: str, chosen: dict[str, Any]) -> None:
@@ -365,13 +378,13 @@ def with_carried(task: PlatformTask, config: RunConfig) -> dict[str, PlatformTas
 
 
 def sasrec_carried_scorer(
-    task: PlatformTask, config: RunConfig
+    task: PlatformTask, config: RunConfig, store: TrainedStore | None = None
 ) -> tuple[SASRecScorer, dict[str, Any]]:
     """The platform's own SASRec trained and scoring over merged own + carried histories
     (:func:`with_carried`); a case reads the person's positives anywhere before its time."""
     settings = SASRecSettings.of(config)
     tasks = with_carried(task, config)
-    model, sequences, chosen = fit(tasks, True, settings, scored=[task.platform])
+    model, sequences, chosen = fit(tasks, True, settings, [task.platform], store, "sasrec_carried")
     _announce(f"sasrec_carried {task.platform}", chosen)
     merged = timeline(tasks, ("train", "valid", "test"), sequences.data.items)
     scorer = SASRecScorer(model, sequences.data.items, settings.max_len, task.platform, merged)
