@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from common.config import add_config_options, load_config
-from common.errors import FedFuseError, Stopped
+from common.errors import DataError, FedFuseError, Stopped
 from server.audit.command import add_audit_parser
 from server.federation.run_record import check_finished
 from server.serving.commands import add_serving_parsers
@@ -82,15 +82,23 @@ def _data_check(args: argparse.Namespace) -> None:
 
     config = load_config(args.config, args.set)
     platforms = read_dataset(args.path)
-    # checked against a run configuration, data simulate would refuse is refused here too;
-    # without one, only the data itself is checked (a small valid export stays valid)
-    if (args.config or args.set) and config.federation.fraction_evaluate > 0:
-        check_ranking_cases(args.path, platforms, config.task, config.federation.eval_split)
-    for platform in platforms:
-        for warning in platform.warnings:
-            print(f"warning: {warning}", file=sys.stderr)
+    configured = bool(args.config or args.set)
+    task = _summary_task(config, configured, platforms)
+    warnings = [w for platform in platforms for w in platform.warnings]
+    # data simulate would refuse is refused under a run configuration; without one the files
+    # alone are checked (a small valid export stays valid) and the same finding is a warning
+    # about the split the summary shows (the default at the data's own cuts)
+    if config.federation.fraction_evaluate > 0:
+        try:
+            check_ranking_cases(args.path, platforms, task, config.federation.eval_split)
+        except DataError as err:
+            if configured:
+                raise
+            warnings.append(f"{err}; a run on the split below would refuse this data")
+    for warning in warnings:
+        print(f"warning: {warning}", file=sys.stderr)
     print(f"ok: {len(platforms)} platform(s) valid under {args.path}\n")
-    print(describe(platforms, _summary_task(config, bool(args.config or args.set), platforms)))
+    print(describe(platforms, task))
 
 
 def _summary_task(config: RunConfig, configured: bool, platforms: list[PlatformData]) -> TaskConfig:

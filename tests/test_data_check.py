@@ -229,7 +229,10 @@ def test_long_description_loads_with_truncation_warning(capsys: pytest.CaptureFi
     assert "Traceback" not in err
     items = (VALID / "long_description" / "items.tsv").as_posix()
     assert err.splitlines() == [
-        f"warning: {items}, row 2, column 'description': text of 1739 characters truncated to 1000"
+        f"warning: {items}, row 2, column 'description': text of 1739 characters truncated to 1000",
+        f"warning: {VALID / 'long_description'}: no platform has a valid ranking case: the "
+        "valid split needs a user with at least 3 positive interactions; a run on the split "
+        "below would refuse this data",  # 3 ratings: valid files, nothing to evaluate
     ]
     assert out.startswith("ok: 1 platform(s) valid under ")
     assert "| long_description | 3 | 2 | 2 |" in out
@@ -238,7 +241,8 @@ def test_long_description_loads_with_truncation_warning(capsys: pytest.CaptureFi
 def test_folder_of_valid_platforms(capsys: pytest.CaptureFixture[str]):
     code, out, err = check(VALID, capsys)
     assert code == 0
-    assert len(err.splitlines()) == 1  # the one truncation warning
+    truncated, unscorable = err.splitlines()  # nothing else
+    assert "truncated to 1000" in truncated and "no platform has a valid" in unscorable
     assert out.splitlines()[0] == f"ok: 3 platform(s) valid under {VALID.as_posix()}"
     assert "| shared users | csv_ratings | jsonl_labels | long_description |" in out
     assert "| **all** | 16 | 7 | 12 |" in out

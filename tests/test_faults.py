@@ -56,6 +56,26 @@ def test_data_without_evaluation_cases_is_refused_by_check_and_simulate_alike(
     assert not runs.exists()
 
 
+def test_without_a_configuration_data_check_warns_of_what_its_summary_split_cannot_evaluate(
+    tmp_path: Path, capsys
+) -> None:
+    """Plain `data check DIR` accepted data no run could evaluate without a word. Every
+    timestamp tied: no time cut, so the summary's split is leave-last, and one liked item per
+    person leaves nobody a validation case. The files are valid (exit 0); the warning says
+    what a run would refuse, and with a run configuration it is the refusal."""
+    for platform in ("p0", "p1"):
+        folder = tmp_path / "data" / platform
+        folder.mkdir(parents=True)
+        (folder / "items.tsv").write_text("item_id\ttitle\ni1\tA\ni2\tB\ni3\tC\n")
+        rows = "".join(f"u{k}\ti{k}\t5\t100\n" for k in (1, 2, 3))
+        (folder / "interactions.tsv").write_text(f"user_id\titem_id\trating\ttimestamp\n{rows}")
+    assert main(["data", "check", str(tmp_path / "data")]) == 0
+    [warning] = capsys.readouterr().err.splitlines()
+    assert warning.startswith("warning: ") and "no platform has a valid ranking case" in warning
+    assert main(["data", "check", str(tmp_path / "data"), "--set", "task.split='leave_last'"]) == 2
+    assert "no platform has a valid ranking case" in _one_line(capsys)
+
+
 @pytest.mark.parametrize(
     ("option", "message"),
     [
