@@ -56,6 +56,7 @@ class InProcessGrid(Grid):
         }
         self.drop = drop or {}
         self.gone: set[int] = set()
+        self.replies: dict[str, Message] = {}
 
     def get_node_ids(self) -> Iterable[int]:
         return list(self.contexts)
@@ -63,6 +64,18 @@ class InProcessGrid(Grid):
     def send_and_receive(
         self, messages: Iterable[Message], *, timeout: float | None = None
     ) -> Iterable[Message]:
+        return self.pull_messages(self.push_messages(messages))
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        """Delivers at once; the replies wait for :meth:`pull_messages`."""
+        replies = self._deliver(messages)
+        self.replies = {r.metadata.reply_to_message_id: r for r in replies}
+        return list(self.replies)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return [self.replies.pop(i) for i in list(message_ids) if i in self.replies]
+
+    def _deliver(self, messages: Iterable[Message]) -> list[Message]:
         replies = []
         for message in messages:
             message.metadata.__dict__["_message_id"] = str(uuid.uuid4())
@@ -88,12 +101,6 @@ class InProcessGrid(Grid):
         raise NotImplementedError
 
     def create_message(self, *args: Any, **kwargs: Any) -> Message:  # pragma: no cover
-        raise NotImplementedError
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:  # pragma: no cover
-        raise NotImplementedError
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:  # pragma: no cover
         raise NotImplementedError
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import time
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -222,3 +224,58 @@ def test_the_lockstep_strategy_averages_the_gradients_that_came(tmp_path: Path) 
     expected = reference.step([{name: (g["a"] + g["b"]) / 2}], 2e-3)
     np.testing.assert_allclose(arrays[name].numpy(), expected[name])
     assert metrics["platforms-stepped"] == 2
+
+
+class _SlowGrid:
+    """Two platforms: node 1 answers after 5 s, node 2 after 70 s (a long noise calibration)."""
+
+    pull_interval = 1.0
+
+    def __init__(self, clock: list[float]) -> None:
+        self.clock = clock
+
+    def push_messages(self, messages: Iterable[Message]) -> list[str]:
+        return [f"m{m.metadata.dst_node_id}" for m in messages]
+
+    def pull_messages(self, message_ids: Iterable[str]) -> list[Message]:
+        due = {"m1": 5.0, "m2": 70.0}
+        replies = []
+        for message_id in message_ids:
+            if self.clock[0] >= due[message_id]:
+                node = int(message_id[1:])
+                reply = _reply(node, f"p{node}", {}, 1)
+                reply.metadata.__dict__["_reply_to_message_id"] = message_id
+                replies.append(reply)
+        return replies
+
+
+def test_a_round_that_waits_says_so_every_30_s_naming_who_answered(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Flower's send_and_receive waits in silence: a first round behind a long noise
+    calibration looked stuck. The rule is kept (every reply, in the order pulled); the lines
+    count rounds as the console does (3 rounds done before this run)."""
+    from server.federation import waiting_grid
+
+    for field, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, field, value)  # what the ServerApp runtime sets
+    clock = [0.0]
+    monkeypatch.setattr(waiting_grid.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr(waiting_grid.time, "sleep", lambda s: clock.__setitem__(0, clock[0] + s))
+    grid = waiting_grid.WaitingGrid(_SlowGrid(clock), round_offset=3)  # type: ignore[arg-type]
+    messages = [
+        Message(RecordDict(), dst_node_id=node, message_type="train", group_id="1")
+        for node in (1, 2)
+    ]
+    with caplog.at_level(logging.INFO, logger="server.federation.waiting_grid"):
+        replies = list(grid.send_and_receive(messages))
+    assert [r.metadata.reply_to_message_id for r in replies] == ["m1", "m2"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"round 4 train: 1 of 2 platforms answered after {t} s (p1); waiting for the others"
+        for t in (30, 60)
+    ]
+    assert clock[0] == 70.0
+    caplog.clear()
+    clock[0] = 0.0  # a timeout ends the wait as Flower's does, with the replies so far
+    assert len(list(grid.send_and_receive(messages, timeout=20))) == 1
+    assert caplog.records == []

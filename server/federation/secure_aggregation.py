@@ -59,6 +59,7 @@ from common.config import RunConfig
 from common.errors import ConfigError
 from common.wire_log import RECEIVED, SENT, WIRE_LOG_FILE, append_records, message_record
 from server.federation.strategy import LockstepStrategy, RoundFailed
+from server.federation.waiting_grid import DelegatingGrid
 
 log = logging.getLogger(__name__)
 
@@ -173,12 +174,12 @@ class _OneRound(Strategy):
         return None
 
 
-class LoggedGrid(Grid):
+class LoggedGrid(DelegatingGrid):
     """The grid SecAgg+ talks through: every message of its stages goes to the run's wire log
     (the server receives masked vectors only), and each platform's error is kept by node."""
 
     def __init__(self, grid: Grid, wire_log: Any, server_round: int, names: Sequence[str]):
-        self.grid = grid
+        super().__init__(grid)
         self.wire_log = wire_log
         self.server_round = server_round
         self.names = list(names)
@@ -204,26 +205,6 @@ class LoggedGrid(Grid):
             for m in messages
         ]
         append_records(self.wire_log, records)
-
-    # the rest of the Grid interface, delegated (SecAggPlusWorkflow uses send_and_receive)
-    def set_run(self, run: Any) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self) -> Any:
-        return self.grid.run
-
-    def create_message(self, *args: Any, **kwargs: Any) -> Message:
-        return self.grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
 
 
 @dataclass

@@ -29,6 +29,7 @@ from server.federation.secure_aggregation import (
 )
 from server.federation.server_optimizer import MOMENTS_FILE, ServerOptimizer
 from server.federation.strategy import FedFuseStrategy, LockstepStrategy
+from server.federation.waiting_grid import WaitingGrid
 
 app = ServerApp()
 log = logging.getLogger(__name__)
@@ -110,7 +111,7 @@ def run_federation(grid: Grid, config: RunConfig, record: RunRecord) -> int:
         return None
 
     strategy.start(
-        grid=grid,
+        grid=WaitingGrid(grid, round_offset=done),
         initial_arrays=initial,
         num_rounds=remaining,
         # the platforms charge and replay rounds per run (client/ledger.py)
