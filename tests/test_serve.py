@@ -30,6 +30,7 @@ from server.federation.run_record import CONFIG_FILE
 from server.serving import listener
 from server.serving.access import RateLimit, Tokens, read_or_create_token
 from server.serving.http_app import (
+    ERROR_PACE,
     MAX_BODY,
     MAX_LIKED,
     MAX_TITLE,
@@ -99,7 +100,7 @@ TOKEN = "t" * 43
 
 def _client(recommender: Recommender, **options: object) -> TestClient:
     """The app in this process; TestClient's Host is ``testserver``."""
-    options = {"tokens": Tokens(TOKEN), "allowed_hosts": ["testserver"], **options}
+    options = {"tokens": Tokens(TOKEN), "allowed_hosts": ["testserver"], "error_pace": 0, **options}
     app = create_app(recommender, **options)  # type: ignore[arg-type]
     return TestClient(app, raise_server_exceptions=False)
 
@@ -636,6 +637,29 @@ def test_a_bug_answers_500_without_its_details() -> None:
     assert response.status_code == 500
     assert response.json() == {"error": "internal error (logged by the service)"}
     assert client.get("/health").status_code == 200
+
+
+def test_refusals_are_answered_late_and_valid_requests_at_once() -> None:
+    """A client repeating refused requests made the service answer hundreds a second, and
+    the people asking valid ones waited behind them (bench_serve: normal p50 109 ms beside 8
+    hostile clients); each refusal now costs its sender ERROR_PACE, a valid request nothing."""
+    stub = SimpleNamespace(platform="p", users=["u"], history_len=5)
+    app = create_app(stub, Tokens(TOKEN), allowed_hosts=["testserver"])  # type: ignore[arg-type]
+    client = TestClient(app, raise_server_exceptions=False)
+
+    def timed(method: str, path: str, **options: object) -> tuple[int, float]:
+        started = time.perf_counter()
+        response = client.request(method, path, **options)  # type: ignore[arg-type]
+        return response.status_code, time.perf_counter() - started
+
+    for status, seconds in (
+        timed("POST", "/api/recommend", json={"user": "u"}),  # no token
+        timed("GET", "/health", headers={"Host": "attacker.example"}),
+        timed("POST", "/api/recommend", content=b"x" * (MAX_BODY + 1)),
+    ):
+        assert status in (400, 401, 413) and seconds >= ERROR_PACE, (status, seconds)
+    status, seconds = timed("GET", "/health")
+    assert status == 200 and seconds < ERROR_PACE
 
 
 # --- the page ---------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ meant to be reachable by a platform's gateway and, through it, by the public, so
   fast kind; a full lane answers 503 at once;
 - the Host header must be one of the service's names (DNS rebinding), responses carry a
   strict CSP and no-store, the page's script and style are files the CSP allows;
+- every refusal is sent :data:`ERROR_PACE` late (:class:`PacedRefusals`), so a client
+  repeating bad requests cannot make the service answer hundreds a second;
 - errors reach clients as one JSON line, ``{"error": "..."}``, with the status that says
   whose fault it is (401/403 credentials, 404 unknown user, 413 body too large, 422 bad
   request, 429 rate limit, 503 busy, 500 a bug — logged here and never shown).
@@ -21,6 +23,7 @@ meant to be reachable by a platform's gateway and, through it, by the public, so
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import threading
@@ -58,6 +61,9 @@ LOOPBACK_NAMES = ("127.0.0.1", "localhost")
 RATE, BURST, ENCODE_COST = 20.0, 60.0, 2.0
 # Lanes: (rankings at once, requests allowed to wait, share of a core); beyond: 503 at once.
 RANK_LANE, ENCODE_LANE = (2, 16, 1.0), (1, 2, 0.25)
+# Seconds before a refusal (4xx, 503) is sent: a caller repeating refused requests gets at
+# most 1/ERROR_PACE answers a second per connection (no valid request is ever refused).
+ERROR_PACE = 0.25
 STATIC = Path(__file__).parent
 PAGES = {  # path -> (file beside this module, content type)
     "/": ("page.html", "text/html; charset=utf-8"),
@@ -252,6 +258,36 @@ class SecurityHeaders:
         await self.app(scope, receive, send_with_headers)
 
 
+class PacedRefusals:
+    """Sends every refusal (4xx, 503) ``pace`` seconds late, without holding a worker.
+
+    A refusal is cheap for the service, but a client that sends refused requests as fast as
+    it gets answers makes it answer hundreds a second, and the people asking valid requests
+    wait behind them on the same event loop; answered late, such a client sends only
+    1/``pace`` a second per connection. A valid request is never refused, so it never
+    waits (a 429 or 503 waits too: it asks the caller to slow down)."""
+
+    def __init__(self, app: ASGIApp, pace: float = ERROR_PACE) -> None:
+        self.app = app
+        self.pace = pace
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or self.pace <= 0:
+            await self.app(scope, receive, send)
+            return
+
+        async def paced(message: Message) -> None:
+            if message["type"] == "http.response.start" and _refusal(message["status"]):
+                await asyncio.sleep(self.pace)
+            await send(message)
+
+        await self.app(scope, receive, paced)
+
+
+def _refusal(status: int) -> bool:
+    return 400 <= status < 500 or status == 503
+
+
 _bearer = HTTPBearer(auto_error=False, description="a user token or the operator token")
 
 
@@ -282,6 +318,7 @@ def create_app(
     allowed_hosts: Sequence[str] = LOOPBACK_NAMES,
     openapi: bool = False,
     rate_limit: RateLimit | None = None,
+    error_pace: float = ERROR_PACE,
 ) -> FastAPI:
     """The service for one loaded platform recommender. ``tokens`` None is the open mode
     (every caller is the operator, limited by address): ``fedfuse serve`` allows it only on
@@ -296,7 +333,8 @@ def create_app(
     )
     app.add_middleware(BodyLimit)
     app.add_middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))
-    app.add_middleware(SecurityHeaders)  # outermost: on the Host and body rejections too
+    app.add_middleware(SecurityHeaders)  # on the Host and body rejections too
+    app.add_middleware(PacedRefusals, pace=error_pace)  # outermost: every refusal is paced
     limiter = rate_limit or RateLimit(RATE, BURST)
     lanes = {"rank": Lane(*RANK_LANE), "encode": Lane(*ENCODE_LANE)}
     pages = {path: ((STATIC / name).read_bytes(), kind) for path, (name, kind) in PAGES.items()}
