@@ -218,6 +218,7 @@ def test_a_closed_pipe_ends_quietly(tmp_path: Path, args: list[str]) -> None:
         ("simulate", signal.SIGINT, 130),
         ("simulate", signal.SIGTERM, 143),
         ("compare", signal.SIGINT, 130),
+        ("compare", signal.SIGTERM, 143),
     ],
 )
 def test_ctrl_c_and_sigterm_stop_within_seconds_and_leave_a_resumable_run(
