@@ -4,9 +4,17 @@ recommender is ``recommender.py``, the service ``http_app.py`` and ``listener.py
 from __future__ import annotations
 
 import argparse
+import contextlib
+import threading
+import time
+from collections.abc import Iterator
 from typing import Any
 
 from common.errors import FedFuseError
+
+# Loading a run takes half a minute on ML-1M (imports, the catalogue's frozen-layer cache and
+# item vectors): after this many seconds, and as often again, a line says it is still going.
+LOADING_NOTICE_EVERY = 10.0
 
 
 def add_serving_parsers(commands: Any) -> None:
@@ -69,14 +77,41 @@ def _add_served_platform(parser: argparse.ArgumentParser) -> None:
     )
 
 
+@contextlib.contextmanager
+def still_loading(what: str, every: float = LOADING_NOTICE_EVERY) -> Iterator[None]:
+    """Prints ``[fedfuse] WHAT: N s so far`` every ``every`` seconds while the block runs; a
+    block shorter than that prints nothing. The block's own output follows only after it."""
+    done = threading.Event()
+    started = time.monotonic()
+
+    def speak() -> None:
+        while not done.wait(every):
+            print(f"[fedfuse] {what}: {time.monotonic() - started:.0f} s so far", flush=True)
+
+    speaker = threading.Thread(target=speak, daemon=True)
+    speaker.start()
+    try:
+        yield
+    finally:
+        done.set()
+        speaker.join()
+
+
+def _loading(args: argparse.Namespace) -> str:
+    return f"loading {args.platform} from {args.run_dir} (model, data, item vectors)"
+
+
 def _recommend(args: argparse.Namespace) -> None:
     import json
 
-    from server.serving.recommender import Recommender
-
     if bool(args.user) == bool(args.history):
         raise FedFuseError("give either --user or --history")
-    recommender = Recommender(args.run_dir, args.platform, args.platform_state)
+    # with --json, stdout is the document alone
+    notice = contextlib.nullcontext() if args.json else still_loading(_loading(args))
+    with notice:
+        from server.serving.recommender import Recommender  # torch, transformers, peft: 15 s
+
+        recommender = Recommender(args.run_dir, args.platform, args.platform_state)
     if args.json:
         document = recommender.document(args.user, args.history, args.k)
         print(json.dumps(document, indent=2, ensure_ascii=False))
@@ -100,9 +135,7 @@ def _serve(args: argparse.Namespace) -> None:
     from pathlib import Path
 
     from server.serving.access import TOKEN_FILE, Tokens, read_or_create_token
-    from server.serving.http_app import LOOPBACK_NAMES, create_app
     from server.serving.listener import is_loopback, listen, serve
-    from server.serving.recommender import Recommender
 
     if args.insecure_no_auth and not is_loopback(args.host):
         raise FedFuseError(
@@ -110,7 +143,11 @@ def _serve(args: argparse.Namespace) -> None:
         )
     sock = listen(args.host, args.port)
     try:
-        recommender = Recommender(args.run_dir, args.platform, args.platform_state)
+        with still_loading(_loading(args)):
+            from server.serving.http_app import LOOPBACK_NAMES, create_app
+            from server.serving.recommender import Recommender
+
+            recommender = Recommender(args.run_dir, args.platform, args.platform_state)
         tokens = None
         if not args.insecure_no_auth:
             path = Path(args.token_file) if args.token_file else recommender.state / TOKEN_FILE
