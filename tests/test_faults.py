@@ -407,6 +407,46 @@ def test_audit_that_cannot_write_its_report_ends_in_one_line(
     assert [p.name for p in run.iterdir()] == ["audit.json"]  # no temporary file left
 
 
+def test_a_read_only_file_system_is_one_line_for_simulate_and_audit(
+    tmp_path: Path, write_run_config, capsys, monkeypatch
+) -> None:
+    """`simulate --runs` and `audit` on a read-only mount gave tracebacks. Root ignores
+    permission bits, so the mount is simulated: creating anything under ro/ fails with
+    EROFS, as the kernel answers on a read-only file system."""
+    import errno
+    import tempfile
+
+    from server.audit import audit
+
+    ro = tmp_path / "ro"
+    (ro / "run").mkdir(parents=True)
+    real_mkdir, real_mkstemp = os.mkdir, tempfile.mkstemp
+
+    def refused(path: object) -> OSError:
+        return OSError(errno.EROFS, os.strerror(errno.EROFS), os.fspath(path))  # type: ignore[arg-type]
+
+    def mkdir(path, *args, **kwargs):
+        if Path(path).is_relative_to(ro):
+            raise refused(path)
+        return real_mkdir(path, *args, **kwargs)
+
+    def mkstemp(*args, dir=None, **kwargs):
+        if dir is not None and Path(dir).is_relative_to(ro):
+            raise refused(dir)
+        return real_mkstemp(*args, dir=dir, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", mkdir)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    config = write_run_config(tmp_path / "run.toml")
+    assert main(["simulate", "--config", str(config), "--runs", str(ro / "runs")]) == 2
+    assert "Read-only file system" in _one_line(capsys)
+    monkeypatch.setattr(audit, "audit", lambda *args: {"flags": []})
+    assert main(["audit", str(ro / "run")]) == 2  # 2: an error, not 1 (flags raised)
+    report = ro / "run" / "audit.json"
+    assert _one_line(capsys) == f"fedfuse: error: {report}: Read-only file system"
+    assert list(ro.rglob("*")) == [ro / "run"]  # nothing half-written
+
+
 def test_a_progress_line_to_a_closed_pipe_ends_the_command(monkeypatch) -> None:
     """A logged progress line met the closed pipe inside logging, which printed a
     '--- Logging error ---' traceback and went on; it now reaches main() (exit 141)."""
