@@ -84,7 +84,7 @@ def _data_check(args: argparse.Namespace) -> None:
     platforms = read_dataset(args.path)
     configured = bool(args.config or args.set)
     task = _summary_task(config, configured, platforms)
-    warnings = [w for platform in platforms for w in platform.warnings]
+    notes = [w for platform in platforms for w in platform.warnings]
     # data simulate would refuse is refused under a run configuration; without one the files
     # alone are checked (a small valid export stays valid) and the same finding is a warning
     # about the split the summary shows (the default at the data's own cuts)
@@ -94,9 +94,9 @@ def _data_check(args: argparse.Namespace) -> None:
         except DataError as err:
             if configured:
                 raise
-            warnings.append(f"{err}; a run on the split below would refuse this data")
-    for warning in warnings:
-        print(f"warning: {warning}", file=sys.stderr)
+            notes.append(f"{err}; a run on the split below would refuse this data")
+    for note in notes:
+        print(f"warning: {note}", file=sys.stderr)
     print(f"ok: {len(platforms)} platform(s) valid under {args.path}\n")
     print(describe(platforms, task))
 
