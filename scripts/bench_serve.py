@@ -40,7 +40,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from server.serving.http_app import MAX_BODY, MAX_TITLE
+from server.serving.guards import MAX_BODY
+from server.serving.http_app import MAX_TITLE
 from server.serving.service_process import running_service
 
 REPO = Path(__file__).resolve().parents[1]

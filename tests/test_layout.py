@@ -66,3 +66,14 @@ def test_library_code_logs_instead_of_printing() -> None:
         if _prints(path)
     }
     assert printing == set(PRINTS)  # a module that stopped printing leaves the list too
+
+
+def test_no_module_holds_more_than_450_lines() -> None:
+    """One home per job: a module past 450 lines holds several (issue 36's measure)."""
+    long = {
+        str(path.relative_to(REPO)): count
+        for package in ("common", "client", "server")
+        for path in sorted((REPO / package).rglob("*.py"))
+        if (count := len(path.read_text(encoding="utf-8").splitlines())) > 450
+    }
+    assert long == {}

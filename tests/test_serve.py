@@ -29,16 +29,8 @@ from server.cli import main
 from server.federation.run_record import CONFIG_FILE
 from server.serving import listener
 from server.serving.access import RateLimit, Tokens, read_or_create_token
-from server.serving.http_app import (
-    ERROR_PACE,
-    MAX_BODY,
-    MAX_LIKED,
-    MAX_TITLE,
-    SECURITY_HEADERS,
-    Busy,
-    Lane,
-    create_app,
-)
+from server.serving.guards import ERROR_PACE, MAX_BODY, SECURITY_HEADERS
+from server.serving.http_app import MAX_LIKED, MAX_TITLE, Busy, Lane, create_app
 from server.serving.listener import listen, server_config
 from server.serving.recommender import Recommender
 from server.serving.service_process import running_service

@@ -23,7 +23,6 @@ meant to be reachable by a platform's gateway and, through it, by the public, so
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import math
 import threading
@@ -37,20 +36,18 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, model_validator
-from starlette.datastructures import Headers, MutableHeaders
 from starlette.exceptions import HTTPException
 from starlette.middleware.trustedhost import TrustedHostMiddleware
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.errors import FedFuseError
 from common.platform_data import MAX_ID_CHARS, MAX_TEXT_CHARS
 from server.serving.access import Caller, RateLimit, Tokens
+from server.serving.guards import ERROR_PACE, BodyLimit, PacedRefusals, SecurityHeaders
 from server.serving.recommender import Recommender, UnknownUser, valid_text
 
 if TYPE_CHECKING:
     pass
 
-MAX_BODY = 64 * 1024  # bytes; a request is a user id or a few titles, far below this
 MAX_K = 100
 MAX_LIKED = 100  # entries of a liked list; only the newest history_len of them are read
 MAX_TITLE = MAX_TEXT_CHARS  # characters of one entry: a catalogue text is at most this long
@@ -61,9 +58,6 @@ LOOPBACK_NAMES = ("127.0.0.1", "localhost")
 RATE, BURST, ENCODE_COST = 20.0, 60.0, 2.0
 # Lanes: (rankings at once, requests allowed to wait, share of a core); beyond: 503 at once.
 RANK_LANE, ENCODE_LANE = (2, 16, 1.0), (1, 2, 0.25)
-# Seconds before a refusal (4xx, 503) is sent: a caller repeating refused requests gets at
-# most 1/ERROR_PACE answers a second per connection (no valid request is ever refused).
-ERROR_PACE = 0.25
 STATIC = Path(__file__).parent
 PAGES = {  # path -> (file beside this module, content type)
     "/": ("page.html", "text/html; charset=utf-8"),
@@ -71,18 +65,6 @@ PAGES = {  # path -> (file beside this module, content type)
     "/page.css": ("page.css", "text/css; charset=utf-8"),
 }
 _CHALLENGE = {"WWW-Authenticate": "Bearer"}
-SECURITY_HEADERS = {
-    # only the page's own script and style, fetches to this origin, never inside a frame
-    "content-security-policy": "default-src 'none'; script-src 'self'; style-src 'self'; "
-    "connect-src 'self'; img-src 'self'; base-uri 'none'; form-action 'none'; "
-    "frame-ancestors 'none'",
-    "x-content-type-options": "nosniff",
-    "x-frame-options": "DENY",
-    "cache-control": "no-store",
-    "referrer-policy": "no-referrer",
-    "cross-origin-opener-policy": "same-origin",
-    "cross-origin-resource-policy": "same-origin",
-}
 
 
 def _text(what: str) -> AfterValidator:
@@ -194,100 +176,6 @@ def _one_line(error: RequestValidationError) -> str:
     return "; ".join(parts)
 
 
-class BodyLimit:
-    """Answers 413 to a body over ``limit`` bytes, by its Content-Length or, for a chunked or
-    understated one, by the bytes that actually arrive; the app sees the body only when it
-    fits, so nothing large is ever parsed."""
-
-    def __init__(self, app: ASGIApp, limit: int = MAX_BODY) -> None:
-        self.app = app
-        self.limit = limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        too_large = _error(413, f"request body over {self.limit // 1024} KiB")
-        declared = Headers(scope=scope).get("content-length")
-        if declared is not None and int(declared) > self.limit:  # the server checked it is one
-            await too_large(scope, receive, send)
-            return
-        chunks: list[bytes] = []
-        size, more = 0, True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.limit:
-                await too_large(scope, receive, send)
-                return
-            more = message.get("more_body", False)
-        pending: bytes | None = b"".join(chunks)
-
-        async def replay() -> Message:
-            nonlocal pending
-            if pending is None:
-                return await receive()  # after the body: the client's disconnect
-            message: Message = {"type": "http.request", "body": pending, "more_body": False}
-            pending = None
-            return message
-
-        await self.app(scope, replay, send)
-
-
-class SecurityHeaders:
-    """Adds :data:`SECURITY_HEADERS` to every response, errors and rejections included."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                headers = MutableHeaders(scope=message)
-                for name, value in SECURITY_HEADERS.items():
-                    headers[name] = value
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-
-class PacedRefusals:
-    """Sends every refusal (4xx, 503) ``pace`` seconds late, without holding a worker.
-
-    A refusal is cheap for the service, but a client that sends refused requests as fast as
-    it gets answers makes it answer hundreds a second, and the people asking valid requests
-    wait behind them on the same event loop; answered late, such a client sends only
-    1/``pace`` a second per connection. A valid request is never refused, so it never
-    waits (a 429 or 503 waits too: it asks the caller to slow down)."""
-
-    def __init__(self, app: ASGIApp, pace: float = ERROR_PACE) -> None:
-        self.app = app
-        self.pace = pace
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or self.pace <= 0:
-            await self.app(scope, receive, send)
-            return
-
-        async def paced(message: Message) -> None:
-            if message["type"] == "http.response.start" and _refusal(message["status"]):
-                await asyncio.sleep(self.pace)
-            await send(message)
-
-        await self.app(scope, receive, paced)
-
-
-def _refusal(status: int) -> bool:
-    return 400 <= status < 500 or status == 503
-
-
 _bearer = HTTPBearer(auto_error=False, description="a user token or the operator token")
 
 
@@ -296,7 +184,7 @@ async def _caller(
     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> Caller:
     """Who is asking: checked before the body is validated or anything is looked up, so a
-    stranger costs a parse of at most :data:`MAX_BODY` bytes and nothing more."""
+    stranger costs a parse of at most ``guards.MAX_BODY`` bytes and nothing more."""
     tokens: Tokens | None = request.app.state.tokens
     if tokens is None:
         address = request.client.host if request.client else "unknown"
