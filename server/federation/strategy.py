@@ -48,16 +48,23 @@ from server.federation.server_optimizer import ServerOptimizer
 log = logging.getLogger(__name__)
 
 
+def reply_platform(reply: Message) -> str | None:
+    """The platform a successful reply names (its ``platform`` record), else None."""
+    if reply.has_error():
+        return None
+    platform = reply.content.config_records.get("platform")
+    return str(platform["name"]) if platform else None
+
+
 def reply_event(kind: str, server_round: int, reply: Message, node: int) -> dict[str, object]:
     """One metrics.jsonl line for a platform's reply: its metrics, or its error."""
     event: dict[str, object] = {"event": kind, "round": server_round, "node": node}
     if reply.has_error():
         return event | {"status": "error", "code": reply.error.code, "reason": reply.error.reason}
-    platform = reply.content.config_records.get("platform")
     metrics = next(iter(reply.content.metric_records.values()), MetricRecord())
     return event | {
         "status": "ok",
-        "platform": str(platform["name"]) if platform else None,
+        "platform": reply_platform(reply),
         **{key: value for key, value in metrics.items()},
     }
 

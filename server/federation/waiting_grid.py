@@ -18,6 +18,8 @@ from typing import Any
 from flwr.app import Message
 from flwr.serverapp import Grid
 
+from server.federation.strategy import reply_platform
+
 log = logging.getLogger(__name__)
 
 WAIT_NOTICE_EVERY = 30.0  # seconds between two "still waiting" lines
@@ -107,11 +109,5 @@ def _what(messages: list[Message], round_offset: int) -> str:
 
 def _answered(replies: list[Message]) -> str:
     """' (a, b)': the platforms among ``replies`` that named themselves."""
-    names = []
-    for reply in replies:
-        if reply.has_error():
-            continue
-        platform = reply.content.config_records.get("platform")
-        if platform is not None and "name" in platform:
-            names.append(str(platform["name"]))
-    return f" ({', '.join(sorted(names))})" if names else ""
+    names = sorted(name for name in map(reply_platform, replies) if name is not None)
+    return f" ({', '.join(names)})" if names else ""
