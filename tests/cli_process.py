@@ -23,6 +23,19 @@ def cli_env(**extra: str) -> dict[str, str]:
     )
 
 
+def run_cli(*args: str, timeout: float, **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m server.cli ARGS`` from the checkout to its end, stdout and stderr captured
+    as text (``env``: variables added to :func:`cli_env`'s)."""
+    return subprocess.run(
+        [sys.executable, "-m", "server.cli", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=cli_env(**env),
+        timeout=timeout,
+    )
+
+
 def start_cli(*args: str) -> subprocess.Popen[str]:
     """``python -m server.cli ARGS`` from the checkout, its stdout and stderr piped as text.
     SIGINT is restored to its default in the child: a shell's background job ignores it, and a

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import shutil
-import subprocess
-import sys
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -80,7 +78,7 @@ def test_readmes_first_command_shows_only_fedfuse_lines(
     log is in the run folder, each line once."""
     from common.platform_data import read_dataset
     from common.task import time_cuts
-    from tests.cli_process import ROOT, cli_env
+    from tests.cli_process import ROOT, run_cli
 
     readme = (ROOT / "README.md").read_text(encoding="utf-8")
     command = ".venv/bin/fedfuse simulate --config simulations/ml100k_default.toml"
@@ -93,14 +91,10 @@ def test_readmes_first_command_shows_only_fedfuse_lines(
         f"task.test_from={test_from}",
         *TINY_SCALE,
     ]
-    done = subprocess.run(
-        [sys.executable, "-m", "server.cli", *command.split()[1:]]
-        + [arg for setting in overrides for arg in ("--set", setting)]
-        + ["--runs", str(tmp_path / "runs"), "--name", "readme"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=cli_env(),
+    done = run_cli(
+        *command.split()[1:],
+        *[arg for setting in overrides for arg in ("--set", setting)],
+        *["--runs", str(tmp_path / "runs"), "--name", "readme"],
         timeout=600,
     )
     assert done.returncode == 0, done.stderr[-3000:]

@@ -10,7 +10,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import pytest
 from client.ledger import DP_SGD, LEDGER_FILE, PrivacyLedger
 from server.cli import main
 from server.federation.run_record import RunRecord
-from tests.cli_process import ROOT, cli_env, start_cli
+from tests.cli_process import run_cli, start_cli
 
 
 def _free_port() -> int:
@@ -101,12 +100,10 @@ def test_a_full_disk_inside_the_platform_actors_ends_in_one_line_with_valid_ledg
     # the budget leaves room for one round more than the planned ε (the lost round's retry)
     config = write_run_config(tmp_path / "run.toml", dp={"epsilon_budget": 8.0})
     runs = tmp_path / "runs"
-    command = [sys.executable, "-m", "server.cli", "simulate", "--config", str(config)]
+    command = ["simulate", "--config", str(config)]
     command += ["--runs", str(runs), "--name", "full", "--no-side-by-side"]
     path = os.pathsep.join([str(inject), *filter(None, [os.environ.get("PYTHONPATH")])])
-    done = subprocess.run(
-        command, capture_output=True, text=True, cwd=ROOT, env=cli_env(PYTHONPATH=path), timeout=540
-    )
+    done = run_cli(*command, timeout=540, PYTHONPATH=path)
     assert done.returncode == 2, done.stderr[-3000:]
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
@@ -124,14 +121,7 @@ def test_a_full_disk_inside_the_platform_actors_ends_in_one_line_with_valid_ledg
     # space again: the resume the error line advises finishes the run. Round 2's replies were
     # never stored, so never sent: each platform trains it again as a second, charged attempt
     # (at a budget equal to the planned ε the retry is refused as over budget, in one line).
-    resumed = subprocess.run(
-        [sys.executable, "-m", "server.cli", "simulate", "--resume", str(run), "--no-side-by-side"],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=cli_env(),
-        timeout=540,
-    )
+    resumed = run_cli("simulate", "--resume", str(run), "--no-side-by-side", timeout=540)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     finished = runs / "full"
     assert RunRecord(finished).last_round() == 2
