@@ -13,4 +13,4 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" =
 fi
 .venv/bin/ruff check .
 .venv/bin/python -m mypy  # common/ and client/ (pyproject.toml [tool.mypy])
-.venv/bin/python -m pytest -q "$@"
+.venv/bin/python -m pytest -q --durations=30 "$@"

@@ -59,7 +59,9 @@ def _key(config: RunConfig) -> str:
 
 
 Candidate = tuple[str, CaseScorer, float]  # a platform's own model: name, scorer, valid NDCG@10
-_trained: dict[tuple[str, str], list[Candidate]] = {}  # one process, one training
+# one process, one training per configuration, platform and keeping folder (a folder named
+# later still gets its models written, though they were trained earlier without it)
+_trained: dict[tuple[str, str, Path | None], list[Candidate]] = {}
 
 
 def _store(config: RunConfig, name: str, kept: Path | None) -> TrainedStore | None:
@@ -79,7 +81,7 @@ def inhouse_candidates(
     Deterministic (seeded), so they are trained once per process and configuration, and
     once at all when ``kept`` names a folder to keep them in (:class:`TrainedStore`)."""
     name = client.identity.name
-    key = (_key(config), name)
+    key = (_key(config), name, kept)
     if key not in _trained:
         tasks = {name: client.task}
         store = _store(config, name, kept)
