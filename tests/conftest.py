@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 # Session fixtures that run a simulation: a test using one needs Ray, if only the first time.
-SIMULATING_FIXTURES = {"finished_run", "run_dirs"}
+SIMULATING_FIXTURES = {"finished_run", "interrupted_run", "run_dirs"}
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -92,3 +92,19 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory, write_run_config) -> 
         baselines={"sasrec_max_epochs": 4, "sasrec_eval_every": 2},  # the in-house models
     )
     return simulate(prepare_run(load_config(config), root / "runs", "tiny"))
+
+
+@pytest.fixture(scope="session")
+def interrupted_run(tmp_path_factory: pytest.TempPathFactory, write_run_config) -> Path:
+    """A two-round DP run whose server crashed saving round 2's checkpoint, after the
+    platforms trained round 2 (round 1 checkpointed): the resume tests work on copies."""
+    from common.config import load_config
+    from server.simulation.simulation import prepare_run
+    from tests.crash import crash_before_checkpoint
+
+    root = tmp_path_factory.mktemp("interrupted")
+    config = write_run_config(root / "run.toml", train={"eval_max_cases": 5})
+    record = prepare_run(load_config(config), root / "runs", "cut")
+    with pytest.MonkeyPatch.context() as patch:
+        crash_before_checkpoint(record, 2, patch)
+    return record.root

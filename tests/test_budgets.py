@@ -14,23 +14,10 @@ from common.adapters import trainable_arrays
 from common.config import load_config
 from server.cli import main
 from server.federation.run_record import RunRecord
-from server.simulation.simulation import prepare_run, simulate
-from tests.test_simulation import _crash_before_checkpoint
 
 
 def _ledger(state: Path) -> PrivacyLedger:
     return PrivacyLedger.load(state / LEDGER_FILE)
-
-
-@pytest.fixture(scope="module")
-def interrupted(tmp_path_factory: pytest.TempPathFactory, write_run_config) -> Path:
-    """A two-round DP run whose server crashed saving round 2 (round 1 checkpointed)."""
-    root = tmp_path_factory.mktemp("interrupted")
-    config = write_run_config(root / "run.toml", train={"eval_max_cases": 5})
-    record = prepare_run(load_config(config), root / "runs", "cut")
-    with pytest.MonkeyPatch.context() as patch:
-        _crash_before_checkpoint(record, 2, patch)
-    return record.root
 
 
 def _resume_refused(run: Path, capsys: pytest.CaptureFixture[str]) -> str:
@@ -42,11 +29,11 @@ def _resume_refused(run: Path, capsys: pytest.CaptureFixture[str]) -> str:
 
 
 def test_a_copy_without_a_platforms_ledger_is_refused_not_given_a_fresh_one(
-    interrupted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    interrupted_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The copy's config named the original's state folder by absolute path: once that was
     gone, the resumed copy created fresh ledgers and trained every platform again."""
-    copy = Path(shutil.copytree(interrupted, tmp_path / "copy.incomplete"))
+    copy = Path(shutil.copytree(interrupted_run, tmp_path / "copy.incomplete"))
     state = copy / "platform_state" / "p0"
     (state / LEDGER_FILE).unlink()
     line = _resume_refused(copy, capsys)
@@ -58,11 +45,11 @@ def test_a_copy_without_a_platforms_ledger_is_refused_not_given_a_fresh_one(
 
 
 def test_a_copy_never_uses_its_originals_state_and_a_fork_is_refused(
-    interrupted: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    interrupted_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """Resumed, a copy reads the ledgers it carries (relative to its folder); a ledger holding
     rounds of this run past the copy's last checkpoint means another copy went on."""
-    copy = Path(shutil.copytree(interrupted, tmp_path / "copy.incomplete"))
+    copy = Path(shutil.copytree(interrupted_run, tmp_path / "copy.incomplete"))
     assert json.loads((copy / "run.json").read_text())["platform_state"] == "platform_state"
     ledger = _ledger(copy / "platform_state" / "p0")
     run = RunRecord(copy).run_id()
@@ -72,19 +59,6 @@ def test_a_copy_never_uses_its_originals_state_and_a_fork_is_refused(
     assert load_config(copy / "config.json").dp.state_dir == str(
         (copy / "platform_state").resolve()
     )
-
-
-@pytest.mark.ray
-def test_a_moved_run_resumes_on_its_own_ledgers_and_never_lowers_their_spend(
-    interrupted: Path, tmp_path: Path
-) -> None:
-    moved = Path(shutil.copytree(interrupted, tmp_path / "elsewhere" / "cut.incomplete"))
-    before = {p: _ledger(moved / "platform_state" / p).spent() for p in ("p0", "p1")}
-    run = simulate(RunRecord(moved))
-    for platform, spent in before.items():
-        ledger = _ledger(run / "platform_state" / platform)
-        assert ledger.spent() >= spent > 0
-        assert [e["server_round"] for e in ledger.entries] == [0, 1, 2]
 
 
 def _client(config_file: Path) -> PlatformClient:

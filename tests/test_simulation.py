@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,16 +14,16 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModel
 
-from client.ledger import LEDGER_FILE
+from client.ledger import LEDGER_FILE, PrivacyLedger
 from common.config import RUN_CONFIG_ENV, RunConfig, load_config
 from common.platform_data import federation_platforms, read_platform
 from common.task import build_task, training_units
 from server.cli import main
-from server.federation import server_app
 from server.federation.run_record import RunRecord
 from server.federation.server_optimizer import MOMENTS_FILE
 from server.federation.strategy import FedFuseStrategy
 from server.simulation.simulation import prepare_run, simulate
+from tests.crash import crash_before_checkpoint
 
 
 @pytest.fixture
@@ -116,40 +117,32 @@ def test_two_rounds_of_each_strategy(
     assert RUN_CONFIG_ENV not in os.environ
 
 
-def _crash_before_checkpoint(record: RunRecord, server_round: int, monkeypatch) -> None:
-    """Simulate ``record``'s run until the server crashes saving round ``server_round``'s
-    checkpoint (after the platforms trained it), then undo the crash for the resume."""
-    real = server_app.save_adapter
-
-    def crash(scorer, out, extra=None):
-        if out.name == f"round_{server_round:03d}":
-            raise RuntimeError("simulated crash")
-        return real(scorer, out, extra)
-
-    monkeypatch.setattr(server_app, "save_adapter", crash)
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        simulate(record)
-    monkeypatch.setattr(server_app, "save_adapter", real)
-
-
 @pytest.mark.ray
-def test_an_interrupted_run_resumes_from_its_last_checkpoint(
-    tmp_path: Path, config_file: Path, monkeypatch
+def test_an_interrupted_run_resumes_from_its_last_checkpoint_wherever_it_was_moved(
+    interrupted_run: Path, tmp_path: Path
 ) -> None:
-    record = prepare_run(load_config(config_file), tmp_path / "runs", "resumed")
-    _crash_before_checkpoint(record, 2, monkeypatch)
-    assert record.last_round() == 1 and record.root.name == "resumed.incomplete"
-    run = simulate(RunRecord(record.root))
-    assert run.name == "resumed" and RunRecord(run).last_round() == 2
+    """Resumed in another folder, the run finishes from its round-1 checkpoint on the ledgers
+    it carries (relative to its folder), and never lowers what they spent."""
+    moved = Path(shutil.copytree(interrupted_run, tmp_path / "elsewhere" / "cut.incomplete"))
+    assert RunRecord(moved).last_round() == 1
+    before = {p: _spent(moved, p) for p in ("p0", "p1")}
+    run = simulate(RunRecord(moved))
+    assert run == tmp_path / "elsewhere" / "cut" and RunRecord(run).last_round() == 2
     trains = [e for e in RunRecord(run).events() if e["event"] == "train"]
     assert sorted({e["round"] for e in trains}) == [1, 2]
     # the platforms had trained round 2 before the server crashed: on resume they answer it
     # with the same stored update, neither retrained nor charged twice (issue 11)
     assert sorted(e.get("replayed", 0) for e in trains if e["round"] == 2) == [0, 0, 1, 1]
-    ledger = json.loads((run / "platform_state" / "p0" / LEDGER_FILE).read_text())
-    # (the prior, released once, is not released again on resume)
-    assert [e["server_round"] for e in ledger["entries"]] == [0, 1, 2]
-    assert np.isfinite(ledger["entries"][-1]["epsilon_prv"])
+    for platform, spent in before.items():
+        ledger = json.loads((run / "platform_state" / platform / LEDGER_FILE).read_text())
+        # (the prior, released once, is not released again on resume)
+        assert [e["server_round"] for e in ledger["entries"]] == [0, 1, 2]
+        assert np.isfinite(ledger["entries"][-1]["epsilon_prv"])
+        assert _spent(run, platform) >= spent > 0
+
+
+def _spent(run: Path, platform: str) -> float:
+    return PrivacyLedger.load(run / "platform_state" / platform / LEDGER_FILE).spent()
 
 
 @pytest.mark.ray
@@ -301,7 +294,7 @@ def test_an_interrupted_lockstep_run_resumes_exactly(
     )
     straight = simulate(prepare_run(config, tmp_path / "runs", "straight"))
     record = prepare_run(config, tmp_path / "runs", "resumed")
-    _crash_before_checkpoint(record, 3, monkeypatch)
+    crash_before_checkpoint(record, 3, monkeypatch)
     resumed = simulate(RunRecord(record.root))
     replayed = [e for e in RunRecord(resumed).events() if e.get("replayed")]
     assert sorted(e["round"] for e in replayed) == [3, 3]
