@@ -13,4 +13,5 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" =
 fi
 .venv/bin/ruff check .
 .venv/bin/python -m mypy  # common/ and client/ (pyproject.toml [tool.mypy])
-.venv/bin/python -m pytest -q --durations=30 "$@"
+# two workers, each test file whole on one (module fixtures are built once)
+.venv/bin/python -m pytest -q -n 2 --dist loadfile --durations=30 "$@"
