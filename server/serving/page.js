@@ -108,7 +108,8 @@ function renderRecs(data) {
   $("recs").replaceChildren(...recs.map((rec, i) => {
     const shares = el("details", {},
       el("summary", {}, "every history item's share (against the catalogue's average)"),
-      el("ul", {}, ...rec.because.map((s) => el("li", {}, `${signed(s.value)}  ${s.title}`))));
+      el("ul", {}, ...rec.because.map((s) =>
+        el("li", {}, `${signed(s.value)}  ${data.history[s.history].title}`))));
     return el("li", {className: "rec"},
       el("div", {className: "rank"}, String(i + 1)),
       el("div", {className: "title"}, rec.title,

@@ -83,6 +83,7 @@ class Share:
     """What one history item added to a recommendation's score, against the catalogue's
     average item (so a history item that lifts every item alike shares nothing)."""
 
+    history: int  # its place in the request's history (newest first)
     item: str
     title: str
     value: float
@@ -108,7 +109,7 @@ class Recommendation:
         words = []
         liked = [share for share in self.because if _lifts(share.value)][:3]
         if liked:
-            words.append("you liked " + ", ".join(f"“{share.title}”" for share in liked))
+            words.append("you liked " + ", ".join(f"“{_short(share.title)}”" for share in liked))
         if _lifts(self.prior):
             words.append("it is popular on this platform")
         if _lifts(self.text):
@@ -118,20 +119,27 @@ class Recommendation:
         return "Because " + "; ".join(words) + "."
 
     def as_dict(self) -> dict[str, object]:
-        """The JSON form, numbers rounded to :data:`DECIMALS` (docs/serving.md says why)."""
+        """The JSON form, numbers rounded to :data:`DECIMALS` (docs/serving.md says why).
+        A share names its history item by place: the document lists the history's titles
+        once, as repeating them (up to 1,000 characters each, for every history item of
+        every recommendation) made one cold-start answer 2 MB and slowed everyone's."""
         return {
             "item": self.item,
             "title": self.title,
             "score": round(self.score, DECIMALS),
             "because": [
-                {"item": s.item, "title": s.title, "value": round(s.value, DECIMALS)}
-                for s in self.because
+                {"history": s.history, "value": round(s.value, DECIMALS)} for s in self.because
             ],
             "prior": round(self.prior, DECIMALS),
             "text": round(self.text, DECIMALS),
             "base": round(self.base, DECIMALS),
             "explanation": self.explanation(),
         }
+
+
+def _short(title: str, limit: int = 80) -> str:
+    """A title as a sentence names it: cut at ``limit`` characters."""
+    return title if len(title) <= limit else title[: limit - 1].rstrip() + "…"
 
 
 def _lifts(value: float) -> bool:
@@ -398,7 +406,10 @@ class Recommender:
         up to ``base``, so the parts still sum to the score."""
         item = self.featurizer.items[row]
         values = (parts["history"][row] - average["history"]).tolist()
-        shares = [Share(h.key, self.title(h), v) for h, v in zip(history, values, strict=True)]
+        shares = [
+            Share(i, h.key, self.title(h), v)
+            for i, (h, v) in enumerate(zip(history, values, strict=True))
+        ]
         return Recommendation(
             item=item,
             title=self.titles[item],
