@@ -3,6 +3,7 @@ where the platform's private part comes from, and the `fedfuse recommend` comman
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -319,7 +320,9 @@ def test_a_slow_load_says_it_is_still_loading_and_a_quick_one_says_nothing(
     assert capsys.readouterr().out == ""
 
     shown = []
-    monkeypatch.setattr(commands, "still_loading", lambda what: shown.append(what) or _Null())
+    monkeypatch.setattr(
+        commands, "still_loading", lambda what: shown.append(what) or contextlib.nullcontext()
+    )
     monkeypatch.setattr(
         "server.serving.recommender.Recommender.__init__",
         lambda *_: (_ for _ in ()).throw(UnknownUser("stop here")),
@@ -327,11 +330,3 @@ def test_a_slow_load_says_it_is_still_loading_and_a_quick_one_says_nothing(
     for json_flag in ([], ["--json"]):
         main(["recommend", "RUN", "--platform", "p0", "--user", "u", *json_flag])
     assert shown == ["loading p0 from RUN (model, data, item vectors)"]  # text mode only
-
-
-class _Null:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *_: object) -> None:
-        return None

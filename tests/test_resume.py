@@ -3,7 +3,6 @@ without training or charging a round twice; one process per run folder."""
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -35,7 +34,7 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint_wherever_it_was_mov
     it carries (relative to its folder), and never lowers what they spent."""
     moved = Path(shutil.copytree(interrupted_run, tmp_path / "elsewhere" / "cut.incomplete"))
     assert RunRecord(moved).last_round() == 1
-    before = {p: _spent(moved, p) for p in ("p0", "p1")}
+    before = {p: _ledger(moved, p).spent() for p in ("p0", "p1")}
     run = simulate(RunRecord(moved))
     assert run == tmp_path / "elsewhere" / "cut" and RunRecord(run).last_round() == 2
     trains = [e for e in RunRecord(run).events() if e["event"] == "train"]
@@ -44,15 +43,15 @@ def test_an_interrupted_run_resumes_from_its_last_checkpoint_wherever_it_was_mov
     # with the same stored update, neither retrained nor charged twice (issue 11)
     assert sorted(e.get("replayed", 0) for e in trains if e["round"] == 2) == [0, 0, 1, 1]
     for platform, spent in before.items():
-        ledger = json.loads((run / "platform_state" / platform / LEDGER_FILE).read_text())
+        ledger = _ledger(run, platform)
         # (the prior, released once, is not released again on resume)
-        assert [e["server_round"] for e in ledger["entries"]] == [0, 1, 2]
-        assert np.isfinite(ledger["entries"][-1]["epsilon_prv"])
-        assert _spent(run, platform) >= spent > 0
+        assert [e["server_round"] for e in ledger.entries] == [0, 1, 2]
+        assert np.isfinite(ledger.entries[-1]["epsilon_prv"])
+        assert ledger.spent() >= spent > 0
 
 
-def _spent(run: Path, platform: str) -> float:
-    return PrivacyLedger.load(run / "platform_state" / platform / LEDGER_FILE).spent()
+def _ledger(run: Path, platform: str) -> PrivacyLedger:
+    return PrivacyLedger.load(run / "platform_state" / platform / LEDGER_FILE)
 
 
 @pytest.mark.ray

@@ -507,8 +507,8 @@ def test_a_maximal_cold_start_names_each_title_once(
 ) -> None:
     """Every recommendation repeated every history item's title: 20 titles of 1,000
     characters made one answer at k = 100 about 2 MB, and building and sending it slowed
-    everyone's requests (normal p99 109 ms beside hostile clients, 41 ms without it). Now a
-    share names its history item by place, and a sentence cuts a long title."""
+    everyone's requests (docs/serving.md, measured with hostile clients). Now a share names
+    its history item by place, and a sentence cuts a long title."""
     liked = [f"{n:02d} " + "long foreign title " * 60 for n in range(20)]
     liked = [title[:MAX_TITLE] for title in liked]
     body = {"liked": liked, "k": 100}

@@ -42,12 +42,9 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        too_large = JSONResponse(
-            {"error": f"request body over {self.limit // 1024} KiB"}, status_code=413
-        )
         declared = Headers(scope=scope).get("content-length")
         if declared is not None and int(declared) > self.limit:  # the server checked it is one
-            await too_large(scope, receive, send)
+            await self._too_large(scope, receive, send)
             return
         chunks: list[bytes] = []
         size, more = 0, True
@@ -58,7 +55,7 @@ class BodyLimit:
             chunks.append(message.get("body", b""))
             size += len(chunks[-1])
             if size > self.limit:
-                await too_large(scope, receive, send)
+                await self._too_large(scope, receive, send)
                 return
             more = message.get("more_body", False)
         pending: bytes | None = b"".join(chunks)
@@ -72,6 +69,11 @@ class BodyLimit:
             return message
 
         await self.app(scope, replay, send)
+
+    async def _too_large(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The 413, built only for a request that gets it."""
+        error = {"error": f"request body over {self.limit // 1024} KiB"}
+        await JSONResponse(error, status_code=413)(scope, receive, send)
 
 
 class SecurityHeaders:

@@ -29,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import Annotated
 
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -44,9 +44,6 @@ from common.platform_data import MAX_ID_CHARS, MAX_TEXT_CHARS
 from server.serving.access import Caller, RateLimit, Tokens
 from server.serving.guards import ERROR_PACE, BodyLimit, PacedRefusals, SecurityHeaders
 from server.serving.recommender import Recommender, UnknownUser, valid_text
-
-if TYPE_CHECKING:
-    pass
 
 MAX_K = 100
 MAX_LIKED = 100  # entries of a liked list; only the newest history_len of them are read
